@@ -1,0 +1,1 @@
+"""Everything that speaks FHIR and SMART; never imports the service package."""

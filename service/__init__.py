@@ -1,0 +1,1 @@
+"""CareCanvas: SMART-on-FHIR service for AI patient-education illustrations and portraits."""
