@@ -1,0 +1,291 @@
+"""The `carecanvas` command: demo, serve, worker, migrate, audit, keys, models."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from service.settings import EhrSettings, Settings
+
+DEMO_CLIENT_ID = "carecanvas-demo"
+
+
+def _settings() -> Settings:
+    return Settings()
+
+
+def _free_port(preferred: int) -> int:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", preferred))
+            return preferred
+        except OSError:
+            probe.bind(("127.0.0.1", 0))
+            return int(probe.getsockname()[1])
+
+
+def _serve(settings: Settings, *, host: str, port: int) -> None:
+    import uvicorn
+
+    from service.app import create_app
+    from service.logging import configure_logging
+
+    configure_logging(settings.log_level)
+    uvicorn.run(create_app(settings), host=host, port=port, access_log=False, log_config=None)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    _serve(_settings(), host=args.host, port=args.port)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from service.app import build_services
+    from service.logging import configure_logging
+    from service.runtime import make_worker
+
+    settings = _settings()
+    configure_logging(settings.log_level)
+
+    async def run() -> None:
+        services = await build_services(settings)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        import signal
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        try:
+            await make_worker(services).run(stop)
+        finally:
+            await services.engine.dispose()
+
+    asyncio.run(run())
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from service.db.engine import migrate
+
+    settings = _settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    asyncio.run(migrate(settings.resolved_database_url))
+    print("database is at the latest revision")
+    return 0
+
+
+def demo_settings(*, data_dir: Path, fhir_base: str, auth_base: str, ehr_origin: str, port: int) -> Settings:
+    """Embedded defaults: SQLite and a key file under the data dir, the tiny model, the sandbox EHR."""
+    from service.ehrs import origin_of
+
+    return Settings(
+        data_dir=data_dir,
+        public_url=f"http://127.0.0.1:{port}",
+        ehrs=[
+            EhrSettings(
+                name="sandbox",
+                iss=fhir_base,
+                client_id=DEMO_CLIENT_ID,
+                client_auth="public",
+                frame_origins=(ehr_origin,),
+                auth_origins=(origin_of(auth_base),),
+                organization_id="org-1",
+            )
+        ],
+        embedded_worker=True,
+    )
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from sandbox.run import SandboxEHR
+    from service.ehrs import origin_of
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    base = _settings()
+    port = _free_port(args.port)
+    app_url = f"http://127.0.0.1:{port}"
+    with SandboxEHR(app_launch_url=f"{app_url}/launch", redirect_uris=[f"{app_url}/callback"]) as sandbox:
+        settings = demo_settings(
+            data_dir=base.data_dir,
+            fhir_base=sandbox.fhir_base,
+            auth_base=sandbox.auth_base,
+            ehr_origin=origin_of(sandbox.ehr_url),
+            port=port,
+        )
+        print(
+            f"\nCareCanvas demo is running.\n"
+            f"  Sandbox EHR:  {sandbox.ehr_url}   <- open this, pick a patient, press Launch\n"
+            f"  CareCanvas:   {app_url}\n"
+            f"  FHIR server:  {sandbox.fhir_base}\n"
+            f"  Data dir:     {settings.data_dir.resolve()}\n"
+            f"The test model has random weights: its pictures are noise. Ctrl-C stops everything.\n",
+            flush=True,
+        )
+        with contextlib.suppress(KeyboardInterrupt):
+            _serve(settings, host="127.0.0.1", port=port)
+    return 0
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from service.app import build_services
+
+    async def run() -> int:
+        services = await build_services(_settings())
+        try:
+            async with services.sessionmaker() as db:
+                result = await services.audit.verify(db)
+        finally:
+            await services.engine.dispose()
+        if result.ok:
+            print(f"audit chain OK: {result.count} records")
+            return 0
+        print(f"audit chain BROKEN at record {result.first_bad_seq}: {result.reason}", file=sys.stderr)
+        return 1
+
+    return asyncio.run(run())
+
+
+def cmd_audit_export(args: argparse.Namespace) -> int:
+    from service.app import build_services
+    from service.audit import AuditAction, export_ndjson
+
+    async def run() -> int:
+        settings = _settings()
+        services = await build_services(settings)
+        try:
+            async with services.sessionmaker() as db:
+                entries = await services.audit.search(db, limit=args.limit)
+                await services.audit.append(
+                    db, action=AuditAction.AUDIT_EXPORT, outcome="success", actor="cli", patient=None,
+                    ehr=None, resource="AuditEvent", request_id=None, detail={"count": len(entries)},
+                )
+                await db.commit()
+        finally:
+            await services.engine.dispose()
+        fhir_base = settings.registered_ehrs()[0].iss if settings.registered_ehrs() else ""
+        sys.stdout.write(export_ndjson(entries, site=settings.site_name, fhir_base=fhir_base))
+        return 0
+
+    return asyncio.run(run())
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from service.crypto import LocalKeyFileProvider
+
+    settings = _settings()
+    path = settings.resolved_kek_file
+    if args.keys_command == "generate":
+        if path.exists():
+            print(f"{path} exists; refusing to overwrite keys", file=sys.stderr)
+            return 1
+        path.parent.mkdir(parents=True, exist_ok=True)
+        LocalKeyFileProvider.generate(path)
+        print(f"wrote a new keyring to {path}")
+        return 0
+    provider = LocalKeyFileProvider(path)
+    if args.keys_command == "add":
+        print(provider.add_key())
+    elif args.keys_command == "promote":
+        provider.promote(args.kid)
+    elif args.keys_command == "retire":
+        provider.retire(args.kid)
+    elif args.keys_command == "rotate":
+        return _rotate(settings, provider)
+    elif args.keys_command == "list":
+        material = provider.load()
+        print(json.dumps({"primary": material.primary_kek_id, "keys": sorted(material.keks)}, indent=2))
+    return 0
+
+
+def _rotate(settings: Settings, provider: object) -> int:
+    """Add a key, promote it, re-wrap every ciphertext onto it; the old key stays until `keys retire`."""
+    from service.crypto import Keyring, LocalKeyFileProvider
+    from service.crypto.rotation import reencrypt_all
+    from service.db.engine import make_engine, make_sessionmaker
+
+    assert isinstance(provider, LocalKeyFileProvider)  # noqa: S101 - narrowing for the type checker
+    kid = provider.add_key()
+    provider.promote(kid)
+
+    async def run() -> int:
+        engine = make_engine(settings.resolved_database_url)
+        try:
+            count = await reencrypt_all(make_sessionmaker(engine), Keyring.from_provider(provider))
+        finally:
+            await engine.dispose()
+        print(f"new primary key {kid}; re-wrapped {count} ciphertexts")
+        return 0
+
+    return asyncio.run(run())
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from service.generation.models import ModelRegistry, check_model
+    from service.generation.tiny import build_tiny_pipeline
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.models_command == "build-tiny":
+        path = build_tiny_pipeline(Path(args.path))
+        print(f"tiny offline pipeline written to {path}")
+        return 0
+    registry = ModelRegistry.from_dicts(_settings().model_entries())
+    if args.models_command == "list":
+        for spec in registry:
+            marker = " (test model: random weights)" if spec.is_test_model else ""
+            print(f"{spec.name}\t{spec.path}\t{spec.pipeline_class}{marker}")
+        return 0
+    status = 0
+    for spec in registry:
+        check = check_model(spec)
+        print(f"{spec.name}: {'ok' if check.ok else 'PROBLEM'} {'; '.join(check.problems)}")
+        status |= 0 if check.ok else 1
+    return status
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="carecanvas", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser("demo", help="sandbox EHR + CareCanvas + tiny model, all on 127.0.0.1")
+    demo.add_argument("--port", type=int, default=8000)
+    demo.set_defaults(func=cmd_demo)
+    serve = commands.add_parser("serve", help="the API and web UI")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.set_defaults(func=cmd_serve)
+    commands.add_parser("worker", help="a generation worker (one per GPU)").set_defaults(func=cmd_worker)
+    commands.add_parser("migrate", help="upgrade the database schema").set_defaults(func=cmd_migrate)
+    audit = commands.add_parser("audit", help="the audit log").add_subparsers(dest="audit_command", required=True)
+    audit.add_parser("verify", help="check the hash chain and checkpoints").set_defaults(func=cmd_audit_verify)
+    export = audit.add_parser("export", help="export as FHIR AuditEvent NDJSON")
+    export.add_argument("--limit", type=int, default=10_000)
+    export.set_defaults(func=cmd_audit_export)
+    keys = commands.add_parser("keys", help="key-encryption keys").add_subparsers(dest="keys_command", required=True)
+    for name in ("generate", "add", "rotate", "list"):
+        keys.add_parser(name).set_defaults(func=cmd_keys)
+    for name in ("promote", "retire"):
+        sub = keys.add_parser(name)
+        sub.add_argument("kid")
+        sub.set_defaults(func=cmd_keys)
+    models = commands.add_parser("models", help="diffusion models").add_subparsers(dest="models_command", required=True)
+    build = models.add_parser("build-tiny", help="write the tiny offline test pipeline")
+    build.add_argument("path")
+    build.set_defaults(func=cmd_models)
+    models.add_parser("list").set_defaults(func=cmd_models)
+    models.add_parser("check").set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

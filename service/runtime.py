@@ -1,0 +1,63 @@
+"""Starting generation inside a process: the tiny offline model on first use, engines, the worker task."""
+
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+
+from service.app import Services
+from service.generation.engine import DiffusionEngine, select_device_and_dtype
+from service.generation.models import ModelSpec
+from service.generation.tiny import build_tiny_pipeline
+from service.worker import Worker
+
+log = structlog.get_logger("carecanvas.runtime")
+
+
+def ensure_model_present(spec: ModelSpec) -> None:
+    """The test model is built offline from configs on first start; real models must already be on disk."""
+    if (spec.path / "model_index.json").exists():
+        return
+    if not spec.is_test_model:
+        raise FileNotFoundError(f"model {spec.name!r} is not at {spec.path}; copy it there first")
+    log.info("building the tiny offline test model", model=spec.name)
+    build_tiny_pipeline(spec.path)
+
+
+class EngineCache:
+    """One engine (one pipeline) per model, loaded on first use, in this worker only."""
+
+    def __init__(self, services: Services, *, device_preference: str) -> None:
+        self._services = services
+        self._device, self._dtype = select_device_and_dtype(device_preference)
+        self._engines: dict[str, DiffusionEngine] = {}
+
+    def __call__(self, model_name: str) -> DiffusionEngine:
+        engine = self._engines.get(model_name)
+        if engine is None:
+            spec = self._services.models.get(model_name)
+            ensure_model_present(spec)
+            engine = DiffusionEngine(spec, device=self._device, dtype=self._dtype)
+            engine.load()
+            self._engines[model_name] = engine
+        return engine
+
+
+def make_worker(services: Services) -> Worker:
+    settings = services.settings
+    return Worker(
+        queue=services.queue,
+        engines=EngineCache(services, device_preference=settings.device),
+        batch_size=settings.worker_batch_size,
+        batch_wait_ms=settings.worker_batch_wait_ms,
+        poll_seconds=settings.worker_poll_seconds,
+    )
+
+
+async def start_embedded_worker(services: Services, stop: asyncio.Event) -> asyncio.Task[None]:
+    """Embedded mode: the default model is prepared before the app answers, then the worker runs alongside."""
+    worker = make_worker(services)
+    engines = worker.engines
+    await asyncio.to_thread(engines, services.settings.default_model)
+    return asyncio.create_task(worker.run(stop), name="carecanvas-embedded-worker")

@@ -1,0 +1,135 @@
+"""Settings for one CareCanvas process, built per app from CARECANVAS_* variables and an optional file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ClientAuth = Literal["public", "client_secret_basic", "private_key_jwt"]
+
+
+class EhrSettings(BaseModel):
+    """One registered EHR: the launch `iss` must equal `iss` exactly or the launch is refused."""
+
+    name: str
+    iss: str
+    client_id: str
+    client_auth: ClientAuth = "public"
+    client_secret: str | None = None
+    private_key_file: Path | None = None
+    key_id: str | None = None
+    signing_alg: Literal["RS384", "ES384"] = "RS384"
+    scopes: tuple[str, ...] = (
+        "launch",
+        "openid",
+        "fhirUser",
+        "online_access",
+        "patient/Patient.rs",
+        "patient/Condition.rs",
+        "patient/Encounter.rs",
+        "patient/DocumentReference.cruds",
+        "patient/Provenance.cs",
+        "patient/Device.cs",
+        "patient/QuestionnaireResponse.rs",
+    )
+    # Origins allowed to frame the app (CSP frame-ancestors) and to host the SMART endpoints.
+    frame_origins: tuple[str, ...] = ()
+    auth_origins: tuple[str, ...] = ()
+    organization_id: str | None = None
+    accept_images: bool | None = None
+    max_inline_bytes: int = 5_000_000
+
+
+class Settings(BaseSettings):
+    """Everything a process needs; nothing is read at import time."""
+
+    model_config = SettingsConfigDict(env_prefix="CARECANVAS_", extra="ignore")
+
+    data_dir: Path = Path(".carecanvas")
+    database_url: str | None = None
+    kek_file: Path | None = None
+    audit_signing_key_file: Path | None = None
+    audit_checkpoint_path: Path | None = None
+    public_url: str = "http://127.0.0.1:8000"
+    ehrs: list[EhrSettings] = Field(default_factory=list)
+    ehrs_file: Path | None = None
+    models: list[dict[str, Any]] = Field(default_factory=list)
+    models_file: Path | None = None
+    default_model: str = "carecanvas-tiny-test"
+    embedded_worker: bool = True
+    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
+    log_level: str = "INFO"
+    session_minutes: int = 60
+    worker_batch_size: int = 8
+    worker_batch_wait_ms: int = 20
+    worker_poll_seconds: float = 0.2
+    job_lease_seconds: int = 60
+    job_max_attempts: int = 3
+    # Tiny CPU defaults; a registry entry overrides these per model.
+    image_size: int = 64
+    image_steps: int = 2
+    secure_cookies: bool | None = None  # None: decided from public_url (https → secure)
+    site_name: str = "carecanvas"
+
+    @field_validator("public_url")
+    @classmethod
+    def _no_trailing_slash(cls, value: str) -> str:
+        return value.rstrip("/")
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite+aiosqlite:///{(self.data_dir / 'carecanvas.db').resolve()}"
+
+    @property
+    def resolved_kek_file(self) -> Path:
+        return self.kek_file or self.data_dir / "keys.json"
+
+    @property
+    def resolved_audit_signing_key_file(self) -> Path:
+        return self.audit_signing_key_file or self.data_dir / "audit-signing.key"
+
+    @property
+    def resolved_checkpoint_path(self) -> Path:
+        return self.audit_checkpoint_path or self.data_dir / "audit-checkpoints.jsonl"
+
+    @property
+    def tiny_model_dir(self) -> Path:
+        return self.data_dir / "models" / "carecanvas-tiny-test"
+
+    @property
+    def cookies_secure(self) -> bool:
+        if self.secure_cookies is not None:
+            return self.secure_cookies
+        return self.public_url.startswith("https://")
+
+    def registered_ehrs(self) -> list[EhrSettings]:
+        """Registrations from settings plus the optional JSON file (the Helm chart mounts one)."""
+        ehrs = list(self.ehrs)
+        if self.ehrs_file is not None:
+            raw = json.loads(self.ehrs_file.read_text(encoding="utf-8"))
+            ehrs.extend(EhrSettings.model_validate(item) for item in raw)
+        return ehrs
+
+    def model_entries(self) -> list[dict[str, Any]]:
+        entries = list(self.models)
+        if self.models_file is not None:
+            entries.extend(json.loads(self.models_file.read_text(encoding="utf-8")))
+        if not any(entry.get("name") == "carecanvas-tiny-test" for entry in entries):
+            entries.append(
+                {
+                    "name": "carecanvas-tiny-test",
+                    "path": str(self.tiny_model_dir),
+                    "pipeline_class": "StableDiffusionPipeline",
+                    "default_width": self.image_size,
+                    "default_height": self.image_size,
+                    "default_steps": self.image_steps,
+                    "default_guidance": 1.0,
+                    "is_test_model": True,
+                    "licence": "Random weights built offline by CareCanvas; images are noise.",
+                }
+            )
+        return entries

@@ -1,0 +1,64 @@
+"""Annotated dependencies: the app's services, a database session, the current web session."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from service.app import Services
+from service.sessions import SessionStore, WebSession
+from service.web.errors import PageError
+from service.web.security import cookie_name
+
+
+def get_services(request: Request) -> Services:
+    return request.app.state.services  # type: ignore[no-any-return]
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+async def get_db(services: ServicesDep) -> AsyncIterator[AsyncSession]:
+    async with services.sessionmaker() as db:
+        yield db
+
+
+DbDep = Annotated[AsyncSession, Depends(get_db)]
+
+
+def get_session_store(services: ServicesDep) -> SessionStore:
+    store = services.extras.get("session_store")
+    if store is None:
+        from service.app import session_lifetime
+
+        store = SessionStore(keyring=services.keyring, lifetime=session_lifetime(services.settings))
+        services.extras["session_store"] = store
+    return store  # type: ignore[no-any-return]
+
+
+SessionStoreDep = Annotated[SessionStore, Depends(get_session_store)]
+
+
+async def get_web_session(request: Request, services: ServicesDep, db: DbDep, store: SessionStoreDep) -> WebSession:
+    """The launched session, or a page asking for a new launch (never a redirect loop)."""
+    session = await store.load(db, request.cookies.get(cookie_name(services.settings)))
+    if session is None or not session.authenticated:
+        raise PageError(
+            401,
+            "Your CareCanvas session has ended",
+            "Please open CareCanvas again from the patient's chart in your EHR.",
+        )
+    return session
+
+
+WebSessionDep = Annotated[WebSession, Depends(get_web_session)]
+
+
+def request_id(request: Request) -> str | None:
+    return getattr(request.state, "request_id", None)
+
+
+RequestIdDep = Annotated[str | None, Depends(request_id)]

@@ -1,0 +1,177 @@
+"""The clinician's workspace: patient banner, active conditions, and the generate form."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated
+
+import structlog
+from fastapi import APIRouter, Form, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+
+from fhir_adapters import (
+    FhirError,
+    ForbiddenError,
+    TemporaryFhirError,
+    summarize_condition,
+    summarize_patient,
+)
+from service.audit import AuditAction
+from service.fhir_access import SessionExpiredError, open_fhir
+from service.generation.prompts import Depiction
+from service.web.deps import DbDep, RequestIdDep, ServicesDep, SessionStoreDep, WebSessionDep
+from service.web.errors import PageError
+from service.workflows.illustrate import (
+    ConditionNotFoundError,
+    IllustrationChoice,
+    WrongPatientError,
+    start_illustration,
+)
+
+log = structlog.get_logger("carecanvas.workspace")
+router = APIRouter()
+
+LANGUAGES = {"en": "English", "es": "Español"}
+FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+
+
+def fhir_failure_page(error: FhirError) -> PageError:
+    """Say plainly what the EHR answered; the OperationOutcome text is the EHR's own and safe to show."""
+    if isinstance(error, ForbiddenError):
+        return PageError(403, "The EHR did not allow this", "Your launch does not give CareCanvas access to that.")
+    if isinstance(error, TemporaryFhirError):
+        return PageError(
+            503, "The EHR is not answering right now", "Please try again in a minute. Nothing was changed."
+        )
+    return PageError(502, "The EHR answered with an error", error.diagnostics or "The EHR gave no reason.")
+
+
+@router.get("/app", response_class=HTMLResponse)
+async def workspace(
+    request: Request,
+    services: ServicesDep,
+    db: DbDep,
+    store: SessionStoreDep,
+    session: WebSessionDep,
+    request_id: RequestIdDep,
+) -> Response:
+    ehr = services.ehrs.by_name(session.ehr_name)
+    registration = services.ehrs.registration(ehr)
+    patient_id = session.patient_id
+    if not patient_id:
+        raise PageError(400, "No patient in context", "Open CareCanvas from a patient's chart.")
+    token = session.data["token_set"]
+    banner = None
+    try:
+        async with open_fhir(session=session, store=store, db=db, registration=registration, http=services.http) as fhir:
+            if token.get("need_patient_banner", True):
+                banner = summarize_patient(await fhir.read("Patient", patient_id))
+                await services.audit.append(
+                    db, action=AuditAction.FHIR_READ, outcome="success", actor=session.data.get("fhir_user"),
+                    patient=patient_id, ehr=ehr.name, resource="Patient", request_id=request_id, detail=None,
+                )
+            conditions_raw = await fhir.search(
+                "Condition", {"patient": patient_id, "clinical-status": "active", "_count": "50"}
+            )
+            await services.audit.append(
+                db, action=AuditAction.FHIR_SEARCH, outcome="success", actor=session.data.get("fhir_user"),
+                patient=patient_id, ehr=ehr.name, resource="Condition", request_id=request_id,
+                detail={"count": len(conditions_raw)},
+            )
+    except SessionExpiredError as error:
+        raise PageError(401, "Your CareCanvas session has ended", str(error)) from error
+    except FhirError as error:
+        await db.rollback()
+        raise fhir_failure_page(error) from error
+    await db.commit()
+    conditions = [summarize_condition(resource) for resource in conditions_raw]
+    conditions = [condition for condition in conditions if condition.is_active]
+    can_write = _can_write_back(token)
+    return services.templates.TemplateResponse(
+        request,
+        "workspace.html",
+        {
+            "banner": banner,
+            "conditions": conditions,
+            "styles": services.prompts.styles,
+            "languages": LANGUAGES,
+            "csrf_token": session.csrf_token,
+            "can_write": can_write,
+            "style_url": token.get("smart_style_url"),
+            "model": services.models.get(services.settings.default_model),
+        },
+    )
+
+
+def _can_write_back(token: dict[str, object]) -> bool:
+    from fhir_adapters import GrantedScopes
+
+    scopes = GrantedScopes.parse(str(token.get("scope", "")))
+    return scopes.allows("DocumentReference", "create")
+
+
+@router.post("/illustrations")
+async def create_illustration(
+    services: ServicesDep,
+    db: DbDep,
+    store: SessionStoreDep,
+    session: WebSessionDep,
+    request_id: RequestIdDep,
+    condition_id: Annotated[str, Form(max_length=64)],
+    style: Annotated[str, Form(max_length=40)],
+    language: Annotated[str, Form(max_length=5)],
+    csrf_token: Annotated[str, Form(max_length=100)],
+    depiction: Annotated[str, Form(max_length=40)] = "varied",
+) -> Response:
+    if not session.csrf_matches(csrf_token):
+        raise PageError(403, "This form has expired", "Please go back, reload the page and try again.")
+    if not FHIR_ID.fullmatch(condition_id):
+        raise PageError(400, "Not a valid condition id", "Pick a condition from the list on the page.")
+    if language not in LANGUAGES:
+        raise PageError(400, "Unknown language", f"Choose one of: {', '.join(LANGUAGES.values())}.")
+    if style not in {preset.name for preset in services.prompts.styles}:
+        raise PageError(400, "Unknown style", "Choose one of the styles offered on the page.")
+    try:
+        chosen_depiction = Depiction.from_choice(depiction)
+    except ValueError as error:
+        raise PageError(400, "Unknown depiction", str(error)) from error
+    patient_id = session.patient_id
+    if not patient_id:
+        raise PageError(400, "No patient in context", "Open CareCanvas from a patient's chart.")
+    ehr = services.ehrs.by_name(session.ehr_name)
+    registration = services.ehrs.registration(ehr)
+    model = services.models.get(services.settings.default_model)
+    try:
+        async with open_fhir(session=session, store=store, db=db, registration=registration, http=services.http) as fhir:
+            job_id = await start_illustration(
+                db=db,
+                fhir=fhir,
+                queue=services.queue,
+                audit=services.audit,
+                keyring=services.keyring,
+                library=services.prompts,
+                model=model,
+                choice=IllustrationChoice(
+                    condition_id=condition_id, style=style, language=language, depiction=chosen_depiction
+                ),
+                patient_id=patient_id,
+                encounter_id=session.data.get("encounter"),
+                actor=session.data.get("fhir_user"),
+                ehr_name=ehr.name,
+                session_id_hash=session.id_hash,
+                request_id=request_id,
+            )
+    except ConditionNotFoundError as error:
+        await db.rollback()
+        raise PageError(404, "Condition not found", str(error)) from error
+    except WrongPatientError as error:
+        await db.rollback()
+        raise PageError(403, "Not this patient's record", str(error)) from error
+    except SessionExpiredError as error:
+        await db.rollback()
+        raise PageError(401, "Your CareCanvas session has ended", str(error)) from error
+    except FhirError as error:
+        await db.rollback()
+        raise fhir_failure_page(error) from error
+    await db.commit()
+    return RedirectResponse(f"/jobs/{job_id}", status_code=303)

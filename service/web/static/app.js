@@ -1,0 +1,30 @@
+// Follows a generation job over Server-Sent Events and reveals the review link when it is done.
+(function () {
+  "use strict";
+  var section = document.getElementById("job");
+  if (!section || !window.EventSource) { return; }
+  var jobId = section.getAttribute("data-job-id");
+  var finished = ["succeeded", "failed", "cancelled", "quarantined"];
+  if (finished.indexOf(section.getAttribute("data-status")) >= 0) { return; }
+  var statusText = document.getElementById("job-status");
+  var bar = document.getElementById("job-progress");
+  var link = document.getElementById("review-link");
+  var source = new EventSource("/jobs/" + encodeURIComponent(jobId) + "/events");
+  source.onmessage = function (event) {
+    var job = JSON.parse(event.data);
+    section.setAttribute("data-status", job.status);
+    if (job.total) { bar.max = job.total; bar.value = job.step; }
+    if (job.status === "running") { statusText.textContent = "Step " + job.step + " of " + job.total + "…"; }
+    if (job.status === "succeeded") {
+      statusText.textContent = "Done.";
+      bar.value = bar.max;
+      link.hidden = false;
+      source.close();
+      window.location.assign("/review/" + encodeURIComponent(jobId));
+    } else if (finished.indexOf(job.status) >= 0) {
+      statusText.textContent = "It did not work" + (job.error ? ": " + job.error : ".") + " Please try again.";
+      source.close();
+    }
+  };
+  source.onerror = function () { statusText.textContent = "Lost contact with the server; reload the page to continue."; source.close(); };
+})();
