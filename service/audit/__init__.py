@@ -1,0 +1,31 @@
+"""Hash-chained audit log with signed checkpoints, search and IHE BALP AuditEvent export."""
+
+from service.audit.chain import GENESIS_HASH, canonical_json, record_hash
+from service.audit.log import (
+    AuditAction,
+    AuditEntry,
+    AuditError,
+    AuditLog,
+    AuditOutcome,
+    AuditRecordRef,
+    CheckpointSink,
+    JsonlCheckpointSink,
+    SignedCheckpoint,
+    VerifyResult,
+)
+
+__all__ = [
+    "GENESIS_HASH",
+    "AuditAction",
+    "AuditEntry",
+    "AuditError",
+    "AuditLog",
+    "AuditOutcome",
+    "AuditRecordRef",
+    "CheckpointSink",
+    "JsonlCheckpointSink",
+    "SignedCheckpoint",
+    "VerifyResult",
+    "canonical_json",
+    "record_hash",
+]
