@@ -1,0 +1,816 @@
+"""Prompt library (topics, styles, portrait template) and building education and portrait prompts."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar
+
+import yaml
+
+from service.generation.readability import caption_grade
+from service.generation.text import (
+    TextTokenizer,
+    fit_to_token_budget,
+    longest_fitting_prefix,
+    normalise_free_text,
+    token_budget,
+    token_count,
+)
+
+LANGUAGES = ("en", "es")
+SNOMED_SYSTEMS = frozenset({"http://snomed.info/sct", "urn:oid:2.16.840.1.113883.6.96"})
+ICD10_SYSTEMS = frozenset(
+    {
+        "http://hl7.org/fhir/sid/icd-10-cm",
+        "http://hl7.org/fhir/sid/icd-10",
+        "urn:oid:2.16.840.1.113883.6.90",
+        "urn:oid:2.16.840.1.113883.6.3",
+    }
+)
+SEPARATOR = ", "
+_ICD10_CODE = re.compile(r"^[A-Z][0-9][0-9A-Z](\.?[0-9A-Z]{1,4})?$")
+_ICD10_PREFIX = re.compile(r"^[A-Z][0-9][0-9A-Z](\.?[0-9A-Z]{0,3})?$")
+# Things that look like identifiers (e-mail, web address, phone/record numbers, dates) are removed from
+# free text before it can reach a prompt: the story and condition text are typed by people.
+_IDENTIFIER_LIKE = re.compile(
+    r"\S+@\S+|\bhttps?://\S+|\bwww\.\S+|\b\d{1,4}[/.-]\d{1,2}[/.-]\d{1,4}\b|[+#]?\d[\d\s().-]{3,}\d|\d{2,}"
+)
+
+
+class PromptLibraryError(ValueError):
+    """A template file is missing or malformed; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class TopicText:
+    """Patient-facing words for one topic in one language."""
+
+    title: str
+    caption: str
+    alt_text: str
+
+
+@dataclass(frozen=True)
+class Topic:
+    """An education topic: which codes select it, what the picture shows, and its patient-facing text."""
+
+    id: str
+    snomed: tuple[str, ...]
+    icd10: tuple[str, ...]
+    illustration: str
+    anatomy: tuple[str, ...]
+    avoid_wording: tuple[str, ...]
+    negative: str
+    text: Mapping[str, TopicText]
+    is_fallback: bool = False
+
+
+@dataclass(frozen=True)
+class StylePreset:
+    """A visual style: prompt suffix, negative prompt and its label per language."""
+
+    name: str
+    label: Mapping[str, str]
+    prompt: str
+    negative: str
+
+
+@dataclass(frozen=True)
+class Depiction:
+    """How people in a picture look: an explicit choice by the clinician or patient, never inferred
+    from race, ethnicity or anything else in the record. "varied" means a mix, not a default person."""
+
+    skin_tone: str = "varied"
+    age_group: str = "varied"
+    body_type: str = "varied"
+    dress: str = "varied"
+    setting: str = "varied"
+
+    ALLOWED: ClassVar[Mapping[str, tuple[str, ...]]] = {
+        "skin_tone": ("varied", "light", "medium", "olive", "brown", "dark"),
+        "age_group": ("varied", "child", "teen", "adult", "older_adult"),
+        "body_type": ("varied", "slim", "average", "larger", "wheelchair_user"),
+        "dress": ("varied", "everyday", "modest", "head_covering", "work", "sportswear"),
+        "setting": ("varied", "home", "clinic", "outdoors", "community", "workplace"),
+    }
+
+    def __post_init__(self) -> None:
+        for name, allowed in self.ALLOWED.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"Depiction.{name} {value!r} is not allowed; choose one of: {', '.join(allowed)}")
+
+
+@dataclass(frozen=True)
+class PortraitStory:
+    """The patient's own story and preferences for a therapeutic portrait (from a QuestionnaireResponse)."""
+
+    places: tuple[str, ...] = ()
+    colours: tuple[str, ...] = ()
+    symbols: tuple[str, ...] = ()
+    avoid: tuple[str, ...] = ()
+    likeness_consent: bool = False
+    story_text: str = ""
+
+
+@dataclass(frozen=True)
+class EducationPrompt:
+    """Everything the engine and the review screen need for one education illustration."""
+
+    positive: str
+    negative: str
+    topic_id: str
+    title: str
+    caption: str
+    alt_text: str
+    language: str
+    caption_grade: float
+    style: str
+
+
+@dataclass(frozen=True)
+class PortraitPrompt:
+    """Prompt and suggested patient-facing words for one therapeutic portrait."""
+
+    positive: str
+    negative: str
+    style: str
+    symbolic: bool
+    title: str
+    alt_text: str
+    language: str
+
+
+@dataclass(frozen=True)
+class _PortraitText:
+    title: str
+    alt_text_symbolic: str
+    alt_text_person: str
+    places: str
+    colours: str
+    symbols: str
+
+
+@dataclass(frozen=True)
+class PortraitTemplate:
+    """The portrait template from portrait.yaml."""
+
+    scene_with_consent: str
+    negative_with_consent: str
+    scene_symbolic: str
+    negative_symbolic: str
+    places: str
+    colours: str
+    symbols: str
+    story: str
+    quality: str
+    negative: str
+    text: Mapping[str, _PortraitText]
+
+
+@dataclass(frozen=True)
+class _Segment:
+    text: str
+    # Lower numbers are given up first when the prompt is over budget; None = never dropped.
+    drop_order: int | None = None
+    trimmable: bool = False
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading and validation
+
+
+class _Reader:
+    """Typed access to one parsed YAML document with errors naming the file and the key path."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self.document = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise PromptLibraryError(f"{path}: file is missing") from None
+        except yaml.YAMLError as error:
+            raise PromptLibraryError(f"{path}: not valid YAML ({error.__class__.__name__})") from None
+
+    def fail(self, key: str, problem: str) -> PromptLibraryError:
+        return PromptLibraryError(f"{self.path}: {key}: {problem}")
+
+    def mapping(self, value: Any, key: str) -> Mapping[str, Any]:
+        if not isinstance(value, dict):
+            raise self.fail(key, f"expected a mapping, got {type(value).__name__}")
+        return value
+
+    def get(self, parent: Mapping[str, Any], name: str, key: str) -> Any:
+        if name not in parent:
+            raise self.fail(f"{key}.{name}" if key else name, "missing")
+        return parent[name]
+
+    def text(self, parent: Mapping[str, Any], name: str, key: str, *, allow_empty: bool = False) -> str:
+        value = self.get(parent, name, key)
+        full_key = f"{key}.{name}" if key else name
+        if not isinstance(value, str) or (not allow_empty and not value.strip()):
+            raise self.fail(full_key, "expected a non-empty string")
+        return value.strip()
+
+    def texts(self, parent: Mapping[str, Any], name: str, key: str) -> tuple[str, ...]:
+        value = self.get(parent, name, key)
+        full_key = f"{key}.{name}" if key else name
+        if not isinstance(value, list) or not all(isinstance(item, str) and item.strip() for item in value):
+            raise self.fail(full_key, "expected a list of non-empty strings")
+        return tuple(item.strip() for item in value)
+
+
+def _term_pattern(term: str) -> re.Pattern[str]:
+    words = [re.escape(word) for word in term.split()]
+    # Whole words, any whitespace between words, an optional plural ending.
+    return re.compile(r"(?<!\w)" + r"\s+".join(words) + r"(?:s|es)?(?!\w)", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class AvoidTerms:
+    """Stigmatising or stereotyping words that never appear in anything we write."""
+
+    terms: tuple[str, ...]
+    _patterns: tuple[re.Pattern[str], ...] = field(repr=False, compare=False, default=())
+
+    @classmethod
+    def of(cls, terms: Iterable[str]) -> AvoidTerms:
+        unique = tuple(dict.fromkeys(term.strip() for term in terms if term.strip()))
+        return cls(terms=unique, _patterns=tuple(_term_pattern(term) for term in unique))
+
+    def found_in(self, text: str) -> list[str]:
+        """The terms that occur in ``text``."""
+        return [term for term, pattern in zip(self.terms, self._patterns, strict=True) if pattern.search(text)]
+
+    def scrub(self, text: str) -> str:
+        """``text`` with every occurrence of every term removed (repeated until none is left)."""
+        while True:
+            scrubbed = text
+            for pattern in self._patterns:
+                scrubbed = pattern.sub(" ", scrubbed)
+            scrubbed = _tidy(scrubbed)
+            if scrubbed == text:
+                return scrubbed
+            text = scrubbed
+
+
+def _tidy(text: str) -> str:
+    text = re.sub(r"\s+", " ", text)
+    text = re.sub(r"\s+([,.;:])", r"\1", text)
+    text = re.sub(r"([,;:])(?:\s*[,;:])+", r"\1", text)
+    return text.strip(" ,;:")
+
+
+def _load_avoid_terms(path: Path) -> AvoidTerms:
+    reader = _Reader(path)
+    root = reader.mapping(reader.document, "(top level)")
+    entries = reader.get(root, "terms", "")
+    if not isinstance(entries, list) or not entries:
+        raise reader.fail("terms", "expected a non-empty list")
+    terms = []
+    for index, entry in enumerate(entries):
+        key = f"terms[{index}]"
+        terms.append(reader.text(reader.mapping(entry, key), "term", key))
+    return AvoidTerms.of(terms)
+
+
+def _load_styles(path: Path) -> tuple[StylePreset, ...]:
+    reader = _Reader(path)
+    root = reader.mapping(reader.document, "(top level)")
+    entries = reader.get(root, "styles", "")
+    if not isinstance(entries, list) or not entries:
+        raise reader.fail("styles", "expected a non-empty list")
+    styles: list[StylePreset] = []
+    for index, entry in enumerate(entries):
+        key = f"styles[{index}]"
+        entry = reader.mapping(entry, key)
+        name = reader.text(entry, "name", key)
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+            raise reader.fail(f"{key}.name", f"{name!r} must be lower_snake_case")
+        if any(style.name == name for style in styles):
+            raise reader.fail(f"{key}.name", f"duplicate style name {name!r}")
+        labels = reader.mapping(reader.get(entry, "label", key), f"{key}.label")
+        styles.append(
+            StylePreset(
+                name=name,
+                label={language: reader.text(labels, language, f"{key}.label") for language in LANGUAGES},
+                prompt=reader.text(entry, "prompt", key),
+                negative=reader.text(entry, "negative", key),
+            )
+        )
+    return tuple(styles)
+
+
+def _load_common(path: Path) -> tuple[str, str, Mapping[str, Mapping[str, str]]]:
+    reader = _Reader(path)
+    root = reader.mapping(reader.document, "(top level)")
+    education = reader.mapping(reader.get(root, "education", ""), "education")
+    quality = reader.text(education, "quality", "education")
+    negative = reader.text(education, "negative", "education")
+    depiction = reader.mapping(reader.get(root, "depiction", ""), "depiction")
+    phrases: dict[str, dict[str, str]] = {}
+    for attribute, allowed in Depiction.ALLOWED.items():
+        values = reader.mapping(reader.get(depiction, attribute, "depiction"), f"depiction.{attribute}")
+        unknown = sorted(set(values) - set(allowed))
+        if unknown:
+            raise reader.fail(
+                f"depiction.{attribute}", f"unknown values {unknown}; allowed: {', '.join(allowed)}"
+            )
+        phrases[attribute] = {
+            value: reader.text(values, value, f"depiction.{attribute}", allow_empty=True) for value in allowed
+        }
+    return quality, negative, phrases
+
+
+def _topic_text(reader: _Reader, topic: Mapping[str, Any]) -> dict[str, TopicText]:
+    texts = reader.mapping(reader.get(topic, "text", ""), "text")
+    result = {}
+    for language in LANGUAGES:
+        key = f"text.{language}"
+        entry = reader.mapping(reader.get(texts, language, "text"), key)
+        result[language] = TopicText(
+            title=reader.text(entry, "title", key),
+            caption=reader.text(entry, "caption", key),
+            alt_text=reader.text(entry, "alt_text", key),
+        )
+    return result
+
+
+def _validate_icd10_pattern(reader: _Reader, pattern: str, key: str) -> str:
+    pattern = pattern.upper()
+    if "-" in pattern:
+        start, _, end = pattern.partition("-")
+        if not (_ICD10_PREFIX.match(start) and _ICD10_PREFIX.match(end)) or _icd_key(start) > _icd_key(end):
+            raise reader.fail(key, f"{pattern!r} is not an ICD-10 range like 'I10-I16'")
+    elif pattern.endswith("*"):
+        if not _ICD10_PREFIX.match(pattern.rstrip("*").rstrip(".")):
+            raise reader.fail(key, f"{pattern!r} is not an ICD-10 prefix like 'E11.*'")
+    elif not _ICD10_CODE.match(pattern):
+        raise reader.fail(key, f"{pattern!r} is not an ICD-10 code like 'E11.9'")
+    return pattern
+
+
+def _check_wording(reader: _Reader, texts: Mapping[str, str], avoid: AvoidTerms, own: Sequence[str]) -> None:
+    own_terms = AvoidTerms.of(own)
+    for key, text in texts.items():
+        found = avoid.found_in(text) + own_terms.found_in(text)
+        if found:
+            raise reader.fail(key, f"uses wording to avoid: {', '.join(found)}")
+
+
+def _load_topic(path: Path, avoid: AvoidTerms) -> Topic:
+    reader = _Reader(path)
+    topic = reader.mapping(reader.document, "(top level)")
+    topic_id = reader.text(topic, "id", "")
+    if topic_id != path.stem:
+        raise reader.fail("id", f"{topic_id!r} must equal the file name {path.stem!r}")
+    codes = reader.mapping(reader.get(topic, "codes", ""), "codes")
+    snomed = reader.texts(codes, "snomed", "codes")
+    for index, code in enumerate(snomed):
+        if not code.isdigit() or not 6 <= len(code) <= 18:
+            raise reader.fail(f"codes.snomed[{index}]", f"{code!r} is not a SNOMED CT concept id")
+    icd10 = tuple(
+        _validate_icd10_pattern(reader, pattern, f"codes.icd10[{index}]")
+        for index, pattern in enumerate(reader.texts(codes, "icd10", "codes"))
+    )
+    if not snomed and not icd10:
+        raise reader.fail("codes", "needs at least one SNOMED CT or ICD-10 code")
+    result = Topic(
+        id=topic_id,
+        snomed=snomed,
+        icd10=icd10,
+        illustration=reader.text(topic, "illustration", ""),
+        anatomy=reader.texts(topic, "anatomy", ""),
+        avoid_wording=reader.texts(topic, "avoid_wording", ""),
+        negative=reader.text(topic, "negative", ""),
+        text=_topic_text(reader, topic),
+    )
+    wording = {"illustration": result.illustration, "anatomy": SEPARATOR.join(result.anatomy)}
+    for language, text in result.text.items():
+        for name in ("title", "caption", "alt_text"):
+            wording[f"text.{language}.{name}"] = getattr(text, name)
+    _check_wording(reader, wording, avoid, result.avoid_wording)
+    return result
+
+
+def _load_fallback(path: Path, avoid: AvoidTerms) -> tuple[Topic, str]:
+    reader = _Reader(path)
+    topic = reader.mapping(reader.document, "(top level)")
+    illustration = reader.text(topic, "illustration", "")
+    if "{condition}" not in illustration:
+        raise reader.fail("illustration", "must contain the placeholder {condition}")
+    result = Topic(
+        id=reader.text(topic, "id", ""),
+        snomed=(),
+        icd10=(),
+        illustration=illustration,
+        anatomy=reader.texts(topic, "anatomy", ""),
+        avoid_wording=(),
+        negative=reader.text(topic, "negative", ""),
+        text=_topic_text(reader, topic),
+        is_fallback=True,
+    )
+    without_condition = reader.text(topic, "illustration_without_condition", "")
+    wording = {"illustration": illustration, "illustration_without_condition": without_condition}
+    for language, text in result.text.items():
+        for name in ("title", "caption", "alt_text"):
+            wording[f"text.{language}.{name}"] = getattr(text, name)
+    _check_wording(reader, wording, avoid, ())
+    return result, without_condition
+
+
+def _load_portrait(path: Path) -> PortraitTemplate:
+    reader = _Reader(path)
+    root = reader.mapping(reader.get(reader.mapping(reader.document, "(top level)"), "portrait", ""), "portrait")
+    consented = reader.mapping(reader.get(root, "with_likeness_consent", "portrait"), "with_likeness_consent")
+    symbolic = reader.mapping(reader.get(root, "without_likeness_consent", "portrait"), "without_likeness_consent")
+    for name in ("places", "colours", "symbols"):
+        if "{items}" not in reader.text(root, name, "portrait"):
+            raise reader.fail(f"portrait.{name}", "must contain the placeholder {items}")
+    if "{story}" not in reader.text(root, "story", "portrait"):
+        raise reader.fail("portrait.story", "must contain the placeholder {story}")
+    texts = reader.mapping(reader.get(root, "text", "portrait"), "portrait.text")
+    text = {}
+    for language in LANGUAGES:
+        key = f"portrait.text.{language}"
+        entry = reader.mapping(reader.get(texts, language, "portrait.text"), key)
+        text[language] = _PortraitText(**{f.name: reader.text(entry, f.name, key) for f in fields(_PortraitText)})
+    return PortraitTemplate(
+        scene_with_consent=reader.text(consented, "scene", "portrait.with_likeness_consent"),
+        negative_with_consent=reader.text(
+            consented, "negative", "portrait.with_likeness_consent", allow_empty=True
+        ),
+        scene_symbolic=reader.text(symbolic, "scene", "portrait.without_likeness_consent"),
+        negative_symbolic=reader.text(symbolic, "negative", "portrait.without_likeness_consent"),
+        places=reader.text(root, "places", "portrait"),
+        colours=reader.text(root, "colours", "portrait"),
+        symbols=reader.text(root, "symbols", "portrait"),
+        story=reader.text(root, "story", "portrait"),
+        quality=reader.text(root, "quality", "portrait"),
+        negative=reader.text(root, "negative", "portrait"),
+        text=text,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Code matching
+
+
+def _icd_key(code: str) -> str:
+    return code.upper().replace(".", "").strip()
+
+
+@dataclass(frozen=True)
+class _IcdRule:
+    topic: Topic
+    kind: str  # exact | prefix | range
+    start: str
+    end: str
+
+    def matches(self, code: str) -> bool:
+        if self.kind == "exact":
+            return code == self.start
+        if self.kind == "prefix":
+            return code.startswith(self.start)
+        # Ranges are inclusive and cover every code below their end points (I10-I16 includes I16.1).
+        return self.start <= code[: len(self.start)] and code[: len(self.end)] <= self.end
+
+    @property
+    def specificity(self) -> float:
+        # A longer prefix is more specific; a range counts as slightly less specific than a prefix of the
+        # same length (it spans several categories).
+        return len(self.start) - (0.5 if self.kind == "range" else 0.0)
+
+
+def _icd_rule(topic: Topic, pattern: str) -> _IcdRule:
+    if "-" in pattern:
+        start, _, end = pattern.partition("-")
+        return _IcdRule(topic, "range", _icd_key(start), _icd_key(end))
+    if pattern.endswith("*"):
+        return _IcdRule(topic, "prefix", _icd_key(pattern.rstrip("*")), "")
+    return _IcdRule(topic, "exact", _icd_key(pattern), "")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The library
+
+
+@dataclass(frozen=True)
+class PromptLibrary:
+    """All prompt templates, validated. Build it with :func:`load_prompt_library`."""
+
+    topics: tuple[Topic, ...]
+    fallback: Topic
+    fallback_without_condition: str
+    styles: tuple[StylePreset, ...]
+    avoid_terms: AvoidTerms
+    education_quality: str
+    education_negative: str
+    depiction_phrases: Mapping[str, Mapping[str, str]]
+    portrait: PortraitTemplate
+    _by_snomed: Mapping[str, Topic] = field(repr=False, default_factory=dict)
+    _icd_exact: Mapping[str, Topic] = field(repr=False, default_factory=dict)
+    _icd_rules: tuple[_IcdRule, ...] = field(repr=False, default=())
+
+    @property
+    def style_names(self) -> tuple[str, ...]:
+        return tuple(style.name for style in self.styles)
+
+    def style(self, name: str) -> StylePreset:
+        """The style preset called ``name``."""
+        for style in self.styles:
+            if style.name == name:
+                return style
+        raise ValueError(f"unknown style {name!r}; allowed: {', '.join(self.style_names)}")
+
+    def topic(self, topic_id: str) -> Topic:
+        """The topic with id ``topic_id`` (the fallback's id included)."""
+        for topic in (*self.topics, self.fallback):
+            if topic.id == topic_id:
+                return topic
+        raise ValueError(f"unknown topic {topic_id!r}")
+
+    def topic_for(self, codes: Sequence[tuple[str, str]], text: str) -> Topic:
+        """The topic for a condition: SNOMED CT exact match, else ICD-10 exact, else the most specific ICD-10
+        prefix or range, else the fallback topic. ``codes`` are (system, code) pairs; ``text`` is unused for
+        matching (the fallback prompt is built from it later)."""
+        del text  # matching is by code only; free text never selects clinical content
+        snomed = [code.strip() for system, code in codes if system in SNOMED_SYSTEMS]
+        icd10 = [_icd_key(code) for system, code in codes if system in ICD10_SYSTEMS]
+        for code in snomed:
+            if code in self._by_snomed:
+                return self._by_snomed[code]
+        for code in icd10:
+            if code in self._icd_exact:
+                return self._icd_exact[code]
+        best: _IcdRule | None = None
+        for code in icd10:
+            for rule in self._icd_rules:
+                if rule.kind != "exact" and rule.matches(code) and (
+                    best is None or rule.specificity > best.specificity
+                ):
+                    best = rule
+        return best.topic if best else self.fallback
+
+
+def load_prompt_library(templates_dir: Path) -> PromptLibrary:
+    """Load and validate templates/prompts (the folder itself, or the templates folder that contains it)."""
+    prompts_dir = templates_dir / "prompts" if (templates_dir / "prompts").is_dir() else templates_dir
+    if not prompts_dir.is_dir():
+        raise PromptLibraryError(f"{prompts_dir}: prompt template folder is missing")
+    avoid = _load_avoid_terms(prompts_dir / "avoid_terms.yaml")
+    styles = _load_styles(prompts_dir / "styles.yaml")
+    quality, negative, phrases = _load_common(prompts_dir / "common.yaml")
+    fallback, fallback_without_condition = _load_fallback(prompts_dir / "fallback.yaml", avoid)
+    portrait = _load_portrait(prompts_dir / "portrait.yaml")
+    topic_files = sorted((prompts_dir / "topics").glob("*.yaml"))
+    if not topic_files:
+        raise PromptLibraryError(f"{prompts_dir / 'topics'}: no topic files (*.yaml)")
+    topics = tuple(_load_topic(path, avoid) for path in topic_files)
+
+    by_snomed: dict[str, Topic] = {}
+    icd_exact: dict[str, Topic] = {}
+    rules: list[_IcdRule] = []
+    owners: dict[str, str] = {}
+    for topic, path in zip(topics, topic_files, strict=True):
+        if topic.id == fallback.id:
+            raise PromptLibraryError(f"{path}: id: {topic.id!r} is reserved for the fallback topic")
+        for code in topic.snomed:
+            if code in by_snomed:
+                raise PromptLibraryError(
+                    f"{path}: codes.snomed: {code} is already used by topic {by_snomed[code].id!r}"
+                )
+            by_snomed[code] = topic
+        for pattern in topic.icd10:
+            rule = _icd_rule(topic, pattern)
+            signature = f"{rule.kind}:{rule.start}-{rule.end}"
+            if signature in owners:
+                raise PromptLibraryError(f"{path}: codes.icd10: {pattern} is already used by topic {owners[signature]!r}")
+            owners[signature] = topic.id
+            if rule.kind == "exact":
+                icd_exact[rule.start] = topic
+            rules.append(rule)
+    return PromptLibrary(
+        topics=topics,
+        fallback=fallback,
+        fallback_without_condition=fallback_without_condition,
+        styles=styles,
+        avoid_terms=avoid,
+        education_quality=quality,
+        education_negative=negative,
+        depiction_phrases=phrases,
+        portrait=portrait,
+        _by_snomed=by_snomed,
+        _icd_exact=icd_exact,
+        _icd_rules=tuple(rules),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building prompts
+
+
+def _check_language(language: str) -> str:
+    if language not in LANGUAGES:
+        raise ValueError(f"unsupported language {language!r}; allowed: {', '.join(LANGUAGES)}")
+    return language
+
+
+def _remove_identifier_like(text: str) -> str:
+    return _tidy(_IDENTIFIER_LIKE.sub(" ", text))
+
+
+def _clean_free_text(text: str, *, max_chars: int, avoid: AvoidTerms) -> str:
+    return avoid.scrub(_remove_identifier_like(normalise_free_text(text, max_chars=max_chars)))
+
+
+def depiction_phrase(library: PromptLibrary, depiction: Depiction) -> str:
+    """The words that describe people in the picture for this depiction choice."""
+    phrases = [
+        library.depiction_phrases[attribute][getattr(depiction, attribute)] for attribute in Depiction.ALLOWED
+    ]
+    return "people shown with dignity: " + SEPARATOR.join(phrase for phrase in phrases if phrase)
+
+
+def _join(segments: Iterable[_Segment]) -> str:
+    return SEPARATOR.join(segment.text for segment in segments if segment.text)
+
+
+def _compose(segments: Sequence[_Segment], *, tokenizer: TextTokenizer | None) -> str:
+    """Join segments; over the token budget, give up optional ones (lowest drop_order first; a trimmable
+    segment is shortened before it is dropped), then trim whatever is left as a last resort."""
+    current = [segment for segment in segments if segment.text]
+    if tokenizer is None:
+        return _join(current)
+    budget = token_budget(tokenizer=tokenizer)
+
+    def fits(candidate: Sequence[_Segment]) -> bool:
+        return token_count(_join(candidate), tokenizer=tokenizer) <= budget
+
+    optional = sorted((s for s in current if s.drop_order is not None), key=lambda s: s.drop_order or 0)
+    for segment in optional:
+        if fits(current):
+            break
+        index = current.index(segment)
+        if segment.trimmable:
+
+            def fits_with(text: str, index: int = index) -> bool:
+                return fits([*current[:index], _Segment(text), *current[index + 1 :]])
+
+            shortened = longest_fitting_prefix(segment.text, fits=fits_with)
+            current[index] = _Segment(shortened)
+        else:
+            del current[index]
+    if not fits(current):
+        # Only required segments are left and still too long: shorten the trimmable ones, last first.
+        for index in reversed(range(len(current))):
+            if fits(current):
+                break
+            if not current[index].trimmable:
+                continue
+
+            def fits_required(text: str, index: int = index) -> bool:
+                return fits([*current[:index], _Segment(text, trimmable=True), *current[index + 1 :]])
+
+            current[index] = _Segment(longest_fitting_prefix(current[index].text, fits=fits_required))
+    return fit_to_token_budget(_join(current), tokenizer=tokenizer)
+
+
+def _negative(parts: Iterable[str], *, tokenizer: TextTokenizer | None) -> str:
+    seen: dict[str, None] = {}
+    for part in parts:
+        for item in part.split(","):
+            item = item.strip()
+            if item and item.lower() not in (existing.lower() for existing in seen):
+                seen[item] = None
+    negative = SEPARATOR.join(seen)
+    return fit_to_token_budget(negative, tokenizer=tokenizer) if tokenizer is not None else negative
+
+
+def build_education_prompt(
+    *,
+    library: PromptLibrary,
+    condition_text: str,
+    codes: Sequence[tuple[str, str]],
+    style: str,
+    language: str,
+    depiction: Depiction,
+    tokenizer: TextTokenizer | None,
+) -> EducationPrompt:
+    """Prompt, negative prompt and patient-facing words for one condition.
+
+    Only the condition's codes (and, for an unknown code, its normalised text) enter the prompt: no
+    patient identifier is ever an input. With a tokenizer, both prompts fit its budget.
+    """
+    _check_language(language)
+    preset = library.style(style)
+    topic = library.topic_for(codes, condition_text)
+    if topic.is_fallback:
+        condition = _clean_free_text(condition_text, max_chars=120, avoid=library.avoid_terms)
+        subject = (
+            topic.illustration.replace("{condition}", condition)
+            if condition
+            else library.fallback_without_condition
+        )
+    else:
+        subject = topic.illustration
+    anatomy = f"showing {SEPARATOR.join(topic.anatomy)}" if topic.anatomy else ""
+    positive = _compose(
+        [
+            _Segment(subject, trimmable=True),
+            _Segment(depiction_phrase(library, depiction), drop_order=3),
+            _Segment(anatomy, drop_order=2),
+            _Segment(preset.prompt),
+            _Segment(library.education_quality, drop_order=1),
+        ],
+        tokenizer=tokenizer,
+    )
+    negative = _negative([library.education_negative, preset.negative, topic.negative], tokenizer=tokenizer)
+    words = topic.text[language]
+    return EducationPrompt(
+        positive=positive,
+        negative=negative,
+        topic_id=topic.id,
+        title=words.title,
+        caption=words.caption,
+        alt_text=words.alt_text,
+        language=language,
+        caption_grade=caption_grade(words.caption, language),
+        style=preset.name,
+    )
+
+
+def _clean_items(items: Sequence[str], *, avoid: AvoidTerms) -> list[str]:
+    cleaned = (_clean_free_text(item, max_chars=60, avoid=avoid) for item in items[:8])
+    return list(dict.fromkeys(item for item in cleaned if item))
+
+
+def build_portrait_prompt(
+    *,
+    library: PromptLibrary,
+    story: PortraitStory,
+    style: str,
+    depiction: Depiction,
+    tokenizer: TextTokenizer | None,
+    language: str = "en",
+) -> PortraitPrompt:
+    """Prompt for a therapeutic portrait from the patient's story.
+
+    The things to avoid go only to the negative prompt and are scrubbed from every positive part (places,
+    colours, symbols, story, even template words). Without likeness consent the scene is symbolic and
+    non-identifying. Free text is normalised and stripped of identifier-like strings.
+    """
+    _check_language(language)
+    preset = library.style(style)
+    template = library.portrait
+    avoid_items = [normalise_free_text(item, max_chars=60) for item in story.avoid[:20]]
+    avoid_items = [item for item in avoid_items if item]
+    # Patient wishes and the shared stigmatising-terms list are both kept out of the positive prompt.
+    keep_out = AvoidTerms.of([*avoid_items, *library.avoid_terms.terms])
+    places = _clean_items(story.places, avoid=keep_out)
+    colours = _clean_items(story.colours, avoid=keep_out)
+    symbols = _clean_items(story.symbols, avoid=keep_out)
+    story_text = _clean_free_text(story.story_text, max_chars=400, avoid=keep_out)
+    symbolic = not story.likeness_consent
+
+    def listed(pattern: str, items: Sequence[str]) -> str:
+        return pattern.replace("{items}", SEPARATOR.join(items)) if items else ""
+
+    segments = [
+        _Segment(template.scene_symbolic if symbolic else template.scene_with_consent),
+        _Segment(listed(template.places, places), drop_order=5),
+        _Segment(listed(template.symbols, symbols), drop_order=6),
+        _Segment(listed(template.colours, colours), drop_order=4),
+        _Segment(template.story.replace("{story}", story_text) if story_text else "", drop_order=2, trimmable=True),
+        _Segment(depiction_phrase(library, depiction), drop_order=3),
+        _Segment(preset.prompt),
+        _Segment(template.quality, drop_order=1),
+    ]
+    scrubbed = [_Segment(keep_out.scrub(s.text), s.drop_order, s.trimmable) for s in segments]
+    positive = keep_out.scrub(_compose(scrubbed, tokenizer=tokenizer))
+    negative = _negative(
+        [
+            SEPARATOR.join(avoid_items),
+            template.negative_symbolic if symbolic else template.negative_with_consent,
+            template.negative,
+            preset.negative,
+        ],
+        tokenizer=tokenizer,
+    )
+    words = template.text[language]
+    alt_parts = [words.alt_text_symbolic if symbolic else words.alt_text_person]
+    alt_parts += [listed(words.places, places), listed(words.symbols, symbols), listed(words.colours, colours)]
+    alt_text = normalise_free_text(" ".join(part for part in alt_parts if part), max_chars=300)
+    return PortraitPrompt(
+        positive=positive,
+        negative=negative,
+        style=preset.name,
+        symbolic=symbolic,
+        title=words.title,
+        alt_text=alt_text.rstrip(".") + ".",
+        language=language,
+    )
+
