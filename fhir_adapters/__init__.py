@@ -1,1 +1,133 @@
-"""Everything that speaks FHIR and SMART; never imports the service package."""
+"""Everything that speaks FHIR and SMART; never imports the service package.
+
+Exception hierarchy::
+
+    FhirError                      status, operation_outcome, diagnostics
+    ├── TemporaryFhirError         408 429 500 502 503 504, timeouts, connection errors (retry later)
+    ├── FatalFhirError             other 4xx, unusable answers (do not retry)
+    │   ├── UnauthorizedError      401 after one re-authentication
+    │   ├── ForbiddenError         403
+    │   ├── NotFoundError          404, 410
+    │   ├── PreconditionFailedError 412
+    │   └── InvalidResponseError   malformed JSON, wrong type, limits, redirects, foreign next links
+    └── SmartError                 error, error_description, temporary
+        ├── DiscoveryError
+        ├── TokenError
+        ├── IdTokenError
+        └── StateError
+
+    ResourceValidationError        a resource we built is invalid: our bug, nothing was sent
+"""
+
+from fhir_adapters.client import FhirClient, TokenSource, WriteResult
+from fhir_adapters.conditions import (
+    Coding,
+    ConditionSummary,
+    PatientBanner,
+    PortraitStory,
+    summarize_condition,
+    summarize_patient,
+    summarize_story,
+)
+from fhir_adapters.errors import (
+    DiscoveryError,
+    FatalFhirError,
+    FhirError,
+    ForbiddenError,
+    IdTokenError,
+    InvalidResponseError,
+    NotFoundError,
+    PreconditionFailedError,
+    ResourceValidationError,
+    SmartError,
+    StateError,
+    TemporaryFhirError,
+    TokenError,
+    UnauthorizedError,
+)
+from fhir_adapters.scopes import GrantedScopes, requested_scopes
+from fhir_adapters.smart import (
+    EhrRegistration,
+    PendingAuthorization,
+    SmartConfiguration,
+    SmartTokenSource,
+    TokenSet,
+    backend_services_token,
+    begin_authorization,
+    check_state,
+    discover,
+    exchange_code,
+    refresh,
+    verify_id_token,
+)
+from fhir_adapters.text import clean_text
+from fhir_adapters.validate import validate_resource
+from fhir_adapters.write import (
+    AttachmentPolicy,
+    BinaryUpload,
+    WrittenDocument,
+    apply_attachment_policy,
+    mark_entered_in_error,
+    supports_transactions,
+    write_document_set,
+)
+from fhir_adapters.writeback import (
+    build_binary,
+    build_document_reference,
+    build_model_device,
+    build_provenance,
+)
+
+__all__ = [
+    "AttachmentPolicy",
+    "BinaryUpload",
+    "Coding",
+    "ConditionSummary",
+    "DiscoveryError",
+    "EhrRegistration",
+    "FatalFhirError",
+    "FhirClient",
+    "FhirError",
+    "ForbiddenError",
+    "GrantedScopes",
+    "IdTokenError",
+    "InvalidResponseError",
+    "NotFoundError",
+    "PatientBanner",
+    "PendingAuthorization",
+    "PortraitStory",
+    "PreconditionFailedError",
+    "ResourceValidationError",
+    "SmartConfiguration",
+    "SmartError",
+    "SmartTokenSource",
+    "StateError",
+    "TemporaryFhirError",
+    "TokenError",
+    "TokenSet",
+    "TokenSource",
+    "UnauthorizedError",
+    "WriteResult",
+    "WrittenDocument",
+    "apply_attachment_policy",
+    "backend_services_token",
+    "begin_authorization",
+    "build_binary",
+    "build_document_reference",
+    "build_model_device",
+    "build_provenance",
+    "check_state",
+    "clean_text",
+    "discover",
+    "exchange_code",
+    "mark_entered_in_error",
+    "refresh",
+    "requested_scopes",
+    "summarize_condition",
+    "summarize_patient",
+    "summarize_story",
+    "supports_transactions",
+    "validate_resource",
+    "verify_id_token",
+    "write_document_set",
+]

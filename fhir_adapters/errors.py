@@ -1,0 +1,104 @@
+"""Exceptions raised by fhir_adapters; the hierarchy is drawn in the package docstring."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class FhirError(Exception):
+    """A FHIR or SMART exchange failed; `diagnostics` holds the server's OperationOutcome text, if any.
+
+    The message (str) never contains the server's diagnostics, URLs with queries, ids or tokens, so it is
+    safe to log; `diagnostics` may echo patient data and is for the caller to handle with care.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        operation_outcome: dict[str, Any] | None = None,
+        diagnostics: str = "",
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.operation_outcome = operation_outcome
+        self.diagnostics = diagnostics
+
+
+class TemporaryFhirError(FhirError):
+    """Worth retrying later: 408, 429, 500, 502, 503, 504, timeouts, connection errors."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        operation_outcome: dict[str, Any] | None = None,
+        diagnostics: str = "",
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, status=status, operation_outcome=operation_outcome, diagnostics=diagnostics)
+        self.retry_after = retry_after
+
+
+class FatalFhirError(FhirError):
+    """Retrying the same request will not help: other 4xx, unusable responses."""
+
+
+class UnauthorizedError(FatalFhirError):
+    """401 even after one re-authentication."""
+
+
+class ForbiddenError(FatalFhirError):
+    """403: the token lacks the rights for this request."""
+
+
+class NotFoundError(FatalFhirError):
+    """404 or 410: the resource does not exist (any more)."""
+
+
+class PreconditionFailedError(FatalFhirError):
+    """412: a conditional request matched several resources or a version check failed."""
+
+
+class InvalidResponseError(FatalFhirError):
+    """The server's answer cannot be used: malformed, wrong type, over a limit, redirect, foreign link."""
+
+
+class SmartError(FhirError):
+    """A SMART App Launch or OAuth step failed; `error`/`error_description` as the server sent them."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        error: str = "",
+        error_description: str = "",
+        status: int | None = None,
+        temporary: bool = False,
+    ) -> None:
+        super().__init__(message, status=status, diagnostics=error_description)
+        self.error = error
+        self.error_description = error_description
+        self.temporary = temporary
+
+
+class DiscoveryError(SmartError):
+    """The SMART configuration could not be fetched or does not match the registration."""
+
+
+class TokenError(SmartError):
+    """The token endpoint refused or failed (authorization code, refresh, client credentials)."""
+
+
+class IdTokenError(SmartError):
+    """The id_token failed verification (signature, algorithm, issuer, audience, expiry, nonce)."""
+
+
+class StateError(SmartError):
+    """The callback's state does not match a pending authorization, or that authorization expired."""
+
+
+class ResourceValidationError(Exception):
+    """A resource we built does not validate against the FHIR models: our bug, never sent to a server."""
