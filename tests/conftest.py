@@ -1,4 +1,4 @@
-"""Shared database fixtures: every storage test runs on SQLite (a temp file) and PostgreSQL (a fresh schema)."""
+"""Shared database fixtures: storage tests run on SQLite (a temp file) and PostgreSQL (a fresh schema)."""
 
 from __future__ import annotations
 

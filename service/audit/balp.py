@@ -1,15 +1,15 @@
-"""Map audit entries to IHE Basic Audit Log Patterns (BALP) AuditEvents (FHIR R4) and export them as NDJSON."""
+"""Map audit entries to IHE BALP (Basic Audit Log Patterns) AuditEvents (FHIR R4); export as NDJSON."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import UTC
 from typing import Any
 
 from fhir.resources.R4B.auditevent import AuditEvent
 
-from service.audit.chain import canonical_time
 from service.audit.log import AuditAction, AuditEntry
 
 BALP = "https://profiles.ihe.net/ITI/BALP/StructureDefinition/IHE.BasicAudit."
@@ -33,7 +33,9 @@ class _Pattern:
 
 
 def _rest(profile: str, interaction: str, action: str) -> _Pattern:
-    return _Pattern(profile, EVENT_TYPE, "rest", "Restful Operation", RESTFUL, interaction, interaction, action)
+    return _Pattern(
+        profile, EVENT_TYPE, "rest", "Restful Operation", RESTFUL, interaction, interaction, action
+    )
 
 
 _LOGIN = _Pattern("Login", DCM, "110114", "User Authentication", DCM, "110122", "Login", "E")
@@ -94,9 +96,16 @@ def to_audit_event(entry: AuditEntry, *, site: str, fhir_base: str | None) -> di
         destination["network"] = {"address": fhir_base, "type": "5"}
         agents.append(destination)
     if entry.actor:
+        # The user authored a create/update; for reads and queries they received the information.
+        code, display = (
+            ("AUT", "author (originator)") if pattern.action in "CU" else ("IRCP", "information recipient")
+        )
         user = _agent(
-            "http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "IRCP", "information recipient",
-            entry.actor, requestor=True,
+            "http://terminology.hl7.org/CodeSystem/v3-ParticipationType",
+            code,
+            display,
+            entry.actor,
+            requestor=True,
         )
         if "/" in entry.actor and not entry.actor.startswith("urn:"):
             user["who"] = {"reference": _absolute(entry.actor, fhir_base)}
@@ -108,24 +117,45 @@ def to_audit_event(entry: AuditEntry, *, site: str, fhir_base: str | None) -> di
         entities.append(
             {
                 "what": {"identifier": {"value": entry.request_id}},
-                "type": {"system": "https://profiles.ihe.net/ITI/BALP/CodeSystem/BasicAuditEntityType", "code": "XrequestId"},
+                "type": {
+                    "system": "https://profiles.ihe.net/ITI/BALP/CodeSystem/BasicAuditEntityType",
+                    "code": "XrequestId",
+                },
             }
         )
     if entry.resource and entry.resource_type != "Patient":
         entities.append(
             {
                 "what": {"reference": _absolute(entry.resource, fhir_base)},
-                "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "2", "display": "System Object"},
-                "role": {"system": "http://terminology.hl7.org/CodeSystem/object-role", "code": "4", "display": "Domain Resource"},
+                "type": {
+                    "system": "http://terminology.hl7.org/CodeSystem/audit-entity-type",
+                    "code": "2",
+                    "display": "System Object",
+                },
+                "role": {
+                    "system": "http://terminology.hl7.org/CodeSystem/object-role",
+                    "code": "4",
+                    "display": "Domain Resource",
+                },
             }
         )
     if entry.patient:
-        patient_reference = entry.patient if entry.patient.startswith("Patient/") else f"Patient/{entry.patient}"
+        patient_reference = (
+            entry.patient if entry.patient.startswith("Patient/") else f"Patient/{entry.patient}"
+        )
         entities.append(
             {
                 "what": {"reference": _absolute(patient_reference, fhir_base)},
-                "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "1", "display": "Person"},
-                "role": {"system": "http://terminology.hl7.org/CodeSystem/object-role", "code": "1", "display": "Patient"},
+                "type": {
+                    "system": "http://terminology.hl7.org/CodeSystem/audit-entity-type",
+                    "code": "1",
+                    "display": "Person",
+                },
+                "role": {
+                    "system": "http://terminology.hl7.org/CodeSystem/object-role",
+                    "code": "1",
+                    "display": "Patient",
+                },
             }
         )
     event: dict[str, Any] = {
@@ -134,10 +164,16 @@ def to_audit_event(entry: AuditEntry, *, site: str, fhir_base: str | None) -> di
         "meta": {"profile": [BALP + pattern.profile]},
         "type": {"system": pattern.type_system, "code": pattern.type_code, "display": pattern.type_display},
         "subtype": [
-            {"system": pattern.subtype_system, "code": pattern.subtype_code, "display": pattern.subtype_display}
+            {
+                "system": pattern.subtype_system,
+                "code": pattern.subtype_code,
+                "display": pattern.subtype_display,
+            }
         ],
         "action": pattern.action,
-        "recorded": canonical_time(entry.recorded_at),
+        "recorded": entry.recorded_at.astimezone(UTC)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z"),
         "outcome": OUTCOME_CODES.get(entry.outcome, "8"),
         "purposeOfEvent": [{"coding": [{"system": ACT_REASON, "code": "TREAT"}]}],
         "agent": agents,

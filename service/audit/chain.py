@@ -49,7 +49,9 @@ def record_hash(prev_hash: str, fields: Mapping[str, ChainValue]) -> str:
         raise ValueError(f"record fields missing from the hash: {sorted(missing)}")
     extra = set(fields) - set(HASHED_FIELDS)
     if extra:
-        raise ValueError(f"unexpected record fields: {sorted(extra)}; hashed fields are {list(HASHED_FIELDS)}")
+        raise ValueError(
+            f"unexpected record fields: {sorted(extra)}; hashed fields are {list(HASHED_FIELDS)}"
+        )
     if len(prev_hash) != 64:
         raise ValueError("prev_hash must be 64 hex characters")
     return hashlib.sha256(prev_hash.encode() + b"\n" + canonical_json(fields)).hexdigest()
@@ -57,4 +59,6 @@ def record_hash(prev_hash: str, fields: Mapping[str, ChainValue]) -> str:
 
 def checkpoint_message(*, seq: int, head_hash: str, time: str) -> bytes:
     """The bytes an audit checkpoint signature covers."""
-    return canonical_json({"kind": "carecanvas-audit-checkpoint/1", "seq": seq, "head_hash": head_hash, "time": time})
+    return canonical_json(
+        {"kind": "carecanvas-audit-checkpoint/1", "seq": seq, "head_hash": head_hash, "time": time}
+    )

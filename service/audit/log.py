@@ -43,7 +43,7 @@ class AuditAction(StrEnum):
     LAUNCH = "launch"
     LOGIN = "login"
     LOGOUT = "logout"
-    TOKEN_USE = "token.use"
+    TOKEN_USE = "token.use"  # noqa: S105 - an action name, not a secret
     FHIR_READ = "fhir.read"
     FHIR_SEARCH = "fhir.search"
     GENERATE = "generate"
@@ -120,8 +120,12 @@ class SignedCheckpoint:
     @classmethod
     def from_json(cls, line: str) -> SignedCheckpoint:
         data = json.loads(line)
-        return cls(seq=int(data["seq"]), head_hash=str(data["head_hash"]), time=str(data["time"]),
-                   signature=str(data["signature"]))
+        return cls(
+            seq=int(data["seq"]),
+            head_hash=str(data["head_hash"]),
+            time=str(data["time"]),
+            signature=str(data["signature"]),
+        )
 
     def is_signed_by(self, key: Ed25519PublicKey) -> bool:
         try:
@@ -135,7 +139,7 @@ class SignedCheckpoint:
 
 
 class CheckpointSink(Protocol):
-    """Somewhere outside the database that keeps signed checkpoints (a file, object storage, a log service)."""
+    """Storage outside the database for signed checkpoints (a file, object storage, a log service)."""
 
     async def write(self, checkpoint: SignedCheckpoint) -> None: ...
 
@@ -169,7 +173,7 @@ class JsonlCheckpointSink:
 
 
 def resource_type_of(resource: str | None) -> str | None:
-    """``Condition/cond-1`` or ``https://x/fhir/Condition/cond-1/_history/2`` → ``Condition``; ids stay out."""
+    """``Condition/cond-1`` or ``https://x/fhir/Condition/c/_history/2`` → ``Condition``; ids stay out."""
     if not resource:
         return None
     match = _RESOURCE_TYPE.search(resource.split("?", 1)[0])
@@ -182,7 +186,7 @@ def _patient_key(patient: str) -> str:
 
 
 class AuditLog:
-    """Appends, verifies and searches the audit chain; ``sink`` holds signed checkpoints outside the database."""
+    """Appends, verifies and searches the audit chain; ``sink`` keeps signed checkpoints outside the DB."""
 
     def __init__(
         self,
@@ -216,7 +220,7 @@ class AuditLog:
         request_id: str | None,
         detail: Mapping[str, Any] | None = None,
     ) -> AuditRecordRef:
-        """Append one record in the caller's transaction (its rollback removes the record; our failure is theirs)."""
+        """Append in the caller's transaction (its rollback removes it; our failure fails the caller)."""
         if not _ACTION_PATTERN.match(action):
             raise AuditError("audit action must be a lower-case name like 'fhir.read' (see AuditAction)")
         if outcome not in AuditOutcome.__members__.values():
@@ -231,7 +235,9 @@ class AuditLog:
             raise AuditError("audit detail must be JSON-serialisable") from None
         await self._lock_chain(session)
         head = (
-            await session.execute(select(AuditRecord.seq, AuditRecord.hash).order_by(AuditRecord.seq.desc()).limit(1))
+            await session.execute(
+                select(AuditRecord.seq, AuditRecord.hash).order_by(AuditRecord.seq.desc()).limit(1)
+            )
         ).first()
         seq, prev_hash = (1, GENESIS_HASH) if head is None else (head.seq + 1, head.hash)
         recorded_at = self._clock().astimezone(UTC)
@@ -261,7 +267,9 @@ class AuditLog:
 
     async def head(self, session: AsyncSession) -> tuple[int, str]:
         row = (
-            await session.execute(select(AuditRecord.seq, AuditRecord.hash).order_by(AuditRecord.seq.desc()).limit(1))
+            await session.execute(
+                select(AuditRecord.seq, AuditRecord.hash).order_by(AuditRecord.seq.desc()).limit(1)
+            )
         ).first()
         return (0, GENESIS_HASH) if row is None else (row.seq, row.hash)
 
@@ -271,7 +279,9 @@ class AuditLog:
         if self._sink is None or signing_key is None:
             raise AuditError("checkpoints need a sink and an audit signing key in the keyring")
         seq, head_hash = await self.head(session)
-        checkpoint = sign_checkpoint(signing_key, seq=seq, head_hash=head_hash, time=canonical_time(self._clock()))
+        checkpoint = sign_checkpoint(
+            signing_key, seq=seq, head_hash=head_hash, time=canonical_time(self._clock())
+        )
         await self._sink.write(checkpoint)
         return checkpoint
 
@@ -286,23 +296,38 @@ class AuditLog:
         last_seq = 0
         while True:
             rows = (
-                await session.execute(
-                    select(AuditRecord).where(AuditRecord.seq >= expected_seq).order_by(AuditRecord.seq).limit(_VERIFY_BATCH)
+                (
+                    await session.execute(
+                        select(AuditRecord)
+                        .where(AuditRecord.seq >= expected_seq)
+                        .order_by(AuditRecord.seq)
+                        .limit(_VERIFY_BATCH)
+                    )
                 )
-            ).scalars().all()
+                .scalars()
+                .all()
+            )
             if not rows:
                 break
             for row in rows:
                 if row.seq != expected_seq:
-                    return VerifyResult(False, count, expected_seq, f"record {expected_seq} is missing (gap in seq)")
+                    return VerifyResult(
+                        False, count, expected_seq, f"record {expected_seq} is missing (gap in seq)"
+                    )
                 if row.prev_hash != prev_hash:
-                    return VerifyResult(False, count, row.seq, f"record {row.seq} does not link to record {row.seq - 1}")
+                    return VerifyResult(
+                        False, count, row.seq, f"record {row.seq} does not link to record {row.seq - 1}"
+                    )
                 try:
                     fields = _hashed_fields(row)
                 except (DecryptionError, ValueError):
-                    return VerifyResult(False, count, row.seq, f"record {row.seq} has a malformed sealed payload")
+                    return VerifyResult(
+                        False, count, row.seq, f"record {row.seq} has a malformed sealed payload"
+                    )
                 if record_hash(prev_hash, fields) != row.hash:
-                    return VerifyResult(False, count, row.seq, f"record {row.seq} was modified (hash mismatch)")
+                    return VerifyResult(
+                        False, count, row.seq, f"record {row.seq} was modified (hash mismatch)"
+                    )
                 if row.seq in wanted:
                     hashes_at[row.seq] = row.hash
                 prev_hash = row.hash
@@ -313,7 +338,12 @@ class AuditLog:
         return self._check_checkpoints(checkpoints, hashes_at, count=count, last_seq=last_seq)
 
     def _check_checkpoints(
-        self, checkpoints: Sequence[SignedCheckpoint], hashes_at: Mapping[int, str], *, count: int, last_seq: int
+        self,
+        checkpoints: Sequence[SignedCheckpoint],
+        hashes_at: Mapping[int, str],
+        *,
+        count: int,
+        last_seq: int,
     ) -> VerifyResult:
         if checkpoints and self._verify_key is None:
             return VerifyResult(False, count, None, "checkpoints exist but no verification key is configured")
@@ -322,7 +352,11 @@ class AuditLog:
             assert self._verify_key is not None  # noqa: S101 - narrowed by the check above
             if not checkpoint.is_signed_by(self._verify_key):
                 return VerifyResult(
-                    False, count, None, f"checkpoint at seq {checkpoint.seq} has an invalid signature", checked - 1
+                    False,
+                    count,
+                    None,
+                    f"checkpoint at seq {checkpoint.seq} has an invalid signature",
+                    checked - 1,
                 )
             if checkpoint.seq == 0:
                 continue
@@ -340,7 +374,8 @@ class AuditLog:
                     False,
                     count,
                     previous_good + 1,
-                    f"records {previous_good + 1}..{checkpoint.seq} do not match the signed checkpoint at seq "
+                    f"records {previous_good + 1}..{checkpoint.seq} do not match the signed checkpoint "
+                    f"at seq "
                     f"{checkpoint.seq}: the chain was rewritten",
                     checked - 1,
                 )
@@ -375,13 +410,17 @@ class AuditLog:
         rows = (await session.execute(query)).scalars().all()
         return [self._entry(row) for row in rows]
 
-    async def entries(self, session: AsyncSession, *, after_seq: int = 0, limit: int = 1000) -> list[AuditEntry]:
+    async def entries(
+        self, session: AsyncSession, *, after_seq: int = 0, limit: int = 1000
+    ) -> list[AuditEntry]:
         """Decrypted records in chain order (for export)."""
         query = select(AuditRecord).where(AuditRecord.seq > after_seq).order_by(AuditRecord.seq).limit(limit)
         return [self._entry(row) for row in (await session.execute(query)).scalars().all()]
 
     def _entry(self, row: AuditRecord) -> AuditEntry:
-        sealed = json.loads(self._keyring.decrypt(row.sealed, aad=aad_for("audit_records", row.seq, "sealed")))
+        sealed = json.loads(
+            self._keyring.decrypt(row.sealed, aad=aad_for("audit_records", row.seq, "sealed"))
+        )
         return AuditEntry(
             seq=row.seq,
             recorded_at=row.recorded_at,
@@ -400,7 +439,9 @@ class AuditLog:
 
 def sign_checkpoint(key: Ed25519PrivateKey, *, seq: int, head_hash: str, time: str) -> SignedCheckpoint:
     signature = key.sign(checkpoint_message(seq=seq, head_hash=head_hash, time=time))
-    return SignedCheckpoint(seq=seq, head_hash=head_hash, time=time, signature=base64.b64encode(signature).decode())
+    return SignedCheckpoint(
+        seq=seq, head_hash=head_hash, time=time, signature=base64.b64encode(signature).decode()
+    )
 
 
 def _hashed_fields(row: AuditRecord) -> dict[str, str | int | None]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -211,7 +212,7 @@ class LocalKeyFileProvider:
         self._write(_replace(material, primary_kek_id=kid))
 
     def retire(self, kid: str) -> None:
-        """Delete a non-primary KEK; run rotation (``reencrypt_all``) first or its ciphertexts become unreadable."""
+        """Delete a non-primary KEK; run ``reencrypt_all`` first or its ciphertexts become unreadable."""
         material = self.load()
         if kid == material.primary_kek_id:
             raise KeyringError("the primary key cannot be retired; promote another key first")
@@ -222,7 +223,7 @@ class LocalKeyFileProvider:
         self._write(_replace(material, keks=keks, retired=retired))
 
     def _write(self, material: KeyMaterial) -> None:
-        # Write a sibling file with 0600 and rename it over the old one, so a crash never leaves half a key file.
+        # Write a 0600 sibling and rename it over the old file, so a crash never leaves half a key file.
         temporary = self.path.with_name(f".{self.path.name}.{secrets.token_hex(6)}.tmp")
         payload = json.dumps(material.to_document(), indent=2).encode()
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -239,15 +240,7 @@ class LocalKeyFileProvider:
 
 
 def _replace(material: KeyMaterial, **changes: Any) -> KeyMaterial:
-    values = {
-        "primary_kek_id": material.primary_kek_id,
-        "keks": material.keks,
-        "digest_key": material.digest_key,
-        "audit_signing_seed": material.audit_signing_seed,
-        "retired": material.retired,
-    }
-    values.update(changes)
-    return KeyMaterial(**values)
+    return dataclasses.replace(material, **changes)  # re-runs the checks in __post_init__
 
 
 class Keyring:

@@ -1,9 +1,9 @@
-"""Engine and session factories for SQLite (aiosqlite) and PostgreSQL (psycopg 3), and programmatic migrations.
+"""Engine and session factories for SQLite (aiosqlite) and PostgreSQL (psycopg 3); programmatic migrations.
 
 SQLite locking: the ``sqlite3`` module behind aiosqlite normally issues a deferred ``BEGIN`` itself. We switch
 that off (``isolation_level = None`` on the raw connection at connect time) and emit the ``BEGIN`` ourselves
-from SQLAlchemy's ``begin`` event: ``BEGIN IMMEDIATE`` for sessions from ``make_sessionmaker`` (the writer lock
-is taken at the start of the transaction, so audit sequence numbers and job claims are linearised, and a
+from SQLAlchemy's ``begin`` event: ``BEGIN IMMEDIATE`` for sessions from ``make_sessionmaker`` (the writer
+lock is taken at the start of the transaction, so audit sequence numbers and job claims are linearised, and a
 transaction that read first can never fail to upgrade to a writer with SQLITE_BUSY), plain deferred ``BEGIN``
 for ``make_read_sessionmaker`` (readers never block the writer under WAL). ``busy_timeout`` makes a second
 writer wait instead of failing.
@@ -19,7 +19,13 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 _BEGIN_OPTION = "carecanvas_sqlite_begin"
@@ -95,9 +101,9 @@ async def migrate(url: str, *, app_role: str | None = None, revision: str = "hea
     """Run Alembic ``upgrade`` to ``revision``.
 
     ``app_role`` (PostgreSQL only; the role must exist): the application's login role. The initial migration
-    then grants it read/write on the working tables, but on ``audit_records`` only SELECT, INSERT and UPDATE of
-    the ``sealed`` column (for key rotation, which the trigger limits to re-wrapping), with UPDATE, DELETE and
-    TRUNCATE revoked. For a role added after the initial migration call ``grant_app_role``.
+    then grants it read/write on the working tables, but on ``audit_records`` only SELECT, INSERT and
+    UPDATE of the ``sealed`` column (for key rotation, which the trigger limits to re-wrapping), with UPDATE,
+    DELETE and TRUNCATE revoked. For a role added after the initial migration call ``grant_app_role``.
     """
     engine = make_engine(url)
     config = alembic_config(app_role=app_role)
@@ -134,7 +140,7 @@ def app_role_grant_statements(role: str) -> list[str]:
 
 
 def apply_app_role_grants(connection: Connection, role: str) -> None:
-    """Run ``app_role_grant_statements`` in the current schema (used by the migration and ``grant_app_role``)."""
+    """Run ``app_role_grant_statements`` in the current schema (migration and ``grant_app_role``)."""
     schema = connection.execute(text("SELECT current_schema()")).scalar_one()
     quoted_schema = '"' + str(schema).replace('"', '""') + '"'
     for statement in app_role_grant_statements(role):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -15,7 +16,6 @@ from sqlalchemy import (
     LargeBinary,
     MetaData,
     String,
-    Text,
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -31,7 +31,7 @@ def utc_now() -> datetime:
 
 
 class UTCDateTime(TypeDecorator[datetime]):
-    """Timezone-aware UTC datetimes on every backend (SQLite stores naive UTC text, PostgreSQL timestamptz)."""
+    """Aware UTC datetimes on every backend (SQLite stores naive UTC text, PostgreSQL timestamptz)."""
 
     impl = DateTime(timezone=True)
     cache_ok = True
@@ -82,7 +82,9 @@ class WebSession(Base):
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
     ehr_name: Mapped[str | None] = mapped_column(String(128))
     csrf_token: Mapped[str] = mapped_column(String(128))
-    data: Mapped[bytes] = mapped_column(LargeBinary)  # envelope ciphertext, aad_for("web_sessions", id_hash, "data")
+    data: Mapped[bytes] = mapped_column(
+        LargeBinary
+    )  # envelope ciphertext, aad_for("web_sessions", id_hash, "data")
     version: Mapped[int] = mapped_column(Integer, default=1)
 
 

@@ -142,7 +142,9 @@ class JobQueue:
         await session.flush()
         return job_id
 
-    async def claim_batch(self, *, worker_id: str, max_jobs: int, bucket: str | None = None) -> list[ClaimedJob]:
+    async def claim_batch(
+        self, *, worker_id: str, max_jobs: int, bucket: str | None = None
+    ) -> list[ClaimedJob]:
         """Claim up to ``max_jobs`` queued jobs of one bucket (the oldest queued job's bucket when None)."""
         if max_jobs < 1:
             return []
@@ -225,7 +227,9 @@ class JobQueue:
         ids = list(job_ids)
         if not ids:
             return set()
-        query = select(Job.id).where(Job.id.in_(ids), Job.cancel_requested.is_(True) | (Job.status == "cancelled"))
+        query = select(Job.id).where(
+            Job.id.in_(ids), Job.cancel_requested.is_(True) | (Job.status == "cancelled")
+        )
         async with self._sessionmaker() as session, session.begin():
             return set((await session.execute(query)).scalars().all())
 
@@ -256,7 +260,9 @@ class JobQueue:
                     "created_at": now,
                 }
                 insert = postgresql.insert(Artifact) if dialect == "postgresql" else sqlite.insert(Artifact)
-                await session.execute(insert.values(**values).on_conflict_do_nothing(index_elements=["job_id", "kind"]))
+                await session.execute(
+                    insert.values(**values).on_conflict_do_nothing(index_elements=["job_id", "kind"])
+                )
             job.status = "succeeded"
             job.lease_owner = None
             job.lease_expires_at = None
@@ -268,7 +274,9 @@ class JobQueue:
         return True
 
     async def fail(self, job_id: str, worker_id: str, reason: str) -> str:
-        """This worker's attempt failed: re-queue, or quarantine once attempts are used up. Returns the new status.
+        """This worker's attempt failed: re-queue, or quarantine once attempts are used up.
+
+        Returns the new status.
 
         A worker that no longer owns the job (lease lost) changes nothing and gets the current status back.
         """
@@ -307,10 +315,14 @@ class JobQueue:
             return job.status
 
     async def sweep_expired(self) -> int:
-        """Re-queue running jobs whose lease expired (quarantine when attempts are used up); returns how many."""
+        """Re-queue running jobs whose lease expired (quarantine when attempts are used up); returns count."""
         now = self._now()
         async with self._sessionmaker() as session, session.begin():
-            query = select(Job).where(Job.status == "running", Job.lease_expires_at < now).order_by(Job.created_at)
+            query = (
+                select(Job)
+                .where(Job.status == "running", Job.lease_expires_at < now)
+                .order_by(Job.created_at)
+            )
             if session.get_bind().dialect.name == "postgresql":
                 query = query.with_for_update(skip_locked=True)
             jobs = (await session.execute(query)).scalars().all()
@@ -328,7 +340,9 @@ class JobQueue:
         """The decrypted artifact; raises JobNotFoundError when missing, DecryptionError when tampered."""
         async with self._sessionmaker() as session, session.begin():
             artifact = (
-                await session.execute(select(Artifact).where(Artifact.job_id == job_id, Artifact.kind == kind))
+                await session.execute(
+                    select(Artifact).where(Artifact.job_id == job_id, Artifact.kind == kind)
+                )
             ).scalar_one_or_none()
         if artifact is None:
             raise JobNotFoundError(f"no {kind!r} artifact for that job")
@@ -342,7 +356,13 @@ class JobQueue:
         async with self._sessionmaker() as session, session.begin():
             return int((await session.execute(query)).scalar_one())
 
-    async def wait_for_work(self, *, timeout: float, poll_interval: float = 0.1, bucket: str | None = None) -> bool:
+    async def wait_for_work(
+        self,
+        *,
+        timeout: float,  # noqa: ASYNC109 - a polling helper with its own deadline
+        poll_interval: float = 0.1,
+        bucket: str | None = None,
+    ) -> bool:
         """Poll until a job is queued (True) or ``timeout`` seconds pass (False)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -355,7 +375,9 @@ class JobQueue:
             await asyncio.sleep(min(poll_interval, remaining))
 
     async def _locked_job(self, session: AsyncSession, job_id: str) -> Job:
-        job = (await session.execute(select(Job).where(Job.id == job_id).with_for_update())).scalar_one_or_none()
+        job = (
+            await session.execute(select(Job).where(Job.id == job_id).with_for_update())
+        ).scalar_one_or_none()
         if job is None:
             raise JobNotFoundError("no job with that id")
         return job

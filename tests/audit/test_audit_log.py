@@ -73,21 +73,31 @@ async def test_append_links_records_and_keeps_identifiers_encrypted(audit, sessi
     async with sessionmaker() as session:
         rows = (await session.execute(select(AuditRecord).order_by(AuditRecord.seq))).scalars().all()
     assert rows[0].prev_hash == GENESIS_HASH
-    assert rows[1].prev_hash == rows[0].hash and rows[2].prev_hash == rows[1].hash
+    assert rows[1].prev_hash == rows[0].hash
+    assert rows[2].prev_hash == rows[1].hash
     assert rows[0].resource_type == "Condition"
     assert rows[0].patient_digest == keyring.keyed_digest("patient:pat-1")
     for row in rows:
         stored = repr([getattr(row, c.name) for c in AuditRecord.__table__.columns])
-        assert "pat-1" not in stored and "prac-1" not in stored and "cond-1" not in stored
+        assert "pat-1" not in stored
+        assert "prac-1" not in stored
+        assert "cond-1" not in stored
     assert (await verify(audit, sessionmaker)).ok
 
 
 async def test_append_is_in_the_callers_transaction(audit, sessionmaker):
-    async with sessionmaker() as session:
-        async with session.begin():
-            await audit.append(session, action="view", outcome="success", actor=None, patient="pat-1",
-                               ehr=None, resource=None, request_id=None)
-            await session.rollback()
+    async with sessionmaker() as session, session.begin():
+        await audit.append(
+            session,
+            action="view",
+            outcome="success",
+            actor=None,
+            patient="pat-1",
+            ehr=None,
+            resource=None,
+            request_id=None,
+        )
+        await session.rollback()
     async with sessionmaker() as session:
         assert (await session.execute(select(AuditRecord))).scalars().all() == []
     [ref] = await append(audit, sessionmaker)
@@ -97,8 +107,17 @@ async def test_append_is_in_the_callers_transaction(audit, sessionmaker):
 async def test_failed_append_fails_the_callers_action(audit, sessionmaker):
     with pytest.raises(AuditError, match="JSON-serialisable"):
         async with sessionmaker() as session, session.begin():
-            await audit.append(session, action="view", outcome="success", actor=None, patient=None, ehr=None,
-                               resource=None, request_id=None, detail={"x": object.__new__(type("T", (), {"__str__": None}))})
+            await audit.append(
+                session,
+                action="view",
+                outcome="success",
+                actor=None,
+                patient=None,
+                ehr=None,
+                resource=None,
+                request_id=None,
+                detail={"x": object.__new__(type("T", (), {"__str__": None}))},
+            )
     with pytest.raises(AuditError, match="outcome"):
         await append(audit, sessionmaker, outcome="fine")
     with pytest.raises(AuditError, match="action"):
@@ -109,15 +128,24 @@ async def test_concurrent_appends_keep_one_linear_chain(audit, engine, sessionma
     async def writer(index):
         for _ in range(5):
             async with sessionmaker() as session, session.begin():
-                await audit.append(session, action="view", outcome="success", actor=f"u{index}", patient="p",
-                                   ehr=None, resource=None, request_id=None)
+                await audit.append(
+                    session,
+                    action="view",
+                    outcome="success",
+                    actor=f"u{index}",
+                    patient="p",
+                    ehr=None,
+                    resource=None,
+                    request_id=None,
+                )
 
     await asyncio.gather(*(writer(i) for i in range(6)))
     async with sessionmaker() as session:
         seqs = (await session.execute(select(AuditRecord.seq).order_by(AuditRecord.seq))).scalars().all()
     assert seqs == list(range(1, 31))
     result = await verify(audit, sessionmaker)
-    assert result.ok and result.count == 30
+    assert result.ok
+    assert result.count == 30
     assert engine.pool.checkedout() == 0
 
 
@@ -133,7 +161,10 @@ async def test_verify_detects_edited_ciphertext(audit, sessionmaker, db_url):
     await append(audit, sessionmaker, n=3)
     async with sessionmaker() as session:
         sealed = (await session.execute(select(AuditRecord.sealed).where(AuditRecord.seq == 3))).scalar_one()
-    await tamper(db_url, update(AuditRecord).where(AuditRecord.seq == 3).values(sealed=sealed[:-1] + bytes([sealed[-1] ^ 1])))
+    await tamper(
+        db_url,
+        update(AuditRecord).where(AuditRecord.seq == 3).values(sealed=sealed[:-1] + bytes([sealed[-1] ^ 1])),
+    )
     result = await verify(audit, sessionmaker)
     assert (result.ok, result.first_bad_seq) == (False, 3)
 
@@ -187,7 +218,9 @@ async def test_search_by_patient_actor_action_and_time(audit, sessionmaker):
     start = datetime.now(UTC)
     await append(audit, sessionmaker, patient="Patient/pat-1", actor="Practitioner/prac-1")
     await append(audit, sessionmaker, patient="pat-2", actor="Practitioner/prac-2", action="view")
-    await append(audit, sessionmaker, patient="pat-1", actor="Practitioner/prac-2", action="approve", detail={"n": 2})
+    await append(
+        audit, sessionmaker, patient="pat-1", actor="Practitioner/prac-2", action="approve", detail={"n": 2}
+    )
     async with sessionmaker() as session, session.begin():
         by_patient = await audit.search(session, patient="pat-1")
         by_actor = await audit.search(session, actor="Practitioner/prac-2")
@@ -197,8 +230,10 @@ async def test_search_by_patient_actor_action_and_time(audit, sessionmaker):
         limited = await audit.search(session, limit=1)
     assert [e.seq for e in by_patient] == [3, 1]
     assert {e.actor for e in by_actor} == {"Practitioner/prac-2"}
-    assert by_action[0].detail == {"n": 2} and by_action[0].resource == "Condition/cond-1"
-    assert none_later == [] and all_before == []
+    assert by_action[0].detail == {"n": 2}
+    assert by_action[0].resource == "Condition/cond-1"
+    assert none_later == []
+    assert all_before == []
     assert [e.seq for e in limited] == [3]
 
 
@@ -210,7 +245,9 @@ async def test_trigger_allows_only_rewrapping_sealed(audit, sessionmaker, db_url
                 await session.execute(text("TRUNCATE audit_records"))
     async with sessionmaker() as session:
         sealed = (await session.execute(select(AuditRecord.sealed).where(AuditRecord.seq == 1))).scalar_one()
-    changed_body = update(AuditRecord).where(AuditRecord.seq == 1).values(sealed=sealed[:-1] + bytes([sealed[-1] ^ 1]))
+    changed_body = (
+        update(AuditRecord).where(AuditRecord.seq == 1).values(sealed=sealed[:-1] + bytes([sealed[-1] ^ 1]))
+    )
     if db_url.startswith("postgresql"):
         # PostgreSQL's trigger parses the blob and refuses any change of the body.
         with pytest.raises(DBAPIError, match="append-only"):

@@ -1,4 +1,4 @@
-"""Alembic environment: runs on a connection handed over by ``service.db.engine.migrate`` or on its own engine."""
+"""Alembic environment: runs on the connection ``service.db.engine.migrate`` hands over, or its own engine."""
 
 from __future__ import annotations
 
