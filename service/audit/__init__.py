@@ -1,5 +1,6 @@
 """Hash-chained audit log with signed checkpoints, search and IHE BALP AuditEvent export."""
 
+from service.audit.balp import export_ndjson, to_audit_event
 from service.audit.chain import GENESIS_HASH, canonical_json, record_hash
 from service.audit.log import (
     AuditAction,
@@ -9,6 +10,7 @@ from service.audit.log import (
     AuditOutcome,
     AuditRecordRef,
     CheckpointSink,
+    FileCheckpointSink,
     JsonlCheckpointSink,
     SignedCheckpoint,
     VerifyResult,
@@ -23,9 +25,12 @@ __all__ = [
     "AuditOutcome",
     "AuditRecordRef",
     "CheckpointSink",
+    "FileCheckpointSink",
     "JsonlCheckpointSink",
     "SignedCheckpoint",
     "VerifyResult",
     "canonical_json",
+    "export_ndjson",
     "record_hash",
+    "to_audit_event",
 ]

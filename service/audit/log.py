@@ -172,6 +172,9 @@ class JsonlCheckpointSink:
         return [SignedCheckpoint.from_json(line) for line in lines if line.strip()]
 
 
+FileCheckpointSink = JsonlCheckpointSink  # the name the composition root uses
+
+
 def resource_type_of(resource: str | None) -> str | None:
     """``Condition/cond-1`` or ``https://x/fhir/Condition/c/_history/2`` → ``Condition``; ids stay out."""
     if not resource:
@@ -200,6 +203,7 @@ class AuditLog:
         self._sink = sink
         self._verify_key = verify_key or keyring.audit_verify_key
         self._clock = clock
+        self._last_checkpoint_seq: int | None = None
 
     def patient_digest(self, patient: str) -> str:
         return self._keyring.keyed_digest("patient:" + _patient_key(patient))
@@ -283,6 +287,22 @@ class AuditLog:
             signing_key, seq=seq, head_hash=head_hash, time=canonical_time(self._clock())
         )
         await self._sink.write(checkpoint)
+        self._last_checkpoint_seq = seq
+        return checkpoint
+
+    async def maybe_checkpoint(self, session: AsyncSession, *, every: int = 100) -> SignedCheckpoint | None:
+        """Write a checkpoint when ``every`` records were appended since the last one (call after commits)."""
+        if every < 1:
+            raise ValueError("every must be ≥ 1")
+        if self._sink is None or self._keyring.audit_signing_key is None:
+            return None
+        if self._last_checkpoint_seq is None:
+            existing = await self._sink.read_all()
+            self._last_checkpoint_seq = max((cp.seq for cp in existing), default=0)
+        seq, _ = await self.head(session)
+        if seq - self._last_checkpoint_seq < every:
+            return None
+        checkpoint = await self.checkpoint(session)
         return checkpoint
 
     async def verify(self, session: AsyncSession) -> VerifyResult:

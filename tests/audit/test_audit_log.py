@@ -270,3 +270,24 @@ async def test_guards_reject_update_and_delete(audit, sessionmaker):
         async with sessionmaker() as session, session.begin():
             await session.execute(delete(AuditRecord))
     assert (await verify(audit, sessionmaker)).count == 1
+
+
+async def test_maybe_checkpoint_writes_every_n_records(audit, sessionmaker, tmp_path, keyring):
+    await append(audit, sessionmaker, n=2)
+    async with sessionmaker() as session, session.begin():
+        assert await audit.maybe_checkpoint(session, every=3) is None
+    await append(audit, sessionmaker, n=1)
+    async with sessionmaker() as session, session.begin():
+        written = await audit.maybe_checkpoint(session, every=3)
+        assert written.seq == 3
+        assert await audit.maybe_checkpoint(session, every=3) is None
+    # A fresh AuditLog (new process) picks up where the sink left off.
+    again = AuditLog(keyring, sink=JsonlCheckpointSink(tmp_path / "checkpoints.jsonl"))
+    async with sessionmaker() as session, session.begin():
+        assert await again.maybe_checkpoint(session, every=3) is None
+    lines = (tmp_path / "checkpoints.jsonl").read_text().splitlines()
+    assert len(lines) == 1
+    assert (await verify(audit, sessionmaker)).checkpoints_checked == 1
+    with pytest.raises(AuditError, match="need a sink"):
+        async with sessionmaker() as session, session.begin():
+            await AuditLog(keyring).checkpoint(session)
