@@ -1,0 +1,1 @@
+"""The sandbox SMART authorization server, split into configuration, scopes, state, OAuth logic and routes."""
