@@ -225,6 +225,9 @@ class AuditLog:
         detail: Mapping[str, Any] | None = None,
     ) -> AuditRecordRef:
         """Append in the caller's transaction (its rollback removes it; our failure fails the caller)."""
+        for name, value in (("ehr", ehr), ("request_id", request_id)):
+            if value is not None and not 0 < len(value) <= 128:
+                raise AuditError(f"audit {name} must be 1..128 characters")
         if not _ACTION_PATTERN.match(action):
             raise AuditError("audit action must be a lower-case name like 'fhir.read' (see AuditAction)")
         if outcome not in AuditOutcome.__members__.values():
@@ -315,18 +318,15 @@ class AuditLog:
         wanted = {cp.seq for cp in checkpoints}
         last_seq = 0
         while True:
+            # Plain rows, not ORM objects: verifying a long chain must not fill the caller's session.
             rows = (
-                (
-                    await session.execute(
-                        select(AuditRecord)
-                        .where(AuditRecord.seq >= expected_seq)
-                        .order_by(AuditRecord.seq)
-                        .limit(_VERIFY_BATCH)
-                    )
+                await session.execute(
+                    select(*AuditRecord.__table__.columns)
+                    .where(AuditRecord.seq >= expected_seq)
+                    .order_by(AuditRecord.seq)
+                    .limit(_VERIFY_BATCH)
                 )
-                .scalars()
-                .all()
-            )
+            ).all()
             if not rows:
                 break
             for row in rows:
@@ -354,7 +354,6 @@ class AuditLog:
                 last_seq = row.seq
                 expected_seq += 1
                 count += 1
-            session.expunge_all()
         return self._check_checkpoints(checkpoints, hashes_at, count=count, last_seq=last_seq)
 
     def _check_checkpoints(
@@ -464,7 +463,8 @@ def sign_checkpoint(key: Ed25519PrivateKey, *, seq: int, head_hash: str, time: s
     )
 
 
-def _hashed_fields(row: AuditRecord) -> dict[str, str | int | None]:
+def _hashed_fields(row: Any) -> dict[str, str | int | None]:
+    # ``row`` is an AuditRecord or a Core row of its columns.
     return {
         "seq": row.seq,
         "recorded_at": canonical_time(row.recorded_at),

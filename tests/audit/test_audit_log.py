@@ -122,6 +122,10 @@ async def test_failed_append_fails_the_callers_action(audit, sessionmaker):
         await append(audit, sessionmaker, outcome="fine")
     with pytest.raises(AuditError, match="action"):
         await append(audit, sessionmaker, action="Fhir Read")
+    with pytest.raises(AuditError, match=r"request_id must be 1\.\.128"):
+        await append(audit, sessionmaker, request_id="r" * 129)
+    async with sessionmaker() as session:
+        assert (await session.execute(select(AuditRecord))).scalars().all() == []
 
 
 async def test_concurrent_appends_keep_one_linear_chain(audit, engine, sessionmaker):
