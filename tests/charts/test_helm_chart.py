@@ -374,8 +374,8 @@ def test_no_secret_value_appears_in_a_config_map(chart: helm.Chart) -> None:
     [
         ({}, "secrets.databaseUrl is required"),
         (
-            {"secrets": {"existingEnvSecret": "env", "kekKeyring": "k"}},
-            "secrets.auditSigningKey is required",
+            {"secrets": {"existingEnvSecret": "env", "auditSigningKey": "a"}},
+            "secrets.kekKeyring is required",
         ),
         (
             {"secrets": {"databaseUrl": "sqlite+aiosqlite:///x.db", "existingFilesSecret": "f"}},
@@ -581,3 +581,34 @@ def test_standard_labels_on_every_object(chart: helm.Chart) -> None:
         assert labels["app.kubernetes.io/managed-by"] == "Helm", name
         assert labels["helm.sh/chart"] == "carecanvas-0.1.0", name
         assert document["metadata"]["namespace"] == NAMESPACE, name
+
+
+def test_audit_checkpoints_go_to_a_shared_volume_that_outlives_the_release(chart: helm.Chart) -> None:
+    objects = render(chart, load_values("existing-secrets-values.yaml"))
+    claim = find(objects, "PersistentVolumeClaim", f"{RELEASE}-carecanvas-audit-checkpoints")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    for component in ("api", "worker"):
+        spec = find(objects, "Deployment", f"{RELEASE}-carecanvas-{component}")["spec"]["template"]["spec"]
+        volume = next(v for v in spec["volumes"] if v["name"] == "audit-checkpoints")
+        assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"], component
+
+
+def test_ephemeral_audit_checkpoints_are_mounted_and_warned_about(chart: helm.Chart) -> None:
+    values = merged(
+        load_values("existing-secrets-values.yaml"),
+        {"audit": {"checkpoints": {"persistence": {"enabled": False}}}},
+    )
+    manifests = chart.render(values=values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    notes = next(text for template, text in manifests.items() if template.endswith("NOTES.txt"))
+    assert "truncation of the audit log cannot be detected" in notes
+    objects = render(chart, values)
+    assert [
+        o for o in objects if o["kind"] == "PersistentVolumeClaim" and "audit" in o["metadata"]["name"]
+    ] == []
+    api = find(objects, "Deployment", f"{RELEASE}-carecanvas-api")
+    for document in objects:
+        validate_object(document)
+    # The service creates the checkpoint directory; on a read-only root it must still be a mount.
+    volume = next(v for v in api["spec"]["template"]["spec"]["volumes"] if v["name"] == "audit-checkpoints")
+    assert "emptyDir" in volume

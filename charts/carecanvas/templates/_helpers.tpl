@@ -110,9 +110,6 @@ app.kubernetes.io/component: {{ .component }}
 {{- if not .Values.secrets.kekKeyring }}
 {{- fail "secrets.kekKeyring is required (the keyring JSON from `carecanvas keys add`), or set secrets.existingFilesSecret" }}
 {{- end }}
-{{- if not .Values.secrets.auditSigningKey }}
-{{- fail "secrets.auditSigningKey is required (Ed25519 PEM private key), or set secrets.existingFilesSecret" }}
-{{- end }}
 {{- range .Values.ehrs }}
 {{- if and (eq (default "public" .client_auth) "private_key_jwt") (not (hasKey $.Values.secrets.ehrPrivateKeys .name)) }}
 {{- fail (printf "EHR %q uses private_key_jwt: add its PEM key as secrets.ehrPrivateKeys.%s, or set secrets.existingFilesSecret" .name .name) }}
@@ -186,10 +183,14 @@ checksum/secrets: {{ include (print .Template.BasePath "/secrets.yaml") . | sha2
 - name: tmp
   emptyDir:
     sizeLimit: 2Gi
-{{- if .Values.audit.checkpoints.persistence.enabled }}
 - name: audit-checkpoints
+{{- if .Values.audit.checkpoints.persistence.enabled }}
   persistentVolumeClaim:
     claimName: {{ include "carecanvas.checkpointsClaimName" . }}
+{{- else }}
+  # Not durable: checkpoints vanish with the pod. Only for trials; NOTES.txt warns about it.
+  emptyDir:
+    sizeLimit: 256Mi
 {{- end }}
 {{- end }}
 
@@ -204,10 +205,8 @@ checksum/secrets: {{ include (print .Template.BasePath "/secrets.yaml") . | sha2
   mountPath: {{ include "carecanvas.dataDir" . }}
 - name: tmp
   mountPath: /tmp
-{{- if .Values.audit.checkpoints.persistence.enabled }}
 - name: audit-checkpoints
   mountPath: {{ .Values.audit.checkpoints.mountPath }}
-{{- end }}
 {{- end }}
 
 {{- define "carecanvas.envFrom" -}}
