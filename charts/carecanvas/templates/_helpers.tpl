@@ -101,14 +101,13 @@ app.kubernetes.io/component: {{ .component }}
 {{- if not .Values.secrets.existingEnvSecret }}
 {{- if not .Values.secrets.databaseUrl }}
 {{- fail "secrets.databaseUrl is required (a postgresql+psycopg:// URL), or set secrets.existingEnvSecret to a Secret holding CARECANVAS_DATABASE_URL" }}
-{{- end }}
-{{- if not (hasPrefix "postgresql" .Values.secrets.databaseUrl) }}
+{{- else if not (hasPrefix "postgres" .Values.secrets.databaseUrl) }}
 {{- fail "secrets.databaseUrl must be a PostgreSQL URL (postgresql+psycopg://...); SQLite is for the single-machine demo only" }}
 {{- end }}
 {{- end }}
 {{- if not .Values.secrets.existingFilesSecret }}
 {{- if not .Values.secrets.kekKeyring }}
-{{- fail "secrets.kekKeyring is required (the keyring JSON from `carecanvas keys add`), or set secrets.existingFilesSecret" }}
+{{- fail "secrets.kekKeyring is required (the keyring JSON from `carecanvas keys generate`), or set secrets.existingFilesSecret" }}
 {{- end }}
 {{- range .Values.ehrs }}
 {{- if and (eq (default "public" .client_auth) "private_key_jwt") (not (hasKey $.Values.secrets.ehrPrivateKeys .name)) }}
