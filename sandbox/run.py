@@ -6,6 +6,7 @@ import argparse
 import json
 import secrets
 import shutil
+import signal
 import socket
 import tempfile
 import threading
@@ -286,12 +287,19 @@ def main(argv: list[str] | None = None) -> None:
         print(f"FHIR base:    {sandbox.fhir_base}")
         print(f"Auth issuer:  {sandbox.auth_base}")
         print(f"Client id:    {DEMO_CLIENT_ID} (public, PKCE S256)")
+        print(f"Discovery:    {sandbox.smart_config_file}")
         print("Press Ctrl-C to stop.", flush=True)
+        # SIGTERM ends the loop like Ctrl-C, so the context manager stops node and removes the work dir.
+        signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
         try:
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
             pass
+
+
+def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

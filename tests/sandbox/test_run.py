@@ -5,8 +5,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import secrets
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
@@ -181,3 +185,38 @@ def test_sandbox_properties_refuse_use_before_start() -> None:
         _ = idle.fhir_base
     with pytest.raises(RuntimeError, match="not running"):
         _ = idle.fhir
+
+
+def test_module_entry_prints_urls_and_cleans_up_on_sigterm() -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sandbox.run", "--app-launch-url", "http://127.0.0.1:8793/launch"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    try:
+        assert process.stdout is not None
+        printed: dict[str, str] = {}
+        for line in iter(process.stdout.readline, ""):
+            if line.startswith("Press"):
+                break
+            label, _, value = line.partition(":")
+            printed[label.strip()] = value.strip()
+        page = httpx.get(printed["EHR page"], timeout=10)
+        assert page.status_code == 200
+        assert "Launch CareCanvas" in page.text
+        discovery = httpx.get(f"{printed['FHIR base']}/.well-known/smart-configuration", timeout=10).json()
+        assert discovery["issuer"] == printed["Auth issuer"]
+        smart_config_file = Path(printed["Discovery"])
+        assert smart_config_file.exists()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 0
+        assert not smart_config_file.exists()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        for stream in (process.stdout, process.stderr):
+            if stream is not None:
+                stream.close()
