@@ -48,6 +48,8 @@ class Services:
     prompts: PromptLibrary
     templates: Jinja2Templates
     http: httpx.AsyncClient
+    # None in production; tests may route FHIR calls through a transport that fakes 5xx/429 answers.
+    fhir_transport: httpx.AsyncBaseTransport | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
 

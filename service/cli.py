@@ -53,6 +53,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     settings = _settings()
     configure_logging(settings.log_level)
+    from prometheus_client import start_http_server
+
+    # Probes and Prometheus: the exporter answers every path (incl. /healthz) while the process is alive.
+    start_http_server(settings.worker_metrics_port, addr=args.metrics_host)
 
     async def run() -> None:
         services = await build_services(settings)
@@ -259,7 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.set_defaults(func=cmd_serve)
-    commands.add_parser("worker", help="a generation worker (one per GPU)").set_defaults(func=cmd_worker)
+    worker = commands.add_parser("worker", help="a generation worker (one per GPU)")
+    worker.add_argument("--metrics-host", default="0.0.0.0")  # noqa: S104 - probes reach it from the kubelet
+    worker.set_defaults(func=cmd_worker)
     commands.add_parser("migrate", help="upgrade the database schema").set_defaults(func=cmd_migrate)
     audit = commands.add_parser("audit", help="the audit log").add_subparsers(dest="audit_command", required=True)
     audit.add_parser("verify", help="check the hash chain and checkpoints").set_defaults(func=cmd_audit_verify)

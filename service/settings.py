@@ -61,6 +61,8 @@ class Settings(BaseSettings):
     models_file: Path | None = None
     default_model: str = "carecanvas-tiny-test"
     embedded_worker: bool = True
+    migrate_on_start: bool = False
+    worker_metrics_port: int = 9100
     device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
     log_level: str = "INFO"
     session_minutes: int = 60

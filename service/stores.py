@@ -16,7 +16,10 @@ log = structlog.get_logger("carecanvas.stores")
 async def open_database(settings: Settings) -> tuple[AsyncEngine, async_sessionmaker[AsyncSession]]:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     url = settings.resolved_database_url
-    await migrate(url)
+    if settings.database_url is None or settings.migrate_on_start:
+        # Embedded mode migrates its own SQLite file; at scale the Helm hook Job runs `carecanvas migrate`
+        # once, so replicas starting together never race on the schema.
+        await migrate(url)
     engine = make_engine(url)
     return engine, make_sessionmaker(engine)
 

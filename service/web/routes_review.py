@@ -126,7 +126,8 @@ async def approve(
         max_inline_bytes=ehr.max_inline_bytes,
     )
     try:
-        async with open_fhir(session=session, store=store, db=db, registration=registration, http=services.http) as fhir:
+        async with open_fhir(session=session, store=store, db=db, registration=registration, http=services.http, transport=services.fhir_transport
+        ) as fhir:
             result = await approve_and_write_back(
                 db=db,
                 fhir=fhir,

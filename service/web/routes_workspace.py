@@ -63,7 +63,8 @@ async def workspace(
     token = session.data["token_set"]
     banner = None
     try:
-        async with open_fhir(session=session, store=store, db=db, registration=registration, http=services.http) as fhir:
+        async with open_fhir(session=session, store=store, db=db, registration=registration, http=services.http, transport=services.fhir_transport
+        ) as fhir:
             if token.get("need_patient_banner", True):
                 banner = summarize_patient(await fhir.read("Patient", patient_id))
                 await services.audit.append(
@@ -142,7 +143,8 @@ async def create_illustration(
     registration = services.ehrs.registration(ehr)
     model = services.models.get(services.settings.default_model)
     try:
-        async with open_fhir(session=session, store=store, db=db, registration=registration, http=services.http) as fhir:
+        async with open_fhir(session=session, store=store, db=db, registration=registration, http=services.http, transport=services.fhir_transport
+        ) as fhir:
             job_id = await start_illustration(
                 db=db,
                 fhir=fhir,
