@@ -1,6 +1,6 @@
 """Audit append and verify rates on SQLite and PostgreSQL, printed as a table (not part of the test run).
 
-Usage: python bench/bench_audit.py [--records 500] [--postgres postgresql://postgres@127.0.0.1:5432/test]
+Usage (from the repo root): python -m bench.bench_audit [--records 500] [--postgres postgresql://postgres@127.0.0.1:5432/test]
 Each backend gets a fresh database (a temp SQLite file; a throwaway PostgreSQL schema dropped afterwards).
 """
 
