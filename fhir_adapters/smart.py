@@ -145,8 +145,8 @@ class TokenSet:
     scopes: GrantedScopes
     refresh_token: str | None = field(default=None, repr=False)
     token_type: str = "Bearer"  # noqa: S105 - the OAuth token type name, not a secret
-    patient: str | None = None
-    encounter: str | None = None
+    patient: str | None = field(default=None, repr=False)
+    encounter: str | None = field(default=None, repr=False)
     id_token_claims: Mapping[str, Any] | None = field(default=None, repr=False)
     fhir_user: str | None = field(default=None, repr=False)
     need_patient_banner: bool = True
@@ -295,7 +295,9 @@ async def discover(
             _check_endpoint_url(name, value)
             in_allowed = origin_of(str(value)) in allowed
         except ValueError as exc:
-            raise DiscoveryError(f"SMART discovery: {exc}") from None
+            # urlsplit's own messages (e.g. a bad port) do not say which field was wrong.
+            detail = str(exc) if str(exc).startswith(name) else f"{name} is not a usable URL"
+            raise DiscoveryError(f"SMART discovery: {detail}") from None
         if not in_allowed:
             raise DiscoveryError(f"SMART discovery: {name} is on an origin the registration does not allow")
         return str(value)
@@ -628,7 +630,8 @@ async def verify_id_token(
     try:
         registry.validate(claims)
     except JoseError as exc:
-        raise IdTokenError(f"id_token rejected: {exc.error}", error="invalid_token") from None
+        # joserfc's messages name the claim ("invalid_claim: Invalid claim: 'aud'"), never its value.
+        raise IdTokenError(f"id_token rejected: {exc}", error="invalid_token") from None
     audiences = claims["aud"] if isinstance(claims["aud"], list) else [claims["aud"]]
     # OpenID Connect Core §3.1.3.7: with several audiences, azp must name us.
     if len(audiences) > 1 and claims.get("azp") != client_id:
