@@ -11,7 +11,7 @@ from typing import Any
 
 import structlog
 
-from service.generation.engine import DiffusionEngine, GenerationCancelledError, ImageRequest
+from service.generation.engine import DiffusionEngine, GenerationCancelled, ImageRequest
 from service.generation.png import encode_png
 from service.generation.text import fit_to_token_budget
 from service.jobs import ClaimedJob, JobQueue
@@ -122,7 +122,7 @@ class Worker:
 
         try:
             return await asyncio.to_thread(engine.generate, requests, on_step=on_step, should_cancel=should_cancel)
-        except GenerationCancelledError:
+        except GenerationCancelled:
             for job_id in job_ids:
                 await self._queue.mark_cancelled(job_id, self.worker_id)
             return None
