@@ -21,6 +21,7 @@ from fhir_adapters import (
     DiscoveryError,
     EhrRegistration,
     FhirClient,
+    GrantedScopes,
     IdTokenError,
     SmartConfiguration,
     SmartTokenSource,
@@ -453,7 +454,7 @@ async def test_refresh_keeps_old_refresh_token_and_context(
     old = TokenSet(
         access_token="old",
         expires_at=datetime.now(UTC),
-        scopes=GrantedScopes_parse("patient/Condition.rs"),
+        scopes=granted("patient/Condition.rs"),
         refresh_token="rt-old",
         patient="pat-1",
     )
@@ -475,9 +476,7 @@ async def test_refresh_keeps_old_refresh_token_and_context(
     ).refresh_token == "rt-2"
 
 
-def GrantedScopes_parse(scope: str):  # noqa: N802 - small local helper
-    from fhir_adapters import GrantedScopes
-
+def granted(scope: str) -> GrantedScopes:
     return GrantedScopes.parse(scope)
 
 
@@ -600,7 +599,7 @@ async def test_token_source_refreshes_after_401(server: ScriptedServer, http: ht
         token_set=TokenSet(
             access_token="stale",
             expires_at=datetime.now(UTC) + timedelta(hours=1),
-            scopes=GrantedScopes_parse("patient/Patient.r"),
+            scopes=granted("patient/Patient.r"),
             refresh_token="rt",
         ),
         http=http,
@@ -620,7 +619,7 @@ async def test_token_source_refreshes_before_expiry(server: ScriptedServer, http
         token_set=TokenSet(
             access_token="old",
             expires_at=datetime.now(UTC) + timedelta(seconds=10),
-            scopes=GrantedScopes_parse(""),
+            scopes=granted(""),
             refresh_token="rt",
         ),
         http=http,
