@@ -357,13 +357,18 @@ async function main() {
 
   const server = createServer(async (req, res) => {
     const url = new URL(req.url, 'http://127.0.0.1');
-    const segments = url.pathname.split('/').filter(Boolean).map(decodeURIComponent);
-    const isAdmin = segments[0] === '_admin';
+    const isAdmin = url.pathname.startsWith('/_admin/');
     if (!isAdmin) {
       res.on('finish', () => state.requestLog.push({ method: req.method, path: url.pathname, status: res.statusCode }));
     }
     try {
       const rawBody = await readBody(req);
+      let segments;
+      try {
+        segments = url.pathname.split('/').filter(Boolean).map(decodeURIComponent);
+      } catch {
+        throw new HttpError(400, 'request path has invalid percent-encoding');
+      }
       if (isAdmin && segments.length === 2) {
         await handleAdmin(state, req, res, segments[1], rawBody);
       } else if (segments[0] === 'fhir') {

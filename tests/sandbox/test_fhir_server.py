@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from sandbox.fhir_process import DEFAULT_DATA_FILE, FhirServerError, FhirServerProcess
+from sandbox.fhir_process import DEFAULT_DATA_FILE, SERVER_DIR, FhirServerError, FhirServerProcess
 
 ISSUER = "http://127.0.0.1/test-auth"
 FHIR_JSON = {"content-type": "application/fhir+json"}
@@ -776,3 +777,47 @@ def test_invalid_data_file_fails_start_with_the_reason(fhir_server_jwks_url: str
 def test_unknown_profile_at_construction() -> None:
     with pytest.raises(ValueError, match="allowed"):
         FhirServerProcess(jwks_url="http://127.0.0.1:1/jwks", issuer=ISSUER, profile="fast")
+
+
+def test_unsupported_requests_are_operation_outcomes(
+    fhir_server: FhirServerProcess, fhir_server_token
+) -> None:
+    http = client(fhir_server, fhir_server_token())
+    malformed = http.get("/Patient/%E0%A4%A")
+    assert malformed.status_code == 400
+    assert "percent-encoding" in diagnostics(malformed)
+    delete = http.delete("/Condition/cond-2-asthma")
+    assert delete.status_code == 405
+    assert "DELETE" in diagnostics(delete)
+    unknown_type = http.get("/Spaceship/1")
+    assert unknown_type.status_code == 404
+    assert "Spaceship" in diagnostics(unknown_type)
+    not_a_bundle = http.post("", json={"resourceType": "Bundle", "type": "collection"}, headers=FHIR_JSON)
+    assert not_a_bundle.status_code == 400
+    # The server is still up after all of that.
+    assert http.get("/Patient/pat-1").status_code == 200
+
+
+def test_server_refuses_to_start_without_jwks_url() -> None:
+    result = subprocess.run(
+        ["node", "--experimental-websocket", "server.mjs", "--issuer", ISSUER],
+        cwd=SERVER_DIR,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "--jwks-url" in result.stderr
+    assert result.stdout == ""
+
+
+def test_unreachable_key_set_is_401(fhir_server_signer: Signer) -> None:
+    with FhirServerProcess(jwks_url="http://127.0.0.1:9/jwks.json", issuer=ISSUER) as server:
+        token = fhir_server_signer.sign(
+            {"iss": ISSUER, "aud": server.base_url, "exp": int(time.time()) + 60, "scope": "user/*.*"}
+        )
+        response = httpx.get(f"{server.base_url}/Patient/pat-1", headers={"authorization": f"Bearer {token}"})
+        assert response.status_code == 401
+        assert "key set could not be fetched" in diagnostics(response)

@@ -31,7 +31,10 @@ function describeFailure(error) {
     case 'ERR_JWKS_INVALID':
       return "the authorization server's key set could not be fetched";
     default:
-      return 'access token is not a valid signed JWT';
+      // jose's own failures carry an ERR_J… code; anything else is the key set fetch failing (e.g. refused).
+      return String(error?.code ?? '').startsWith('ERR_J')
+        ? 'access token is not a valid signed JWT'
+        : "the authorization server's key set could not be fetched";
   }
 }
 
