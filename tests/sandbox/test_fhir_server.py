@@ -821,3 +821,20 @@ def test_unreachable_key_set_is_401(fhir_server_signer: Signer) -> None:
         response = httpx.get(f"{server.base_url}/Patient/pat-1", headers={"authorization": f"Bearer {token}"})
         assert response.status_code == 401
         assert "key set could not be fetched" in diagnostics(response)
+
+
+EXAMPLES_DIR = Path("/work/shared/fhir-examples")
+
+
+def test_the_shapes_carecanvas_writes_are_accepted(fhir_server: FhirServerProcess, fhir_server_token) -> None:
+    http = client(fhir_server, fhir_server_token())
+    document = json.loads((EXAMPLES_DIR / "DocumentReference-education-illustration.json").read_text())
+    created = http.post("/DocumentReference", json=document, headers=FHIR_JSON)
+    assert created.status_code == 201, created.text
+    provenance = json.loads((EXAMPLES_DIR / "Provenance-ai-generated.json").read_text())
+    provenance["target"] = [{"reference": f"DocumentReference/{created.json()['id']}"}]
+    assert http.post("/Provenance", json=provenance, headers=FHIR_JSON).status_code == 201
+    fhir_server.set_profile("pdf-only")
+    refused = http.post("/DocumentReference", json=document, headers=FHIR_JSON)
+    assert refused.status_code == 400
+    assert "content[1]" in diagnostics(refused)
