@@ -823,7 +823,8 @@ def test_unreachable_key_set_is_401(fhir_server_signer: Signer) -> None:
         assert "key set could not be fetched" in diagnostics(response)
 
 
-EXAMPLES_DIR = Path("/work/shared/fhir-examples")
+# The shared examples live beside the repository (../shared/fhir-examples), as DESIGN.md says.
+EXAMPLES_DIR = Path(__file__).resolve().parents[3] / "shared" / "fhir-examples"
 
 
 def test_the_shapes_carecanvas_writes_are_accepted(fhir_server: FhirServerProcess, fhir_server_token) -> None:
