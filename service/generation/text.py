@@ -68,11 +68,7 @@ def normalise_free_text(text: str, *, max_chars: int = 500) -> str:
 
 def token_count(text: str, *, tokenizer: TextTokenizer) -> int:
     """Number of token ids the tokenizer produces for ``text``, including begin/end tokens."""
-    encoded = tokenizer(text)
-    input_ids = getattr(encoded, "input_ids", None)
-    if input_ids is None:
-        input_ids = encoded["input_ids"]
-    return len(input_ids)
+    return len(tokenizer(text)["input_ids"])
 
 
 def token_budget(*, tokenizer: TextTokenizer, max_tokens: int | None = None) -> int:
