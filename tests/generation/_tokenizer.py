@@ -8,7 +8,7 @@ from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-from transformers import CLIPTokenizer  # noqa: E402
+from transformers import CLIPTokenizer
 
 MERGES = ("t h", "th e</w>", "i n", "in g</w>")
 

@@ -36,8 +36,9 @@ REQUIRED_TOPICS = {
     "chronic-kidney-disease", "osteoarthritis", "rheumatoid-arthritis", "depression", "anxiety", "stroke",
     "atrial-fibrillation", "coronary-artery-disease", "hyperlipidaemia", "obesity", "hypothyroidism",
     "migraine", "epilepsy", "gerd", "irritable-bowel-syndrome", "back-pain", "osteoporosis", "pneumonia",
-    "urinary-tract-infection", "gout", "psoriasis", "eczema", "dementia", "parkinsons-disease", "sleep-apnoea",
-    "anaemia", "cellulitis", "deep-vein-thrombosis", "allergic-rhinitis", "glaucoma", "cataract",
+    "urinary-tract-infection", "gout", "psoriasis", "eczema", "dementia", "parkinsons-disease",
+    "sleep-apnoea", "anaemia", "cellulitis", "deep-vein-thrombosis", "allergic-rhinitis", "glaucoma",
+    "cataract",
     "hepatitis-c", "hiv", "gestational-diabetes", "adhd", "fracture",
 }  # fmt: skip
 
@@ -72,11 +73,21 @@ def education(library: PromptLibrary, **overrides: object):  # type: ignore[no-u
 def test_library_has_the_required_topics_and_styles(library: PromptLibrary) -> None:
     ids = {topic.id for topic in library.topics}
     assert len(ids) >= 40
-    assert REQUIRED_TOPICS <= ids
+    assert ids >= REQUIRED_TOPICS
     assert len(library.styles) >= 6
-    assert {"flat_vector", "watercolour", "anatomical_cutaway", "storybook_children", "high_contrast", "line_art_print"} <= set(library.style_names)  # fmt: skip
+    assert {
+        "flat_vector",
+        "watercolour",
+        "anatomical_cutaway",
+        "storybook_children",
+        "high_contrast",
+        "line_art_print",
+    } <= set(library.style_names)
     for style in library.styles:
-        assert style.prompt and style.negative and style.labels["es"] and style.label == style.labels["en"]
+        assert style.prompt
+        assert style.negative
+        assert style.labels["es"]
+        assert style.label == style.labels["en"]
 
 
 def test_library_accepts_the_prompts_folder_itself(library: PromptLibrary) -> None:
@@ -93,7 +104,8 @@ def test_every_caption_is_plain_language_in_both_languages(library: PromptLibrar
     assert fernandez_huerta(topic.text["es"].caption) >= 70.0
     assert caption_grade(topic.text["es"].caption, "es") <= 6.0
     for language in ("en", "es"):
-        assert topic.text[language].title and topic.text[language].alt_text
+        assert topic.text[language].title
+        assert topic.text[language].alt_text
 
 
 def test_fallback_caption_is_plain_language(library: PromptLibrary) -> None:
@@ -316,11 +328,9 @@ def test_education_prompt_has_topic_style_depiction_and_words(library: PromptLib
     assert library.style("watercolour").prompt in prompt.positive
     assert "people with a range of skin tones" in prompt.positive
     assert "showing pancreas" in prompt.positive
-    assert (
-        "watermark" in prompt.negative
-        and "amputation" in prompt.negative
-        and "neon colours" in prompt.negative
-    )
+    assert "watermark" in prompt.negative
+    assert "amputation" in prompt.negative
+    assert "neon colours" in prompt.negative
     assert prompt.language == "es"
     assert prompt.title.startswith("Diabetes tipo 2")
     assert prompt.caption == library.topic("type-2-diabetes").text["es"].caption
@@ -333,7 +343,8 @@ def test_condition_text_and_identifiers_never_enter_a_matched_prompt(library: Pr
         library, condition_text="Jane Roe MRN 884422 diabetes follow-up", codes=[(ICD10, "E11.65")]
     )
     for leaked in ("Jane", "Roe", "884422", "MRN"):
-        assert leaked not in prompt.positive and leaked not in prompt.negative
+        assert leaked not in prompt.positive
+        assert leaked not in prompt.negative
 
 
 def test_fallback_prompt_uses_cleaned_condition_text_and_generic_words(library: PromptLibrary) -> None:
@@ -365,7 +376,13 @@ def test_no_people_depiction(library: PromptLibrary) -> None:
 
 
 def test_chosen_depiction_is_used_verbatim(library: PromptLibrary) -> None:
-    depiction = Depiction(skin_tone="dark", age_group="older_adult", body_type="wheelchair_user", dress="head_covering", setting="home")  # fmt: skip
+    depiction = Depiction(
+        skin_tone="dark",
+        age_group="older_adult",
+        body_type="wheelchair_user",
+        dress="head_covering",
+        setting="home",
+    )
     prompt = education(library, depiction=depiction)
     for phrase in (
         "dark skin tone",
@@ -430,7 +447,7 @@ def test_very_tight_budget_shortens_the_subject_and_still_fits(
 def test_depiction_defaults_to_varied_and_validates_values() -> None:
     assert Depiction() == Depiction.from_choice("varied") == Depiction.from_choice("")
     with pytest.raises(
-        ValueError, match="Depiction.skin_tone 'exotic' is not allowed; choose one of: varied, light"
+        ValueError, match=r"Depiction\.skin_tone 'exotic' is not allowed; choose one of: varied, light"
     ):
         Depiction(skin_tone="exotic")
 
@@ -487,23 +504,38 @@ def test_portrait_without_consent_is_symbolic(library: PromptLibrary, tokenizer:
     story = PortraitStory(
         places=("the sea",), colours=("blue",), symbols=("a sailboat",), story="I love sailing."
     )
-    prompt = build_portrait_prompt(library=library, story=story, style="watercolour", depiction=Depiction(), tokenizer=None)  # fmt: skip
+    prompt = build_portrait_prompt(
+        library=library, story=story, style="watercolour", depiction=Depiction(), tokenizer=None
+    )
     assert prompt.symbolic
-    assert "non-identifying" in prompt.positive and "no faces" in prompt.positive
-    assert "recognisable person" in prompt.negative and "identifiable likeness" in prompt.negative
-    assert "the sea" in prompt.positive and "a sailboat" in prompt.positive and "blue" in prompt.positive
+    assert "non-identifying" in prompt.positive
+    assert "no faces" in prompt.positive
+    assert "recognisable person" in prompt.negative
+    assert "identifiable likeness" in prompt.negative
+    assert "the sea" in prompt.positive
+    assert "a sailboat" in prompt.positive
+    assert "blue" in prompt.positive
     assert "I love sailing" in prompt.positive
     assert (
         prompt.alt_text == "A symbolic picture made from your story showing the sea with a sailboat in blue."
     )
-    fitted = build_portrait_prompt(library=library, story=story, style="watercolour", depiction=Depiction(), tokenizer=tokenizer)  # fmt: skip
+    fitted = build_portrait_prompt(
+        library=library, story=story, style="watercolour", depiction=Depiction(), tokenizer=tokenizer
+    )
     assert token_count(fitted.positive, tokenizer=tokenizer) <= 77
     assert token_count(fitted.negative, tokenizer=tokenizer) <= 77
 
 
 def test_portrait_with_consent_depicts_a_person(library: PromptLibrary) -> None:
     story = PortraitStory(places=("my garden",), likeness_consent=True)
-    prompt = build_portrait_prompt(library=library, story=story, style="flat_vector", depiction=Depiction(age_group="older_adult"), tokenizer=None, language="es")  # fmt: skip
+    prompt = build_portrait_prompt(
+        library=library,
+        story=story,
+        style="flat_vector",
+        depiction=Depiction(age_group="older_adult"),
+        tokenizer=None,
+        language="es",
+    )
     assert not prompt.symbolic
     assert "portrait of one person" in prompt.positive
     assert "an older adult" in prompt.positive
@@ -520,29 +552,46 @@ def test_things_to_avoid_go_only_to_the_negative_prompt(library: PromptLibrary) 
         avoid=("hospital", "dog", "Red", "white coat"),
         story="My dog and I walk past the hospital in a red and white coat, never the hospital.",
     )
-    prompt = build_portrait_prompt(library=library, story=story, style="watercolour", depiction=Depiction(), tokenizer=None)  # fmt: skip
+    prompt = build_portrait_prompt(
+        library=library, story=story, style="watercolour", depiction=Depiction(), tokenizer=None
+    )
     lowered = prompt.positive.lower()
     for avoided in ("hospital", "dog", "red", "white coat"):
-        assert avoided not in lowered.split(", ") and f" {avoided} " not in f" {lowered} "
+        assert avoided not in lowered.split(", ")
+        assert f" {avoided} " not in f" {lowered} "
         assert avoided.lower() in prompt.negative.lower()
-    assert "the beach" in prompt.positive and "green" in prompt.positive
+    assert "the beach" in prompt.positive
+    assert "green" in prompt.positive
     assert prompt.negative.lower().startswith("hospital, dog, red, white coat")
 
 
 def test_story_is_normalised_and_identifier_like_text_removed(library: PromptLibrary) -> None:
     story = PortraitStory(
-        story="Call me at +1 (555) 010-2233 or ana@example.org\u202e, born 03/04/1950, MRN 99812; I love kites.",
+        story=(
+            "Call me at +1 (555) 010-2233 or ana@example.org\u202e, born 03/04/1950, MRN 99812; I love kites."
+        ),
         symbols=("kites\x00",),
     )
-    prompt = build_portrait_prompt(library=library, story=story, style="line_art_print", depiction=Depiction(), tokenizer=None)  # fmt: skip
+    prompt = build_portrait_prompt(
+        library=library, story=story, style="line_art_print", depiction=Depiction(), tokenizer=None
+    )
     for leaked in ("555", "2233", "ana@", "example.org", "1950", "99812", "\u202e", "\x00"):
         assert leaked not in prompt.positive
     assert "I love kites" in prompt.positive
 
 
 def test_portrait_accepts_the_fhir_adapter_story(library: PromptLibrary) -> None:
-    story = FhirPortraitStory(places=("mountains",), colours=(), symbols=(), avoid=("snow",), likeness_consent=False, story="Snow on the mountains.")  # fmt: skip
-    prompt = build_portrait_prompt(library=library, story=story, style="flat_vector", depiction=Depiction(), tokenizer=None)  # fmt: skip
+    story = FhirPortraitStory(
+        places=("mountains",),
+        colours=(),
+        symbols=(),
+        avoid=("snow",),
+        likeness_consent=False,
+        story="Snow on the mountains.",
+    )
+    prompt = build_portrait_prompt(
+        library=library, story=story, style="flat_vector", depiction=Depiction(), tokenizer=None
+    )
     assert "mountains" in prompt.positive
     assert "snow" not in prompt.positive.lower()
     assert prompt.negative.startswith("snow")
@@ -562,7 +611,9 @@ def test_portrait_long_story_is_trimmed_before_the_places(library: PromptLibrary
     )
     budget = token_count(essentials, tokenizer=roomy) + 25
     tokenizer = build_tiny_clip_tokenizer(tmp_path / "tight", model_max_length=budget)
-    prompt = build_portrait_prompt(library=library, story=story, style="flat_vector", depiction=Depiction(), tokenizer=tokenizer)  # fmt: skip
+    prompt = build_portrait_prompt(
+        library=library, story=story, style="flat_vector", depiction=Depiction(), tokenizer=tokenizer
+    )
     assert "set in the lake" in prompt.positive
     assert "inspired by: we walked" in prompt.positive  # the story is shortened, not dropped
     assert token_count(prompt.positive, tokenizer=tokenizer) <= budget
@@ -570,9 +621,18 @@ def test_portrait_long_story_is_trimmed_before_the_places(library: PromptLibrary
 
 def test_portrait_unsupported_language_and_style(library: PromptLibrary) -> None:
     with pytest.raises(ValueError, match="unsupported language"):
-        build_portrait_prompt(library=library, story=PortraitStory(), style="flat_vector", depiction=Depiction(), tokenizer=None, language="de")  # fmt: skip
+        build_portrait_prompt(
+            library=library,
+            story=PortraitStory(),
+            style="flat_vector",
+            depiction=Depiction(),
+            tokenizer=None,
+            language="de",
+        )
     with pytest.raises(ValueError, match="unknown style"):
-        build_portrait_prompt(library=library, story=PortraitStory(), style="nope", depiction=Depiction(), tokenizer=None)  # fmt: skip
+        build_portrait_prompt(
+            library=library, story=PortraitStory(), style="nope", depiction=Depiction(), tokenizer=None
+        )
 
 
 WORD = st.text(alphabet="abcdefghijklmnopqrstuvwxyz", min_size=2, max_size=8)
@@ -591,13 +651,21 @@ def test_avoided_words_never_reach_the_positive_prompt(
     # Mix the avoided words into every positive field, repeated and nested.
     story_text = " ".join(story_words + avoid + [w for a in avoid for w in (a, a + "s")])
     story = PortraitStory(
-        places=(*places, *avoid), symbols=tuple(avoid), colours=(" ".join(avoid),), avoid=tuple(avoid),
-        likeness_consent=consent, story=story_text,
-    )  # fmt: skip
-    prompt = build_portrait_prompt(library=library, story=story, style="watercolour", depiction=Depiction(), tokenizer=None)  # fmt: skip
+        places=(*places, *avoid),
+        symbols=tuple(avoid),
+        colours=(" ".join(avoid),),
+        avoid=tuple(avoid),
+        likeness_consent=consent,
+        story=story_text,
+    )
+    prompt = build_portrait_prompt(
+        library=library, story=story, style="watercolour", depiction=Depiction(), tokenizer=None
+    )
     words = set(prompt.positive.lower().replace(",", " ").replace(":", " ").split())
     for term in avoid:
-        assert term not in words and term + "s" not in words and term + "es" not in words
+        assert term not in words
+        assert term + "s" not in words
+        assert term + "es" not in words
         assert term in prompt.negative
     assert prompt.symbolic is (not consent)
 

@@ -101,7 +101,8 @@ def test_budget_smaller_than_the_begin_and_end_markers_is_refused(tokenizer: CLI
 def test_a_single_overlong_word_is_cut_by_characters(tokenizer: CLIPTokenizer) -> None:
     word = "x" * 200
     fitted = fit_to_token_budget(word, tokenizer=tokenizer)
-    assert fitted and word.startswith(fitted)
+    assert fitted
+    assert word.startswith(fitted)
     assert len(tokenizer(fitted).input_ids) == 77
 
 
