@@ -142,6 +142,7 @@ class _Attempt:
     def __init__(self, deadline_seconds: float) -> None:
         self.deadline = time.monotonic() + deadline_seconds
         self.reauthenticated = False
+        self.refreshed = False
 
     def remaining(self) -> float:
         return self.deadline - time.monotonic()
@@ -503,9 +504,11 @@ class FhirClient:
             if content is not None:
                 request_headers["Content-Type"] = FHIR_JSON
             if self._auth is not None:
-                token = await (
-                    self._auth.refreshed_token() if attempt.reauthenticated else self._auth.access_token()
-                )
+                # The refresh happens once, right after the 401; later retries use the token source's
+                # current token (which is the refreshed one).
+                refresh_now = attempt.reauthenticated and not attempt.refreshed
+                token = await (self._auth.refreshed_token() if refresh_now else self._auth.access_token())
+                attempt.refreshed = attempt.refreshed or refresh_now
                 request_headers["Authorization"] = f"Bearer {token}"
             started = time.monotonic()
             error: FhirError

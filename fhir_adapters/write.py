@@ -30,6 +30,46 @@ class AttachmentPolicy:
     max_inline_bytes: int = 5_000_000
 
 
+ACCEPTED_CONTENT_TYPE_EXTENSION = (
+    "https://carecanvas.invalid/fhir/StructureDefinition/accepted-attachment-content-type"
+)
+MAX_INLINE_BYTES_EXTENSION = "https://carecanvas.invalid/fhir/StructureDefinition/max-inline-attachment-bytes"
+
+
+def attachment_policy_from_capabilities(
+    capability_statement: Mapping[str, Any], *, default: AttachmentPolicy
+) -> AttachmentPolicy:
+    """Narrow `default` (from the EHR registration) by hints a CapabilityStatement may carry.
+
+    Real EHRs rarely say what attachments they accept, so the registration stays the source of truth;
+    our sandbox (and any EHR that adopts the same extensions on its DocumentReference entry) can only
+    make the policy stricter, never looser.
+    """
+    rest = capability_statement.get("rest") or []
+    resources = rest[0].get("resource") or [] if rest and isinstance(rest[0], Mapping) else []
+    entry = next(
+        (r for r in resources if isinstance(r, Mapping) and r.get("type") == "DocumentReference"), None
+    )
+    if entry is None:
+        return default
+    accepted = []
+    max_inline = default.max_inline_bytes
+    for extension in entry.get("extension") or []:
+        if not isinstance(extension, Mapping):
+            continue
+        if extension.get("url") == ACCEPTED_CONTENT_TYPE_EXTENSION and isinstance(
+            extension.get("valueCode"), str
+        ):
+            accepted.append(extension["valueCode"])
+        value = extension.get("valueInteger")
+        if extension.get("url") == MAX_INLINE_BYTES_EXTENSION and isinstance(value, int) and value >= 0:
+            max_inline = min(max_inline, value)
+    images = default.accept_images
+    if accepted:
+        images = images and any(a in ("*/*", "image/*", "image/png") for a in accepted)
+    return AttachmentPolicy(accept_images=images, max_inline_bytes=max_inline)
+
+
 @dataclass(frozen=True)
 class BinaryUpload:
     """A Binary to create before the DocumentReference; `content_index` names the attachment it holds."""

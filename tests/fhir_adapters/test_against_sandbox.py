@@ -21,6 +21,7 @@ from fhir_adapters import (
     SmartTokenSource,
     TokenSet,
     apply_attachment_policy,
+    attachment_policy_from_capabilities,
     begin_authorization,
     build_document_reference,
     build_model_device,
@@ -326,3 +327,21 @@ async def test_mark_entered_in_error_on_the_sandbox(reset_sandbox: SandboxEHR) -
         assert result is not None
         assert (await client.read("DocumentReference", written.document_id))["status"] == "entered-in-error"
         assert await mark_entered_in_error(client, written.document_id) is None
+
+
+@pytest.mark.parametrize(
+    ("profile", "expected"),
+    [
+        ("generic", AttachmentPolicy(accept_images=True, max_inline_bytes=1_000_000)),
+        ("pdf-only", AttachmentPolicy(accept_images=False, max_inline_bytes=1_000_000)),
+        ("small-inline", AttachmentPolicy(accept_images=True, max_inline_bytes=64 * 1024)),
+    ],
+)
+async def test_attachment_policy_from_sandbox_capabilities(
+    reset_sandbox: SandboxEHR, profile: str, expected: AttachmentPolicy
+) -> None:
+    reset_sandbox.fhir.set_profile(profile)
+    async with sandbox_client(reset_sandbox) as client:
+        capabilities = await client.capabilities()
+    default = AttachmentPolicy(accept_images=True, max_inline_bytes=1_000_000)
+    assert attachment_policy_from_capabilities(capabilities, default=default) == expected

@@ -39,7 +39,7 @@ class CountingTokens:
         self.refreshes = 0
 
     async def access_token(self) -> str:
-        return "token-0"
+        return f"token-{self.refreshes}"
 
     async def refreshed_token(self) -> str:
         self.refreshes += 1
@@ -160,6 +160,18 @@ async def test_401_refreshes_once_then_succeeds(server: ScriptedServer) -> None:
         assert (await client.read("Patient", "pat-1"))["id"] == "pat-1"
     assert tokens.refreshes == 1
     assert [r.headers["authorization"] for r in server.requests] == ["Bearer token-0", "Bearer token-1"]
+
+
+async def test_refresh_happens_once_even_when_retries_follow(server: ScriptedServer) -> None:
+    replies = iter([Reply(401), Reply(503), Reply(body=PATIENT)])
+    server.handle = lambda r: next(replies)
+    tokens = CountingTokens()
+    async with make_client(server, auth=tokens) as client:
+        await client.read("Patient", "pat-1")
+    assert tokens.refreshes == 1
+    assert [r.headers["authorization"] for r in server.requests] == ["Bearer token-0"] + [
+        "Bearer token-1"
+    ] * 2
 
 
 async def test_401_after_refresh_is_unauthorized(server: ScriptedServer) -> None:

@@ -17,6 +17,7 @@ from fhir_adapters import (
     ResourceValidationError,
     TemporaryFhirError,
     apply_attachment_policy,
+    attachment_policy_from_capabilities,
     build_document_reference,
     build_model_device,
     build_provenance,
@@ -247,3 +248,33 @@ async def test_mark_entered_in_error(server: ScriptedServer) -> None:
     assert stored["status"] == "entered-in-error"
     put = next(r for r in server.requests if r.method == "PUT")
     assert put.headers["if-match"] == 'W/"1"'
+
+
+def capability_with(*extensions: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "resourceType": "CapabilityStatement",
+        "rest": [
+            {"mode": "server", "resource": [{"type": "DocumentReference", "extension": list(extensions)}]}
+        ],
+    }
+
+
+def test_attachment_policy_from_capabilities_only_narrows() -> None:
+    from fhir_adapters.write import ACCEPTED_CONTENT_TYPE_EXTENSION, MAX_INLINE_BYTES_EXTENSION
+
+    default = AttachmentPolicy(accept_images=True, max_inline_bytes=100_000)
+    pdf_only = capability_with({"url": ACCEPTED_CONTENT_TYPE_EXTENSION, "valueCode": "application/pdf"})
+    assert attachment_policy_from_capabilities(pdf_only, default=default) == AttachmentPolicy(False, 100_000)
+    small = capability_with(
+        {"url": ACCEPTED_CONTENT_TYPE_EXTENSION, "valueCode": "*/*"},
+        {"url": MAX_INLINE_BYTES_EXTENSION, "valueInteger": 65536},
+    )
+    assert attachment_policy_from_capabilities(small, default=default) == AttachmentPolicy(True, 65536)
+    larger = capability_with({"url": MAX_INLINE_BYTES_EXTENSION, "valueInteger": 10**9})
+    assert attachment_policy_from_capabilities(larger, default=default) == default
+    no_images = AttachmentPolicy(accept_images=False, max_inline_bytes=10)
+    assert attachment_policy_from_capabilities(small, default=no_images) == no_images
+    assert (
+        attachment_policy_from_capabilities({"resourceType": "CapabilityStatement"}, default=default)
+        == default
+    )
