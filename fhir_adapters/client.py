@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Protocol
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlencode, urljoin, urlsplit
 
 import httpx
 import structlog
@@ -375,9 +375,8 @@ class FhirClient:
                 url = link.get("url")
                 if not isinstance(url, str) or not url:
                     raise InvalidResponseError(f"search {resource_type}: next link without a URL")
-                if "://" not in url:
-                    # Relative next links are resolved against the base; they cannot leave the origin.
-                    url = f"{self.base_url}/{url.lstrip('/')}"
+                # Relative links resolve against the base like a browser would; the origin check follows.
+                url = urljoin(self.base_url + "/", url)
                 try:
                     same_origin = origin_of(url) == self._origin
                 except ValueError:

@@ -207,6 +207,26 @@ async def test_search_follows_same_origin_next_links(server: ScriptedServer) -> 
     assert server.requests[0].query == {"patient": ["pat-1"], "clinical-status": ["active"]}
 
 
+@pytest.mark.parametrize("link", ["/fhir/Condition?page=2", "Condition?page=2"])
+async def test_relative_next_links_resolve_against_the_base(server: ScriptedServer, link: str) -> None:
+    def handle(request: Request) -> Reply:
+        if "page=2" in request.path:
+            return Reply(body=condition_page(1, start=1))
+        return Reply(body=condition_page(1, next_url=link))
+
+    server.handle = handle
+    async with make_client(server) as client:
+        assert [c["id"] for c in await client.search("Condition", {})] == ["c0", "c1"]
+    assert server.requests[1].path == "/fhir/Condition?page=2"
+
+
+async def test_protocol_relative_next_link_to_another_host_is_refused(server: ScriptedServer) -> None:
+    server.handle = lambda r: Reply(body=condition_page(1, next_url="//evil.example/fhir/Condition?page=2"))
+    async with make_client(server) as client:
+        with pytest.raises(InvalidResponseError, match="another origin"):
+            await client.search("Condition", {})
+
+
 async def test_search_ignores_included_and_outcome_entries(server: ScriptedServer) -> None:
     bundle = condition_page(1)
     bundle["entry"].append(
