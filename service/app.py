@@ -87,7 +87,9 @@ async def build_services(settings: Settings) -> Services:
     )
 
 
-async def checkpoint_periodically(services: Services, stop: asyncio.Event, *, every_seconds: float = 5.0) -> None:
+async def checkpoint_periodically(
+    services: Services, stop: asyncio.Event, *, every_seconds: float = 5.0
+) -> None:
     """Signed checkpoints of the audit head go to a sink outside the database, so a cut tail is detected."""
     while True:
         with contextlib.suppress(TimeoutError):

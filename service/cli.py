@@ -167,8 +167,15 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
             async with services.sessionmaker() as db:
                 entries = await services.audit.search(db, limit=args.limit)
                 await services.audit.append(
-                    db, action=AuditAction.AUDIT_EXPORT, outcome="success", actor="cli", patient=None,
-                    ehr=None, resource="AuditEvent", request_id=None, detail={"count": len(entries)},
+                    db,
+                    action=AuditAction.AUDIT_EXPORT,
+                    outcome="success",
+                    actor="cli",
+                    patient=None,
+                    ehr=None,
+                    resource="AuditEvent",
+                    request_id=None,
+                    detail={"count": len(entries)},
                 )
                 await db.commit()
         finally:
@@ -267,19 +274,27 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--metrics-host", default="0.0.0.0")  # noqa: S104 - probes reach it from the kubelet
     worker.set_defaults(func=cmd_worker)
     commands.add_parser("migrate", help="upgrade the database schema").set_defaults(func=cmd_migrate)
-    audit = commands.add_parser("audit", help="the audit log").add_subparsers(dest="audit_command", required=True)
-    audit.add_parser("verify", help="check the hash chain and checkpoints").set_defaults(func=cmd_audit_verify)
+    audit = commands.add_parser("audit", help="the audit log").add_subparsers(
+        dest="audit_command", required=True
+    )
+    audit.add_parser("verify", help="check the hash chain and checkpoints").set_defaults(
+        func=cmd_audit_verify
+    )
     export = audit.add_parser("export", help="export as FHIR AuditEvent NDJSON")
     export.add_argument("--limit", type=int, default=10_000)
     export.set_defaults(func=cmd_audit_export)
-    keys = commands.add_parser("keys", help="key-encryption keys").add_subparsers(dest="keys_command", required=True)
+    keys = commands.add_parser("keys", help="key-encryption keys").add_subparsers(
+        dest="keys_command", required=True
+    )
     for name in ("generate", "add", "rotate", "list"):
         keys.add_parser(name).set_defaults(func=cmd_keys)
     for name in ("promote", "retire"):
         sub = keys.add_parser(name)
         sub.add_argument("kid")
         sub.set_defaults(func=cmd_keys)
-    models = commands.add_parser("models", help="diffusion models").add_subparsers(dest="models_command", required=True)
+    models = commands.add_parser("models", help="diffusion models").add_subparsers(
+        dest="models_command", required=True
+    )
     build = models.add_parser("build-tiny", help="write the tiny offline test pipeline")
     build.add_argument("path")
     build.set_defaults(func=cmd_models)

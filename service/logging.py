@@ -20,10 +20,39 @@ _SECRET_KEYS = re.compile(
 _JWT = re.compile(r"eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 _QUERY = re.compile(r"\?[^\s\"']*")
 _ALLOWED_KEYS = frozenset(
-    {"event", "level", "timestamp", "logger", "request_id", "job_id", "job_ids", "status", "method",
-     "route", "duration_ms", "resource_type", "action", "outcome", "worker_id", "count", "bucket", "device",
-     "dtype", "model", "ehr", "step", "total", "attempts", "reason", "error_type", "batch_size", "port",
-     "url_path", "exc_info", "seq"}
+    {
+        "event",
+        "level",
+        "timestamp",
+        "logger",
+        "request_id",
+        "job_id",
+        "job_ids",
+        "status",
+        "method",
+        "route",
+        "duration_ms",
+        "resource_type",
+        "action",
+        "outcome",
+        "worker_id",
+        "count",
+        "bucket",
+        "device",
+        "dtype",
+        "model",
+        "ehr",
+        "step",
+        "total",
+        "attempts",
+        "reason",
+        "error_type",
+        "batch_size",
+        "port",
+        "url_path",
+        "exc_info",
+        "seq",
+    }
 )
 
 

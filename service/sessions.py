@@ -54,7 +54,9 @@ class SessionStore:
     def _aad(self, id_hash: str) -> bytes:
         return aad_for(_TABLE, id_hash, "data")
 
-    async def create(self, db: AsyncSession, *, ehr_name: str, data: dict[str, Any]) -> tuple[str, WebSession]:
+    async def create(
+        self, db: AsyncSession, *, ehr_name: str, data: dict[str, Any]
+    ) -> tuple[str, WebSession]:
         cookie_value = secrets.token_urlsafe(32)
         now = datetime.now(UTC)
         session = WebSession(
@@ -81,7 +83,9 @@ class SessionStore:
         if not cookie_value:
             return None
         id_hash = hash_session_id(cookie_value)
-        row = (await db.execute(select(WebSessionRow).where(WebSessionRow.id_hash == id_hash))).scalar_one_or_none()
+        row = (
+            await db.execute(select(WebSessionRow).where(WebSessionRow.id_hash == id_hash))
+        ).scalar_one_or_none()
         if row is None:
             return None
         expires_at = _aware(row.expires_at)

@@ -124,6 +124,7 @@ class Settings(BaseSettings):
             entries.append(
                 {
                     "name": "carecanvas-tiny-test",
+                    "version": "tiny-1",
                     "path": str(self.tiny_model_dir),
                     "pipeline_class": "StableDiffusionPipeline",
                     "default_width": self.image_size,

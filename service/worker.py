@@ -50,7 +50,9 @@ class Worker:
         worker_id: str | None = None,
     ) -> None:
         self._queue = queue
-        self.engines: Callable[[str], DiffusionEngine] = engines.__getitem__ if isinstance(engines, dict) else engines
+        self.engines: Callable[[str], DiffusionEngine] = (
+            engines.__getitem__ if isinstance(engines, dict) else engines
+        )
         self._batch_size = batch_size
         self._batch_wait = batch_wait_ms / 1000
         self._poll = poll_seconds
@@ -121,22 +123,30 @@ class Worker:
             return len(cancelled) == len(job_ids)
 
         try:
-            return await asyncio.to_thread(engine.generate, requests, on_step=on_step, should_cancel=should_cancel)
+            return await asyncio.to_thread(
+                engine.generate, requests, on_step=on_step, should_cancel=should_cancel
+            )
         except GenerationCancelled:
             for job_id in job_ids:
                 await self._queue.mark_cancelled(job_id, self.worker_id)
             return None
         except Exception as error:
             if len(requests) == 1:
-                await self._queue.fail(job_ids[0], self.worker_id, f"generation failed: {type(error).__name__}")
+                await self._queue.fail(
+                    job_ids[0], self.worker_id, f"generation failed: {type(error).__name__}"
+                )
                 return None
             # One bad job must not sink the others: retry item by item, failing only the bad ones.
-            log.warning("batch failed, retrying one by one", batch_size=len(requests), error_type=type(error).__name__)
+            log.warning(
+                "batch failed, retrying one by one", batch_size=len(requests), error_type=type(error).__name__
+            )
             for job, request in zip(jobs, requests, strict=True):
                 try:
                     [image] = await asyncio.to_thread(engine.generate, [request])
                 except Exception as single_error:
-                    await self._queue.fail(job.id, self.worker_id, f"generation failed: {type(single_error).__name__}")
+                    await self._queue.fail(
+                        job.id, self.worker_id, f"generation failed: {type(single_error).__name__}"
+                    )
                     continue
                 png = await asyncio.to_thread(encode_png, image)
                 await self._queue.complete(job.id, self.worker_id, artifacts={"png": png})

@@ -58,6 +58,8 @@ class ModelSpec(BaseModel):
 
     name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     path: Path
+    # Recorded on the Device written with every document, so a chart shows which weights made a picture.
+    version: str = Field(default="1", min_length=1, max_length=64)
     pipeline_class: str = AUTO_PIPELINE_CLASS
     default_width: int = Field(default=512, ge=8, le=4096)
     default_height: int = Field(default=512, ge=8, le=4096)

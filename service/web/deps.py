@@ -42,9 +42,15 @@ def get_session_store(services: ServicesDep) -> SessionStore:
 SessionStoreDep = Annotated[SessionStore, Depends(get_session_store)]
 
 
-async def get_web_session(request: Request, services: ServicesDep, db: DbDep, store: SessionStoreDep) -> WebSession:
-    """The launched session, or a page asking for a new launch (never a redirect loop)."""
-    session = await store.load(db, request.cookies.get(cookie_name(services.settings)))
+async def get_web_session(request: Request, services: ServicesDep, store: SessionStoreDep) -> WebSession:
+    """The launched session, or a page asking for a new launch (never a redirect loop).
+
+    Loaded in a short transaction of its own: on SQLite every write transaction holds the database's
+    writer lock from its start, so a request must not sit on one while it waits for the queue or the EHR.
+    """
+    async with services.sessionmaker() as db:
+        session = await store.load(db, request.cookies.get(cookie_name(services.settings)))
+        await db.commit()
     if session is None or not session.authenticated:
         raise PageError(
             401,

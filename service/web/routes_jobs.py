@@ -7,8 +7,7 @@ import json
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response
-from fastapi.responses import StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
 from service.app import Services
 from service.sessions import WebSession
@@ -26,7 +25,9 @@ async def owned_job_status(services: Services, session: WebSession, job_id: str)
     """A job is visible only to the session that started it (job ids are not secrets)."""
     job = await services.queue.get(job_id)
     if job is None or job.session_id_hash != session.id_hash:
-        raise PageError(404, "No such illustration", "It may belong to another session. Start from the workspace.")
+        raise PageError(
+            404, "No such illustration", "It may belong to another session. Start from the workspace."
+        )
     return {
         "status": job.status,
         "step": job.progress_step or 0,
@@ -71,7 +72,9 @@ async def job_events(job_id: str, services: ServicesDep, session: WebSessionDep)
 
 
 @router.post("/jobs/{job_id}/cancel")
-async def cancel_job(request: Request, job_id: str, services: ServicesDep, session: WebSessionDep) -> Response:
+async def cancel_job(
+    request: Request, job_id: str, services: ServicesDep, session: WebSessionDep
+) -> Response:
     form = await request.form()
     if not session.csrf_matches(str(form.get("csrf_token", ""))):
         raise PageError(403, "This form has expired", "Please reload the page and try again.")

@@ -42,7 +42,9 @@ async def launch(
         raise PageError(400, "Missing launch context", "Open CareCanvas from a patient's chart in your EHR.")
     registration = services.ehrs.registration(ehr)
     try:
-        started = await begin_launch(registration=registration, launch=launch, http=services.http, scopes=ehr.scopes)
+        started = await begin_launch(
+            registration=registration, launch=launch, http=services.http, scopes=ehr.scopes
+        )
     except (SmartError, FhirError) as error:
         log.warning("smart discovery refused", ehr=ehr.name, error_type=type(error).__name__)
         raise PageError(
@@ -115,7 +117,7 @@ async def callback(
         ehr=ehr.name,
         resource=None,
         request_id=request_id,
-        detail={"scope": " ".join(sorted(token_set.granted_scopes.raw))},
+        detail={"scope": " ".join(sorted(token_set.scopes.raw))},
     )
     await db.commit()
     # 303 to a clean URL: the code leaves the address bar, and no-referrer keeps it out of later requests.

@@ -41,9 +41,15 @@ async def review_page(
         raise PageError(404, "No such illustration", "Start again from the workspace.")
     model = services.models.get(document.content["model"])
     await services.audit.append(
-        db, action=AuditAction.VIEW, outcome="success", actor=session.data.get("fhir_user"),
-        patient=document.content["patient_id"], ehr=session.ehr_name, resource="DocumentDraft",
-        request_id=request_id, detail={"job_id": job_id},
+        db,
+        action=AuditAction.VIEW,
+        outcome="success",
+        actor=session.data.get("fhir_user"),
+        patient=document.content["patient_id"],
+        ehr=session.ehr_name,
+        resource="DocumentDraft",
+        request_id=request_id,
+        detail={"job_id": job_id},
     )
     await db.commit()
     grade = caption_grade(document.content["caption"], document.content["language"])
@@ -81,8 +87,14 @@ async def artifact(
         raise PageError(404, "Not ready", "The image is not finished yet.")
     png = await services.queue.read_artifact(job_id, "png")
     await services.audit.append(
-        db, action=AuditAction.VIEW, outcome="success", actor=session.data.get("fhir_user"),
-        patient=session.patient_id, ehr=session.ehr_name, resource="Image", request_id=request_id,
+        db,
+        action=AuditAction.VIEW,
+        outcome="success",
+        actor=session.data.get("fhir_user"),
+        patient=session.patient_id,
+        ehr=session.ehr_name,
+        resource="Image",
+        request_id=request_id,
         detail={"job_id": job_id},
     )
     await db.commit()
@@ -117,16 +129,18 @@ async def approve(
         raise PageError(403, "Only clinicians can approve", "Approval needs a practitioner's launch.")
     ehr = services.ehrs.by_name(session.ehr_name)
     registration = services.ehrs.registration(ehr)
-    document = await load_document(db, keyring=services.keyring, job_id=job_id)
-    if document is None:
-        raise PageError(404, "No such illustration", "Start again from the workspace.")
-    model = services.models.get(document.content["model"])
     policy = AttachmentPolicy(
         accept_images=ehr.accept_images if ehr.accept_images is not None else True,
         max_inline_bytes=ehr.max_inline_bytes,
     )
     try:
-        async with open_fhir(session=session, store=store, db=db, registration=registration, http=services.http, transport=services.fhir_transport
+        async with open_fhir(
+            session=session,
+            store=store,
+            db=db,
+            registration=registration,
+            http=services.http,
+            transport=services.fhir_transport,
         ) as fhir:
             result = await approve_and_write_back(
                 db=db,
@@ -134,7 +148,7 @@ async def approve(
                 queue=services.queue,
                 audit=services.audit,
                 keyring=services.keyring,
-                model=model,
+                models=services.models,
                 job_id=job_id,
                 caption=caption,
                 alt_text=alt_text,

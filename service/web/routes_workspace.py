@@ -8,6 +8,7 @@ from typing import Annotated
 import structlog
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from fhir_adapters import (
     FhirError,
@@ -16,9 +17,11 @@ from fhir_adapters import (
     summarize_condition,
     summarize_patient,
 )
+from service.app import Services
 from service.audit import AuditAction
 from service.fhir_access import SessionExpiredError, open_fhir
 from service.generation.prompts import Depiction
+from service.sessions import WebSession
 from service.web.deps import DbDep, RequestIdDep, ServicesDep, SessionStoreDep, WebSessionDep
 from service.web.errors import PageError
 from service.workflows.illustrate import (
@@ -38,7 +41,9 @@ FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 def fhir_failure_page(error: FhirError) -> PageError:
     """Say plainly what the EHR answered; the OperationOutcome text is the EHR's own and safe to show."""
     if isinstance(error, ForbiddenError):
-        return PageError(403, "The EHR did not allow this", "Your launch does not give CareCanvas access to that.")
+        return PageError(
+            403, "The EHR did not allow this", "Your launch does not give CareCanvas access to that."
+        )
     if isinstance(error, TemporaryFhirError):
         return PageError(
             503, "The EHR is not answering right now", "Please try again in a minute. Nothing was changed."
@@ -61,30 +66,54 @@ async def workspace(
     if not patient_id:
         raise PageError(400, "No patient in context", "Open CareCanvas from a patient's chart.")
     token = session.data["token_set"]
-    banner = None
+    patient_resource = None
     try:
-        async with open_fhir(session=session, store=store, db=db, registration=registration, http=services.http, transport=services.fhir_transport
+        async with open_fhir(
+            session=session,
+            store=store,
+            db=db,
+            registration=registration,
+            http=services.http,
+            transport=services.fhir_transport,
         ) as fhir:
             if token.get("need_patient_banner", True):
-                banner = summarize_patient(await fhir.read("Patient", patient_id))
-                await services.audit.append(
-                    db, action=AuditAction.FHIR_READ, outcome="success", actor=session.data.get("fhir_user"),
-                    patient=patient_id, ehr=ehr.name, resource="Patient", request_id=request_id, detail=None,
-                )
+                patient_resource = await fhir.read("Patient", patient_id)
             conditions_raw = await fhir.search(
                 "Condition", {"patient": patient_id, "clinical-status": "active", "_count": "50"}
-            )
-            await services.audit.append(
-                db, action=AuditAction.FHIR_SEARCH, outcome="success", actor=session.data.get("fhir_user"),
-                patient=patient_id, ehr=ehr.name, resource="Condition", request_id=request_id,
-                detail={"count": len(conditions_raw)},
             )
     except SessionExpiredError as error:
         raise PageError(401, "Your CareCanvas session has ended", str(error)) from error
     except FhirError as error:
-        await db.rollback()
+        await _audit_failure(services, db, session, resource="Condition", request_id=request_id, error=error)
         raise fhir_failure_page(error) from error
+    # Audited after the EHR answered (never holding the database's write lock across EHR calls) and
+    # before anything is shown: if the audit record cannot be written, nothing is shown.
+    actor = session.data.get("fhir_user")
+    if patient_resource is not None:
+        await services.audit.append(
+            db,
+            action=AuditAction.FHIR_READ,
+            outcome="success",
+            actor=actor,
+            patient=patient_id,
+            ehr=ehr.name,
+            resource="Patient",
+            request_id=request_id,
+            detail=None,
+        )
+    await services.audit.append(
+        db,
+        action=AuditAction.FHIR_SEARCH,
+        outcome="success",
+        actor=actor,
+        patient=patient_id,
+        ehr=ehr.name,
+        resource="Condition",
+        request_id=request_id,
+        detail={"count": len(conditions_raw)},
+    )
     await db.commit()
+    banner = summarize_patient(patient_resource) if patient_resource is not None else None
     conditions = [summarize_condition(resource) for resource in conditions_raw]
     conditions = [condition for condition in conditions if condition.is_active]
     can_write = _can_write_back(token)
@@ -102,6 +131,30 @@ async def workspace(
             "model": services.models.get(services.settings.default_model),
         },
     )
+
+
+async def _audit_failure(
+    services: Services,
+    db: AsyncSession,
+    session: WebSession,
+    *,
+    resource: str,
+    request_id: str | None,
+    error: FhirError,
+) -> None:
+    await db.rollback()
+    await services.audit.append(
+        db,
+        action=AuditAction.FHIR_SEARCH,
+        outcome="failure",
+        actor=session.data.get("fhir_user"),
+        patient=session.patient_id,
+        ehr=session.ehr_name,
+        resource=resource,
+        request_id=request_id,
+        detail={"status": error.status},
+    )
+    await db.commit()
 
 
 def _can_write_back(token: dict[str, object]) -> bool:
@@ -143,7 +196,13 @@ async def create_illustration(
     registration = services.ehrs.registration(ehr)
     model = services.models.get(services.settings.default_model)
     try:
-        async with open_fhir(session=session, store=store, db=db, registration=registration, http=services.http, transport=services.fhir_transport
+        async with open_fhir(
+            session=session,
+            store=store,
+            db=db,
+            registration=registration,
+            http=services.http,
+            transport=services.fhir_transport,
         ) as fhir:
             job_id = await start_illustration(
                 db=db,

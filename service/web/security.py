@@ -35,7 +35,9 @@ def set_session_cookie(response: Response, settings: Settings, value: str) -> No
             f"{SECURE_COOKIE_NAME}={value}; Path=/; Max-Age={max_age}; Secure; HttpOnly; SameSite=None; Partitioned",
         )
     else:
-        response.set_cookie(LOOPBACK_COOKIE_NAME, value, max_age=max_age, path="/", httponly=True, samesite="lax")
+        response.set_cookie(
+            LOOPBACK_COOKIE_NAME, value, max_age=max_age, path="/", httponly=True, samesite="lax"
+        )
 
 
 def clear_session_cookie(response: Response, settings: Settings) -> None:
@@ -63,7 +65,9 @@ class SecurityHeadersMiddleware(BaseHTTPMiddleware):
         super().__init__(app)  # type: ignore[arg-type]
         self._frame_origins = frame_origins
 
-    async def dispatch(self, request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+    async def dispatch(
+        self, request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
         request.state.request_id = secrets.token_hex(8)
         structlog.contextvars.bind_contextvars(request_id=request.state.request_id)
         try:

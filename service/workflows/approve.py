@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -9,6 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from fhir_adapters import (
     AttachmentPolicy,
+    apply_attachment_policy,
     FhirClient,
     FhirError,
     build_document_reference,
@@ -20,13 +22,15 @@ from service.audit import AuditAction, AuditLog
 from service.crypto import Keyring
 from service.documents import DocumentView, load_document, save_content, transition
 from service.generation.handout import render_handout_pdf
-from service.generation.models import ModelSpec
+from service.generation.models import ModelRegistry, ModelSpec
 from service.generation.text import normalise_free_text
 from service.jobs import JobQueue
 
 IDENTIFIER_SYSTEM = "urn:carecanvas:artifact"
 DEVICE_IDENTIFIER_SYSTEM = "urn:carecanvas:model"
-TEST_MODEL_NOTICE = "Made by the CareCanvas test model (random weights): the picture is noise, not an illustration."
+TEST_MODEL_NOTICE = (
+    "Made by the CareCanvas test model (random weights): the picture is noise, not an illustration."
+)
 
 
 class NotReadyError(RuntimeError):
@@ -61,7 +65,7 @@ async def approve_and_write_back(
     queue: JobQueue,
     audit: AuditLog,
     keyring: Keyring,
-    model: ModelSpec,
+    models: ModelRegistry,
     job_id: str,
     caption: str,
     alt_text: str,
@@ -71,15 +75,19 @@ async def approve_and_write_back(
     ehr_name: str,
     request_id: str | None,
 ) -> WriteBackResult:
+    # Queue reads first, in their own short transactions, before this request's transaction starts.
+    job = await queue.get(job_id)
+    if job is None or job.status != "succeeded":
+        raise NotReadyError("The illustration is not finished yet.")
+    png = await queue.read_artifact(job_id, "png")
     document = await load_document(db, keyring=keyring, job_id=job_id)
     if document is None:
         raise NotReadyError("There is no illustration with that id.")
     if document.status == "written" and document.fhir_document_id:
+        await db.commit()
         return WriteBackResult(fhir_document_id=document.fhir_document_id, already_written=True)
-    job = await queue.get(job_id)
-    if job is None or job.status != "succeeded":
-        raise NotReadyError("The illustration is not finished yet.")
     content = dict(document.content)
+    model = models.get(content["model"])
     content["caption"] = normalise_free_text(caption, max_chars=600) or content["caption"]
     content["alt_text"] = normalise_free_text(alt_text, max_chars=300) or content["alt_text"]
     await save_content(db, keyring=keyring, document=document, content=content)
@@ -91,7 +99,6 @@ async def approve_and_write_back(
         if fresh and fresh.fhir_document_id:
             return WriteBackResult(fhir_document_id=fresh.fhir_document_id, already_written=True)
         raise NotReadyError("This illustration is being approved by someone else right now.")
-    png = await queue.read_artifact(job_id, "png")
     await audit.append(
         db,
         action=AuditAction.APPROVE,
@@ -115,7 +122,9 @@ async def approve_and_write_back(
             policy=attachment_policy,
         )
     except FhirError as error:
-        await transition(db, document=document, to_status="failed", from_statuses=("approved",), error=str(error)[:200])
+        await transition(
+            db, document=document, to_status="failed", from_statuses=("approved",), error=str(error)[:200]
+        )
         await audit.append(
             db,
             action=AuditAction.WRITE_BACK,
@@ -190,14 +199,15 @@ async def _write(
         description=f"{content['title']} ({content['condition_text']})",
         language=content["language"],
         pdf=pdf,
-        png=png if policy.accept_images else None,
+        png=png,
         alt_text=content["alt_text"],
         created=now,
         date=now,
     )
     provenance = build_provenance(
-        target_ref="DocumentReference/placeholder",
-        device_ref="Device/placeholder",
+        # Placeholders: write_document_set points them at the real DocumentReference and Device.
+        target_ref=f"urn:uuid:{uuid.uuid4()}",
+        device_ref=f"urn:uuid:{uuid.uuid4()}",
         practitioner_id=practitioner_id,
         organization_id=organization_id,
         condition_id=content["condition_id"],
@@ -206,6 +216,9 @@ async def _write(
         ended=now,
         recorded=now,
     )
+    document_reference, binaries = apply_attachment_policy(
+        document_reference, policy=policy, patient_id=content["patient_id"]
+    )
     written = await write_document_set(
         fhir,
         document=document_reference,
@@ -213,7 +226,7 @@ async def _write(
         provenance=provenance,
         identifier_system=IDENTIFIER_SYSTEM,
         identifier_value=identifier_value,
-        policy=policy,
+        binaries=binaries,
     )
     return written.document_id
 

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import hmac
-import time
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -14,15 +13,16 @@ from fhir_adapters import (
     PendingAuthorization,
     SmartConfiguration,
     SmartError,
+    StateError,
     TokenSet,
     begin_authorization,
+    check_state,
     discover,
     exchange_code,
-    verify_id_token,
 )
 
 # A pending authorization older than this is refused: the user must launch again.
-PENDING_MAX_AGE_SECONDS = 600
+PENDING_MAX_AGE = timedelta(minutes=10)
 
 
 class LaunchStateError(Exception):
@@ -51,8 +51,7 @@ async def begin_launch(
         authorize_url=pending.url,
         session_data={
             "pending": pending.to_dict(),
-            "smart_config": config.to_dict(),
-            "pending_created": time.time(),
+            "smart_config": config_to_dict(config),
         },
     )
 
@@ -65,23 +64,52 @@ async def complete_launch(
     state: str | None,
     http: httpx.AsyncClient,
 ) -> tuple[TokenSet, SmartConfiguration]:
-    """Check state (single use), exchange the code, verify the id_token; raises LaunchStateError or SmartError."""
+    """Check state (single use), exchange the code; the id_token is verified by `exchange_code`."""
     pending_raw = session_data.pop("pending", None)  # single use: gone whatever happens next
-    created = session_data.pop("pending_created", 0)
-    if not pending_raw or not state or not code:
+    if not pending_raw or not code:
         raise LaunchStateError("This sign-in link is not valid any more. Please launch CareCanvas again.")
     pending = PendingAuthorization.from_dict(pending_raw)
-    if not hmac.compare_digest(pending.state.encode(), state.encode()):
-        raise LaunchStateError("This sign-in link is not valid any more. Please launch CareCanvas again.")
-    if time.time() - float(created) > PENDING_MAX_AGE_SECONDS:
-        raise LaunchStateError("The sign-in took too long. Please launch CareCanvas again.")
-    config = SmartConfiguration.from_dict(session_data["smart_config"])
-    token_set = await exchange_code(registration=registration, config=config, code=code, pending=pending, http=http)
-    if token_set.id_token:
-        claims = await verify_id_token(
-            token_set.id_token, config=config, client_id=registration.client_id, nonce=pending.nonce, http=http
-        )
-        token_set = token_set.with_id_token_claims(claims)
-    elif "openid" in pending.scopes:
-        raise SmartError("invalid_token", "the EHR did not return the id_token it was asked for")
+    try:
+        check_state(pending, state, max_age=PENDING_MAX_AGE)
+    except StateError as error:
+        raise LaunchStateError(
+            "This sign-in link is not valid any more. Please launch CareCanvas again."
+        ) from error
+    config = config_from_dict(session_data["smart_config"])
+    token_set = await exchange_code(
+        registration=registration, config=config, code=code, pending=pending, http=http
+    )
+    if "openid" in pending.scopes and token_set.id_token_claims is None:
+        raise SmartError("the EHR did not return the id_token it was asked for", error="invalid_token")
     return token_set, config
+
+
+def config_to_dict(config: SmartConfiguration) -> dict[str, Any]:
+    return {
+        "fhir_base": config.fhir_base,
+        "issuer": config.issuer,
+        "authorization_endpoint": config.authorization_endpoint,
+        "token_endpoint": config.token_endpoint,
+        "jwks_uri": config.jwks_uri,
+        "capabilities": list(config.capabilities),
+        "code_challenge_methods_supported": list(config.code_challenge_methods_supported),
+        "scopes_supported": list(config.scopes_supported),
+        "grant_types_supported": list(config.grant_types_supported),
+        "token_endpoint_auth_methods_supported": list(config.token_endpoint_auth_methods_supported),
+    }
+
+
+def config_from_dict(data: dict[str, Any]) -> SmartConfiguration:
+    """The configuration checked at launch, as stored (encrypted) in the session; not fetched again."""
+    return SmartConfiguration(
+        fhir_base=data["fhir_base"],
+        issuer=data["issuer"],
+        authorization_endpoint=data["authorization_endpoint"],
+        token_endpoint=data["token_endpoint"],
+        jwks_uri=data["jwks_uri"],
+        capabilities=tuple(data["capabilities"]),
+        code_challenge_methods_supported=tuple(data["code_challenge_methods_supported"]),
+        scopes_supported=tuple(data["scopes_supported"]),
+        grant_types_supported=tuple(data["grant_types_supported"]),
+        token_endpoint_auth_methods_supported=tuple(data["token_endpoint_auth_methods_supported"]),
+    )

@@ -6,11 +6,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from harness import RunningApp, free_port, running_app
 
 from sandbox.run import SandboxEHR
 from service.cli import demo_settings
 from service.ehrs import origin_of
-from tests.e2e.harness import RunningApp, free_port, running_app
 
 
 @pytest.fixture(scope="session")
@@ -26,7 +26,9 @@ def sandbox(app_port: int) -> Iterator[SandboxEHR]:
 
 
 @pytest.fixture(scope="session")
-def carecanvas(sandbox: SandboxEHR, app_port: int, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningApp]:
+def carecanvas(
+    sandbox: SandboxEHR, app_port: int, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningApp]:
     data_dir: Path = tmp_path_factory.mktemp("carecanvas-data")
     settings = demo_settings(
         data_dir=data_dir,

@@ -43,7 +43,9 @@ class RunningApp:
 @contextlib.contextmanager
 def running_app(settings: Settings, *, port: int) -> Iterator[RunningApp]:
     app = create_app(settings)
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False, lifespan="on")
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_config=None, access_log=False, lifespan="on"
+    )
     server = uvicorn.Server(config)
     loops: list[asyncio.AbstractEventLoop] = []
 
@@ -77,21 +79,28 @@ def csrf_from(html: str) -> str:
     return match.group(1)
 
 
-def launch_session(app_url: str, sandbox: Any, *, patient: str = "pat-1", practitioner: str = "prac-1",
-                   encounter: str | None = "enc-1") -> httpx.Client:
-    """A real EHR launch over HTTP: /launch → authorize → /callback; returns a client holding the session."""
-    client = httpx.Client(base_url=app_url, follow_redirects=False, timeout=30)
-    launch_id = sandbox.create_launch(patient, practitioner, encounter)
-    started = client.get("/launch", params={"iss": sandbox.fhir_base, "launch": launch_id})
-    assert started.status_code == 302, started.text
-    authorized = httpx.get(started.headers["location"], follow_redirects=False, timeout=30)
-    assert authorized.status_code in (302, 303), authorized.text
-    callback = authorized.headers["location"]
-    assert callback.startswith(f"{app_url}/callback")
-    finished = client.get(callback.removeprefix(app_url))
-    assert finished.status_code == 303, finished.text
-    assert finished.headers["location"] == "/app"
-    return client
+@contextlib.contextmanager
+def launch_session(
+    app_url: str,
+    sandbox: Any,
+    *,
+    patient: str = "pat-1",
+    practitioner: str = "prac-1",
+    encounter: str | None = "enc-1",
+) -> Iterator[httpx.Client]:
+    """A real EHR launch over HTTP: /launch → authorize → /callback; yields a client holding the session."""
+    with httpx.Client(base_url=app_url, follow_redirects=False, timeout=30) as client:
+        launch_id = sandbox.create_launch(patient, practitioner, encounter)
+        started = client.get("/launch", params={"iss": sandbox.fhir_base, "launch": launch_id})
+        assert started.status_code == 302, started.text
+        authorized = httpx.get(started.headers["location"], follow_redirects=False, timeout=30)
+        assert authorized.status_code in (302, 303), authorized.text
+        callback = authorized.headers["location"]
+        assert callback.startswith(f"{app_url}/callback")
+        finished = client.get(callback.removeprefix(app_url))
+        assert finished.status_code == 303, finished.text
+        assert finished.headers["location"] == "/app"
+        yield client
 
 
 def wait_for_job(client: httpx.Client, job_id: str, *, timeout: float = 120) -> dict[str, Any]:
