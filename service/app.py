@@ -23,6 +23,7 @@ from service.ehrs import EhrRegistry
 from service.generation.models import ModelRegistry
 from service.generation.prompts import PromptLibrary, load_prompt_library
 from service.jobs import JobQueue
+from service.sessions import SessionStore
 from service.settings import Settings
 from service.stores import open_audit_log, open_database, open_keyring
 
@@ -48,6 +49,7 @@ class Services:
     prompts: PromptLibrary
     templates: Jinja2Templates
     http: httpx.AsyncClient
+    sessions: SessionStore
     # None in production; tests may route FHIR calls through a transport that fakes 5xx/429 answers.
     fhir_transport: httpx.AsyncBaseTransport | None = None
     extras: dict[str, Any] = field(default_factory=dict)
@@ -84,6 +86,7 @@ async def build_services(settings: Settings) -> Services:
         prompts=load_prompt_library(TEMPLATES_DIR / "prompts"),
         templates=Jinja2Templates(directory=TEMPLATES_DIR / "web"),
         http=make_http_client(),
+        sessions=SessionStore(keyring=keyring, lifetime=timedelta(minutes=settings.session_minutes)),
     )
 
 
@@ -139,7 +142,3 @@ def create_app(settings: Settings) -> FastAPI:
 async def open_services_for_cli(settings: Settings) -> Services:
     """The CLI uses the same wiring as the app (so `audit verify` sees what the demo wrote)."""
     return await build_services(settings)
-
-
-def session_lifetime(settings: Settings) -> timedelta:
-    return timedelta(minutes=settings.session_minutes)

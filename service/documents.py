@@ -59,7 +59,7 @@ async def load_document(db: AsyncSession, *, keyring: Keyring, job_id: str) -> D
         id=row.id,
         job_id=row.job_id,
         status=row.status,
-        ehr_name=row.ehr_name,
+        ehr_name=row.ehr_name or "",
         content=json.loads(keyring.decrypt(row.content, aad=_aad(row.id))),
         fhir_document_id=row.fhir_document_id,
         identifier=row.identifier,

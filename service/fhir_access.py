@@ -1,4 +1,4 @@
-"""FHIR access on behalf of a launched session: its tokens, refreshed before expiry and saved back encrypted."""
+"""FHIR access for a launched session: its tokens, refreshed before expiry and saved back encrypted."""
 
 from __future__ import annotations
 

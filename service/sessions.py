@@ -95,7 +95,7 @@ class SessionStore:
         plaintext = self._keyring.decrypt(row.data, aad=self._aad(id_hash))
         return WebSession(
             id_hash=id_hash,
-            ehr_name=row.ehr_name,
+            ehr_name=row.ehr_name or "",
             csrf_token=row.csrf_token,
             expires_at=expires_at,
             data=json.loads(plaintext),

@@ -15,7 +15,8 @@ from service.web.security import cookie_name
 
 
 def get_services(request: Request) -> Services:
-    return request.app.state.services  # type: ignore[no-any-return]
+    services: Services = request.app.state.services
+    return services
 
 
 ServicesDep = Annotated[Services, Depends(get_services)]
@@ -30,13 +31,7 @@ DbDep = Annotated[AsyncSession, Depends(get_db)]
 
 
 def get_session_store(services: ServicesDep) -> SessionStore:
-    store = services.extras.get("session_store")
-    if store is None:
-        from service.app import session_lifetime
-
-        store = SessionStore(keyring=services.keyring, lifetime=session_lifetime(services.settings))
-        services.extras["session_store"] = store
-    return store  # type: ignore[no-any-return]
+    return services.sessions
 
 
 SessionStoreDep = Annotated[SessionStore, Depends(get_session_store)]

@@ -82,7 +82,8 @@ async def callback(
         raise PageError(
             400,
             "The EHR did not allow the sign-in",
-            f"The EHR answered: {error_description or error}. Please launch CareCanvas again or ask your EHR team.",
+            f"The EHR answered: {error_description or error}. "
+            "Please launch CareCanvas again or ask your EHR team.",
         )
     ehr = services.ehrs.by_name(session.ehr_name)
     registration = services.ehrs.registration(ehr)

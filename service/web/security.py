@@ -32,7 +32,8 @@ def set_session_cookie(response: Response, settings: Settings, value: str) -> No
     if settings.cookies_secure:
         response.headers.append(
             "Set-Cookie",
-            f"{SECURE_COOKIE_NAME}={value}; Path=/; Max-Age={max_age}; Secure; HttpOnly; SameSite=None; Partitioned",
+            f"{SECURE_COOKIE_NAME}={value}; Path=/; Max-Age={max_age}; "
+            "Secure; HttpOnly; SameSite=None; Partitioned",
         )
     else:
         response.set_cookie(
@@ -53,8 +54,8 @@ def clear_session_cookie(response: Response, settings: Settings) -> None:
 def log_cookie_mode(settings: Settings) -> None:
     if not settings.cookies_secure:
         log.warning(
-            "plain-http public URL: session cookie falls back to HttpOnly SameSite=Lax without Secure/Partitioned "
-            "(fine on loopback for the demo, never in production)"
+            "plain-http public URL: the session cookie falls back to HttpOnly SameSite=Lax without "
+            "Secure/Partitioned (fine on loopback for the demo, never in production)"
         )
 
 

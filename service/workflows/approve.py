@@ -10,9 +10,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from fhir_adapters import (
     AttachmentPolicy,
-    apply_attachment_policy,
     FhirClient,
     FhirError,
+    apply_attachment_policy,
     build_document_reference,
     build_model_device,
     build_provenance,

@@ -1,4 +1,4 @@
-"""Start an education illustration for one of the launched patient's conditions: a durable job plus a draft."""
+"""Start an education illustration for one of the patient's conditions: a durable job plus a draft."""
 
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ async def start_illustration(
     prompt = build_education_prompt(
         library=library,
         condition_text=summary.text,
-        codes=[(coding.system, coding.code) for coding in summary.codes],
+        codes=[(coding.system, coding.code) for coding in summary.codes if coding.system and coding.code],
         style=choice.style,
         language=choice.language,
         depiction=choice.depiction,

@@ -1,4 +1,4 @@
-"""Fixtures: the sandbox EHR (real FHIR + SMART servers) and CareCanvas on embedded defaults, both on loopback."""
+"""Fixtures: the sandbox EHR (real FHIR + SMART servers) and CareCanvas on embedded defaults, on loopback."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The whole slice over real HTTP: EHR launch → workspace → generate → review → approve → write-back → audit."""
+"""The whole slice over real HTTP: launch → workspace → generate → review → approve → write-back → audit."""
 
 from __future__ import annotations
 

@@ -1,0 +1,83 @@
+"""A clinician's workflow in headless Chromium: sandbox EHR page → app in the iframe → generate → approve."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import httpx
+import pytest
+from harness import RunningApp
+from playwright.sync_api import Frame, Page, expect, sync_playwright
+
+from sandbox.run import SandboxEHR
+from service.workflows.approve import IDENTIFIER_SYSTEM
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+CHROMIUM_ARGS = [
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-quic",
+    "--no-first-run",
+    *(["--no-sandbox"] if os.geteuid() == 0 else []),
+]
+
+
+def app_frame(page: Page, app_url: str, path: str) -> Frame:
+    for _ in range(200):
+        for frame in page.frames:
+            if frame.url.startswith(f"{app_url}{path}"):
+                return frame
+        page.wait_for_timeout(100)
+    raise AssertionError(f"no frame at {path}; frames: {[f.url for f in page.frames]}")
+
+
+def test_clinician_generates_and_approves_inside_the_ehr_iframe(
+    sandbox: SandboxEHR, carecanvas: RunningApp
+) -> None:
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_ARGS
+        )
+        try:
+            page = browser.new_page()
+            page.goto(sandbox.ehr_url)
+            page.get_by_label("Layla Haddad").check()
+            page.get_by_label(re.compile("Alice Chen")).check()
+            page.get_by_role("button", name="Launch CareCanvas").click()
+
+            # The app loads inside the EHR's iframe: CSP frame-ancestors lets the registered EHR frame it.
+            workspace = app_frame(page, carecanvas.url, "/app")
+            expect(workspace.get_by_test_id("patient-name")).to_contain_text("Haddad")
+            expect(workspace.get_by_role("heading", name="Make a patient-education picture")).to_be_visible()
+            workspace.get_by_label("Style").select_option("watercolour")
+            workspace.get_by_label("Language").select_option("es")
+            workspace.get_by_role("button", name="Generate picture").click()
+
+            # Progress arrives over SSE; when the job is done the page moves on to the review.
+            review = app_frame(page, carecanvas.url, "/review/")
+            expect(review.get_by_test_id("test-model-notice")).to_be_visible()
+            image = review.locator("img.preview")
+            expect(image).to_have_attribute("alt", re.compile(r"\w+"))
+            assert review.evaluate("() => document.querySelector('img.preview').naturalWidth") == 64
+            review.get_by_label("Alt text (describes the picture)").fill("Dibujo de prueba.")
+            review.get_by_role("button", name="Approve and save to chart").click()
+            expect(review.get_by_test_id("written")).to_be_visible()
+            job_id = review.url.rsplit("/", 2)[-2]
+        finally:
+            browser.close()
+
+    token = sandbox.mint_token(scope="user/*.read", fhirUser=f"{sandbox.fhir_base}/Practitioner/prac-1")
+    bundle = httpx.get(
+        f"{sandbox.fhir_base}/DocumentReference",
+        params={"identifier": f"{IDENTIFIER_SYSTEM}|{job_id}-illustration-v1"},
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=30,
+    ).json()
+    [entry] = bundle["entry"]
+    document = entry["resource"]
+    assert document["subject"]["reference"] == "Patient/pat-5"
+    assert document["content"][0]["attachment"]["language"] == "es"
+    assert document["content"][1]["attachment"]["title"] == "Dibujo de prueba."
