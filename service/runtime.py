@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
+from typing import Any
 
 import structlog
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.app import Services
+from service.documents import load_document, save_content
 from service.generation.engine import DiffusionEngine, select_device_and_dtype
 from service.generation.models import ModelSpec
+from service.generation.safety import SafetyClassifier, load_safety_classifier
 from service.generation.tiny import build_tiny_pipeline
 from service.worker import Worker
 
@@ -44,14 +49,50 @@ class EngineCache:
         return engine
 
 
+class SafetySettings(BaseSettings):
+    """CARECANVAS_SAFETY_CLASSIFIER: "none" (default), "blank-image" or "python:package.module:factory"."""
+
+    model_config = SettingsConfigDict(env_prefix="CARECANVAS_", extra="ignore")
+
+    safety_classifier: str = "none"
+
+
+def configured_safety_classifier(services: Services) -> SafetyClassifier | None:
+    """A classifier placed in services.extras (tests, embedding code) wins over the environment setting."""
+    if "safety_classifier" in services.extras:
+        chosen: SafetyClassifier | None = services.extras["safety_classifier"]
+        return chosen
+    return load_safety_classifier(SafetySettings().safety_classifier)
+
+
+def document_result_recorder(services: Services) -> Any:
+    """Merges a job's result (the safety verdict) into its draft document, which the review page reads."""
+
+    async def record(job_id: str, result: Mapping[str, Any]) -> None:
+        async with services.sessionmaker() as db:
+            document = await load_document(db, keyring=services.keyring, job_id=job_id)
+            if document is None:
+                return  # jobs without a review draft (benchmarks, scripts) have nowhere to show it
+            await save_content(
+                db, keyring=services.keyring, document=document, content={**document.content, **result}
+            )
+            await db.commit()
+
+    return record
+
+
 def make_worker(services: Services) -> Worker:
     settings = services.settings
+    safety = configured_safety_classifier(services)
+    log.info("safety classifier", classifier=safety.name if safety is not None else "none")
     return Worker(
         queue=services.queue,
         engines=EngineCache(services, device_preference=settings.device),
         batch_size=settings.worker_batch_size,
         batch_wait_ms=settings.worker_batch_wait_ms,
         poll_seconds=settings.worker_poll_seconds,
+        safety=safety,
+        record_result=document_result_recorder(services),
     )
 
 
