@@ -22,13 +22,13 @@ def _settings() -> Settings:
 
 
 def _free_port(preferred: int) -> int:
+    """The preferred port when it is free (0 means any), else any free loopback port."""
     with socket.socket() as probe:
         try:
             probe.bind(("127.0.0.1", preferred))
-            return preferred
         except OSError:
             probe.bind(("127.0.0.1", 0))
-            return int(probe.getsockname()[1])
+        return int(probe.getsockname()[1])
 
 
 def _serve(settings: Settings, *, host: str, port: int) -> None:

@@ -1,0 +1,61 @@
+"""`carecanvas demo` as a newcomer runs it: prints the sandbox EHR URL, serves, and stops cleanly on Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_starts_everything_on_loopback_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+    env = {**os.environ, "CARECANVAS_DATA_DIR": str(tmp_path / "data"), "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "demo", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    output: list[str] = []
+    try:
+        assert process.stdout is not None
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            line = process.stdout.readline()
+            if not line:
+                break
+            output.append(line)
+            if "worker started" in line:
+                break
+        text = "".join(output)
+        ehr_url = re.search(r"Sandbox EHR:\s+(http://127\.0\.0\.1:\d+/ehr)", text)
+        app_url = re.search(r"CareCanvas:\s+(http://127\.0\.0\.1:\d+)", text)
+        assert ehr_url and app_url, text
+        page = httpx.get(ehr_url.group(1), timeout=30)
+        assert page.status_code == 200
+        assert "Launch CareCanvas" in page.text
+        assert httpx.get(f"{app_url.group(1)}/readyz", timeout=30).json() == {"status": "ready"}
+        # All state lives in the data directory, encrypted key file included.
+        assert (tmp_path / "data" / "carecanvas.db").exists()
+        assert (tmp_path / "data" / "keys.json").stat().st_mode & 0o077 == 0
+    finally:
+        os.killpg(process.pid, signal.SIGINT)
+        try:
+            remaining, _ = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            raise
+    assert process.returncode == 0, remaining
+    # Ctrl-C stopped the Node FHIR server too: nothing is left listening.
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(ehr_url.group(1).replace("/ehr", "/"), timeout=5)
