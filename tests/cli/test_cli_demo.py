@@ -1,4 +1,4 @@
-"""`carecanvas demo` as a newcomer runs it: prints the sandbox EHR URL, serves, and stops cleanly on Ctrl-C."""
+"""`carecanvas demo` as a newcomer runs it: prints the sandbox EHR URL, serves, stops cleanly on Ctrl-C."""
 
 from __future__ import annotations
 
@@ -40,7 +40,8 @@ def test_demo_starts_everything_on_loopback_and_stops_on_ctrl_c(tmp_path: Path) 
         text = "".join(output)
         ehr_url = re.search(r"Sandbox EHR:\s+(http://127\.0\.0\.1:\d+/ehr)", text)
         app_url = re.search(r"CareCanvas:\s+(http://127\.0\.0\.1:\d+)", text)
-        assert ehr_url and app_url, text
+        assert ehr_url, text
+        assert app_url, text
         page = httpx.get(ehr_url.group(1), timeout=30)
         assert page.status_code == 200
         assert "Launch CareCanvas" in page.text
