@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import html
+
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, Response
 
@@ -21,7 +23,8 @@ def install_error_pages(app: FastAPI) -> None:
     async def _page_error(request: Request, error: PageError) -> Response:
         services = getattr(request.app.state, "services", None)
         if services is None:
-            return HTMLResponse(f"<h1>{error.title}</h1><p>{error.message}</p>", status_code=error.status)
+            page = f"<h1>{html.escape(error.title)}</h1><p>{html.escape(error.message)}</p>"
+            return HTMLResponse(page, status_code=error.status)
         return services.templates.TemplateResponse(
             request,
             "error.html",
