@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from fhir_adapters import clean_text
 from service.crypto import Keyring, aad_for
 from service.db.models import Document
 
@@ -27,6 +28,8 @@ class DocumentView:
     fhir_document_id: str | None
     identifier: str | None
     version: int
+    approved_at: datetime | None = None
+    error: str | None = None
 
 
 def _aad(document_id: str) -> bytes:
@@ -52,9 +55,26 @@ async def create_draft(
 
 
 async def load_document(db: AsyncSession, *, keyring: Keyring, job_id: str) -> DocumentView | None:
-    row = (await db.execute(select(Document).where(Document.job_id == job_id))).scalar_one_or_none()
+    # populate_existing: a caller that polls for another request's write must see the fresh row.
+    statement = select(Document).where(Document.job_id == job_id).execution_options(populate_existing=True)
+    row = (await db.execute(statement)).scalar_one_or_none()
     if row is None:
         return None
+    return _view(row, keyring)
+
+
+async def documents_by_identifier(
+    db: AsyncSession, *, keyring: Keyring, ehr_name: str, identifiers: list[str]
+) -> dict[str, DocumentView]:
+    """The local rows for FHIR documents we wrote to this EHR, keyed by their FHIR identifier value."""
+    if not identifiers:
+        return {}
+    statement = select(Document).where(Document.identifier.in_(identifiers), Document.ehr_name == ehr_name)
+    rows = (await db.execute(statement.execution_options(populate_existing=True))).scalars()
+    return {row.identifier: _view(row, keyring) for row in rows if row.identifier}
+
+
+def _view(row: Document, keyring: Keyring) -> DocumentView:
     return DocumentView(
         id=row.id,
         job_id=row.job_id,
@@ -64,6 +84,8 @@ async def load_document(db: AsyncSession, *, keyring: Keyring, job_id: str) -> D
         fhir_document_id=row.fhir_document_id,
         identifier=row.identifier,
         version=row.version,
+        approved_at=row.approved_at,
+        error=row.error,
     )
 
 
@@ -107,3 +129,65 @@ async def transition(
     document.status = to_status
     document.version += 1
     return True
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    """One DocumentReference CareCanvas wrote to the chart earlier, as the workspace lists it."""
+
+    fhir_document_id: str
+    identifier: str
+    status: str  # the EHR's: current | superseded | entered-in-error
+    date: str
+    description: str
+    replaces: str | None
+    job_id: str | None  # set when this CareCanvas knows the document (so it can replace or withdraw it)
+    local_status: str | None
+
+
+STATUS_LABELS = {
+    "current": "In the chart",
+    "superseded": "Replaced by a newer version",
+    "entered-in-error": "Withdrawn (entered in error)",
+}
+
+
+def history_from_search(
+    resources: list[dict[str, Any]], *, identifier_system: str, local: dict[str, DocumentView]
+) -> list[HistoryEntry]:
+    """Our documents among the search results (checked again: a server may ignore the identifier filter)."""
+    entries = []
+    for resource in resources:
+        identifier = next(
+            (
+                item.get("value")
+                for item in resource.get("identifier") or []
+                if isinstance(item, dict) and item.get("system") == identifier_system and item.get("value")
+            ),
+            None,
+        )
+        if not isinstance(identifier, str) or not isinstance(resource.get("id"), str):
+            continue
+        replaces = next(
+            (
+                str((item.get("target") or {}).get("reference", "")).removeprefix("DocumentReference/")
+                for item in resource.get("relatesTo") or []
+                if isinstance(item, dict) and item.get("code") == "replaces"
+            ),
+            None,
+        )
+        known = local.get(identifier)
+        entries.append(
+            HistoryEntry(
+                fhir_document_id=resource["id"],
+                identifier=identifier,
+                status=str(resource.get("status") or "unknown"),
+                date=clean_text(resource.get("date"), max_length=40)[:10],
+                description=clean_text(resource.get("description")) or "Education picture",
+                replaces=replaces or None,
+                job_id=known.job_id if known else None,
+                local_status=known.status if known else None,
+            )
+        )
+    entries.sort(key=lambda entry: entry.date, reverse=True)
+    return entries

@@ -1,27 +1,38 @@
-"""Review: see the image with its caption and alt text, edit them, approve and write back to the EHR."""
+"""Review and chart actions: approve and write back, make a new version of a saved picture, withdraw it."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
 from fastapi import APIRouter, Form, Request
-from fastapi.responses import HTMLResponse, Response
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
-from fhir_adapters import AttachmentPolicy, FhirError
+from fhir_adapters import FhirError, GrantedScopes
 from service.audit import AuditAction
 from service.documents import load_document
 from service.fhir_access import SessionExpiredError, open_fhir
+from service.generation.prompts import Depiction
 from service.generation.readability import caption_grade
 from service.web.deps import DbDep, RequestIdDep, ServicesDep, SessionStoreDep, WebSessionDep
 from service.web.errors import PageError
 from service.web.routes_jobs import owned_job_status
-from service.web.routes_workspace import _can_write_back, fhir_failure_page
+from service.web.routes_workspace import (
+    LANGUAGES,
+    _can_update_documents,
+    _can_write_back,
+    fhir_failure_page,
+)
 from service.workflows.approve import (
+    ApprovalInProgressError,
+    AttachmentOverrides,
     NotReadyError,
     WriteBackFailedError,
     approve_and_write_back,
     practitioner_id_from,
 )
+from service.workflows.illustrate import ConditionNotFoundError, WrongPatientError
+from service.workflows.regenerate import NotReplaceableError, start_regeneration
+from service.workflows.retract import retract_document
 
 router = APIRouter()
 
@@ -129,10 +140,6 @@ async def approve(
         raise PageError(403, "Only clinicians can approve", "Approval needs a practitioner's launch.")
     ehr = services.ehrs.by_name(session.ehr_name)
     registration = services.ehrs.registration(ehr)
-    policy = AttachmentPolicy(
-        accept_images=ehr.accept_images if ehr.accept_images is not None else True,
-        max_inline_bytes=ehr.max_inline_bytes,
-    )
     try:
         async with open_fhir(
             session=session,
@@ -154,13 +161,21 @@ async def approve(
                 alt_text=alt_text,
                 practitioner_id=practitioner_id,
                 organization_id=ehr.organization_id,
-                attachment_policy=policy,
+                attachment_overrides=AttachmentOverrides.from_registration(ehr),
+                may_update_documents=_can_update_documents(token),
+                may_create_binaries=GrantedScopes.parse(str(token.get("scope", ""))).allows(
+                    "Binary", "create"
+                ),
                 ehr_name=ehr.name,
                 request_id=request_id,
             )
     except NotReadyError as error:
         raise PageError(409, "Not ready to approve", str(error)) from error
+    except ApprovalInProgressError as error:
+        raise PageError(409, "Being saved right now", str(error)) from error
     except WriteBackFailedError as error:
+        if error.retryable:
+            raise PageError(503, "The EHR did not answer in time", str(error)) from error
         raise PageError(502, "The EHR did not accept the document", str(error)) from error
     except SessionExpiredError as error:
         raise PageError(401, "Your CareCanvas session has ended", str(error)) from error
@@ -173,6 +188,149 @@ async def approve(
             "job_id": job_id,
             "fhir_document_id": result.fhir_document_id,
             "already_written": result.already_written,
+            "included_image": result.included_image,
+            "notes": result.notes,
+            "replaced_document_id": result.replaced_document_id,
+            "superseded": result.superseded,
+            "style_url": token.get("smart_style_url"),
+        },
+    )
+
+
+@router.post("/documents/{job_id}/regenerate")
+async def regenerate(
+    job_id: str,
+    services: ServicesDep,
+    db: DbDep,
+    store: SessionStoreDep,
+    session: WebSessionDep,
+    request_id: RequestIdDep,
+    csrf_token: Annotated[str, Form(max_length=100)],
+    style: Annotated[str, Form(max_length=40)] = "",
+    language: Annotated[str, Form(max_length=5)] = "",
+    depiction: Annotated[str, Form(max_length=40)] = "varied",
+) -> Response:
+    """A new version of a saved picture; approving it replaces the old document in the chart."""
+    if not session.csrf_matches(csrf_token):
+        raise PageError(403, "This form has expired", "Please go back, reload the page and try again.")
+    if language and language not in LANGUAGES:
+        raise PageError(400, "Unknown language", f"Choose one of: {', '.join(LANGUAGES.values())}.")
+    if style and style not in {preset.name for preset in services.prompts.styles}:
+        raise PageError(400, "Unknown style", "Choose one of the styles offered on the page.")
+    try:
+        chosen_depiction = Depiction.from_choice(depiction)
+    except ValueError as error:
+        raise PageError(400, "Unknown depiction", str(error)) from error
+    patient_id = session.patient_id
+    if not patient_id:
+        raise PageError(400, "No patient in context", "Open CareCanvas from a patient's chart.")
+    ehr = services.ehrs.by_name(session.ehr_name)
+    try:
+        async with open_fhir(
+            session=session,
+            store=store,
+            db=db,
+            registration=services.ehrs.registration(ehr),
+            http=services.http,
+            transport=services.fhir_transport,
+        ) as fhir:
+            new_job_id = await start_regeneration(
+                db=db,
+                fhir=fhir,
+                queue=services.queue,
+                audit=services.audit,
+                keyring=services.keyring,
+                library=services.prompts,
+                model=services.models.get(services.settings.default_model),
+                previous_job_id=job_id,
+                style=style or None,
+                language=language or None,
+                depiction=chosen_depiction,
+                patient_id=patient_id,
+                encounter_id=session.data.get("encounter"),
+                actor=session.data.get("fhir_user"),
+                ehr_name=ehr.name,
+                session_id_hash=session.id_hash,
+                request_id=request_id,
+            )
+    except NotReplaceableError as error:
+        await db.rollback()
+        raise PageError(404, "No such saved picture", str(error)) from error
+    except (ConditionNotFoundError, WrongPatientError) as error:
+        await db.rollback()
+        raise PageError(404, "Condition not found", str(error)) from error
+    except SessionExpiredError as error:
+        await db.rollback()
+        raise PageError(401, "Your CareCanvas session has ended", str(error)) from error
+    except FhirError as error:
+        await db.rollback()
+        raise fhir_failure_page(error) from error
+    await db.commit()
+    return RedirectResponse(f"/jobs/{new_job_id}", status_code=303)
+
+
+@router.post("/documents/{job_id}/retract", response_class=HTMLResponse)
+async def retract(
+    request: Request,
+    job_id: str,
+    services: ServicesDep,
+    db: DbDep,
+    store: SessionStoreDep,
+    session: WebSessionDep,
+    request_id: RequestIdDep,
+    csrf_token: Annotated[str, Form(max_length=100)],
+) -> Response:
+    """Withdraw a saved picture: the EHR's DocumentReference becomes entered-in-error."""
+    if not session.csrf_matches(csrf_token):
+        raise PageError(403, "This form has expired", "Please go back, reload the page and try again.")
+    token = session.data["token_set"]
+    if not _can_update_documents(token):
+        raise PageError(
+            403,
+            "Withdrawing is not allowed for this launch",
+            "The EHR did not grant CareCanvas permission to change documents. Ask your EHR team.",
+        )
+    if practitioner_id_from(session.data.get("fhir_user")) is None:
+        raise PageError(403, "Only clinicians can withdraw", "Withdrawing needs a practitioner's launch.")
+    patient_id = session.patient_id
+    if not patient_id:
+        raise PageError(400, "No patient in context", "Open CareCanvas from a patient's chart.")
+    ehr = services.ehrs.by_name(session.ehr_name)
+    try:
+        async with open_fhir(
+            session=session,
+            store=store,
+            db=db,
+            registration=services.ehrs.registration(ehr),
+            http=services.http,
+            transport=services.fhir_transport,
+        ) as fhir:
+            result = await retract_document(
+                db=db,
+                fhir=fhir,
+                audit=services.audit,
+                keyring=services.keyring,
+                job_id=job_id,
+                patient_id=patient_id,
+                actor=session.data.get("fhir_user"),
+                ehr_name=ehr.name,
+                request_id=request_id,
+            )
+    except NotReplaceableError as error:
+        await db.rollback()
+        raise PageError(404, "No such saved picture", str(error)) from error
+    except SessionExpiredError as error:
+        raise PageError(401, "Your CareCanvas session has ended", str(error)) from error
+    except FhirError as error:
+        raise fhir_failure_page(error) from error
+    return services.templates.TemplateResponse(
+        request,
+        "approved.html",
+        {
+            "job_id": job_id,
+            "fhir_document_id": result.fhir_document_id,
+            "retracted": True,
+            "already_retracted": result.already_retracted,
             "style_url": token.get("smart_style_url"),
         },
     )

@@ -1,9 +1,9 @@
-"""The clinician's workspace: patient banner, active conditions, and the generate form."""
+"""The clinician's workspace: patient banner, active conditions, the generate form and earlier documents."""
 
 from __future__ import annotations
 
 import re
-from typing import Annotated
+from typing import Annotated, Any
 
 import structlog
 from fastapi import APIRouter, Form, Request
@@ -13,17 +13,21 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from fhir_adapters import (
     FhirError,
     ForbiddenError,
+    GrantedScopes,
     TemporaryFhirError,
     summarize_condition,
     summarize_patient,
 )
+from fhir_adapters.conditions import UNSPECIFIED_CONDITION
 from service.app import Services
 from service.audit import AuditAction
+from service.documents import STATUS_LABELS, documents_by_identifier, history_from_search
 from service.fhir_access import SessionExpiredError, open_fhir
 from service.generation.prompts import Depiction
 from service.sessions import WebSession
 from service.web.deps import DbDep, RequestIdDep, ServicesDep, SessionStoreDep, WebSessionDep
 from service.web.errors import PageError
+from service.workflows.approve import IDENTIFIER_SYSTEM
 from service.workflows.illustrate import (
     ConditionNotFoundError,
     IllustrationChoice,
@@ -67,6 +71,8 @@ async def workspace(
         raise PageError(400, "No patient in context", "Open CareCanvas from a patient's chart.")
     token = session.data["token_set"]
     patient_resource = None
+    history_raw: list[dict[str, Any]] | None = None
+    history_error: FhirError | None = None
     try:
         async with open_fhir(
             session=session,
@@ -81,6 +87,15 @@ async def workspace(
             conditions_raw = await fhir.search(
                 "Condition", {"patient": patient_id, "clinical-status": "active", "_count": "50"}
             )
+            if _can_search_documents(token):
+                # A failed history search must not cost the clinician the workspace: say so instead.
+                try:
+                    history_raw = await fhir.search(
+                        "DocumentReference",
+                        {"patient": patient_id, "identifier": f"{IDENTIFIER_SYSTEM}|", "_count": "50"},
+                    )
+                except FhirError as error:
+                    history_error = error
     except SessionExpiredError as error:
         raise PageError(401, "Your CareCanvas session has ended", str(error)) from error
     except FhirError as error:
@@ -112,6 +127,32 @@ async def workspace(
         request_id=request_id,
         detail={"count": len(conditions_raw)},
     )
+    history = []
+    if history_raw is not None or history_error is not None:
+        await services.audit.append(
+            db,
+            action=AuditAction.FHIR_SEARCH,
+            outcome="success" if history_error is None else "failure",
+            actor=actor,
+            patient=patient_id,
+            ehr=ehr.name,
+            resource="DocumentReference",
+            request_id=request_id,
+            detail={"count": len(history_raw)}
+            if history_raw is not None
+            else {"status": _status(history_error)},
+        )
+    if history_raw is not None:
+        identifiers = [
+            str(item.get("value"))
+            for resource in history_raw
+            for item in resource.get("identifier") or []
+            if isinstance(item, dict) and item.get("system") == IDENTIFIER_SYSTEM
+        ]
+        local = await documents_by_identifier(
+            db, keyring=services.keyring, ehr_name=ehr.name, identifiers=identifiers
+        )
+        history = history_from_search(history_raw, identifier_system=IDENTIFIER_SYSTEM, local=local)
     await db.commit()
     banner = summarize_patient(patient_resource) if patient_resource is not None else None
     conditions = [summarize_condition(resource) for resource in conditions_raw]
@@ -129,6 +170,11 @@ async def workspace(
             "can_write": can_write,
             "style_url": token.get("smart_style_url"),
             "model": services.models.get(services.settings.default_model),
+            "history": history,
+            "history_unavailable": history_error is not None,
+            "status_labels": STATUS_LABELS,
+            "can_update": _can_update_documents(token),
+            "unspecified_text": UNSPECIFIED_CONDITION,
         },
     )
 
@@ -157,11 +203,20 @@ async def _audit_failure(
     await db.commit()
 
 
-def _can_write_back(token: dict[str, object]) -> bool:
-    from fhir_adapters import GrantedScopes
+def _status(error: FhirError | None) -> int | None:
+    return error.status if error is not None else None
 
-    scopes = GrantedScopes.parse(str(token.get("scope", "")))
-    return scopes.allows("DocumentReference", "create")
+
+def _can_write_back(token: dict[str, object]) -> bool:
+    return GrantedScopes.parse(str(token.get("scope", ""))).allows("DocumentReference", "create")
+
+
+def _can_search_documents(token: dict[str, object]) -> bool:
+    return GrantedScopes.parse(str(token.get("scope", ""))).allows("DocumentReference", "search")
+
+
+def _can_update_documents(token: dict[str, object]) -> bool:
+    return GrantedScopes.parse(str(token.get("scope", ""))).allows("DocumentReference", "update")
 
 
 @router.post("/illustrations")

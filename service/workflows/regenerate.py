@@ -1,0 +1,148 @@
+"""Make a new version of a picture already in the chart; its approval replaces (supersedes) the old one."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import structlog
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from fhir_adapters import FhirClient, FhirError, PreconditionFailedError, validate_resource
+from service.audit import AuditLog
+from service.crypto import Keyring
+from service.documents import DocumentView, load_document, save_content
+from service.generation.models import ModelSpec
+from service.generation.prompts import Depiction, PromptLibrary
+from service.jobs import JobQueue
+from service.workflows.illustrate import IllustrationChoice, start_illustration
+
+log = structlog.get_logger("carecanvas.regenerate")
+
+# What happened to the replaced document on the EHR:
+#   superseded       its status is now superseded
+#   not-current      it was no longer current (e.g. withdrawn), so it was left as it is
+#   not-allowed      this launch may not update DocumentReferences: left current (the new one says `replaces`)
+#   not-supported    the server's CapabilityStatement offers no DocumentReference update: left current
+#   refused          the server refused the update: left current
+SupersedeOutcome = Literal["superseded", "not-current", "not-allowed", "not-supported", "refused"]
+
+
+class NotReplaceableError(LookupError):
+    """The document is unknown here, not this patient's, or was never written to the chart."""
+
+
+def offers_interaction(capabilities: Mapping[str, Any], resource_type: str, interaction: str) -> bool:
+    """Whether the CapabilityStatement lists `interaction` for `resource_type` (rest[0])."""
+    for rest in capabilities.get("rest") or []:
+        for resource in (rest or {}).get("resource") or []:
+            if isinstance(resource, Mapping) and resource.get("type") == resource_type:
+                return any(
+                    isinstance(item, Mapping) and item.get("code") == interaction
+                    for item in resource.get("interaction") or []
+                )
+    return False
+
+
+async def supersede_document(fhir: FhirClient, document_id: str, *, may_update: bool) -> SupersedeOutcome:
+    """Mark the replaced document superseded where the launch and the server allow it; never raises FhirError.
+
+    The new document's `relatesTo replaces` already records the replacement, so a refusal here leaves the
+    chart correct, only less tidy; the caller tells the user.
+    """
+    if not may_update:
+        return "not-allowed"
+    try:
+        if not offers_interaction(await fhir.capabilities(), "DocumentReference", "update"):
+            return "not-supported"
+        for _ in range(2):
+            current = await fhir.read("DocumentReference", document_id)
+            if current.get("status") != "current":
+                return "not-current"
+            version = (current.get("meta") or {}).get("versionId")
+            current["status"] = "superseded"
+            validate_resource(current)
+            try:
+                await fhir.update(current, if_match=f'W/"{version}"' if version else None)
+            except PreconditionFailedError:
+                continue  # changed between our read and write: read again once
+            return "superseded"
+    except FhirError as error:
+        log.warning("could not mark the replaced document superseded", status=error.status)
+        return "refused"
+    return "refused"
+
+
+async def start_regeneration(
+    *,
+    db: AsyncSession,
+    fhir: FhirClient,
+    queue: JobQueue,
+    audit: AuditLog,
+    keyring: Keyring,
+    library: PromptLibrary,
+    model: ModelSpec,
+    previous_job_id: str,
+    style: str | None,
+    language: str | None,
+    depiction: Depiction,
+    patient_id: str,
+    encounter_id: str | None,
+    actor: str | None,
+    ehr_name: str,
+    session_id_hash: str,
+    request_id: str | None,
+) -> str:
+    """A new job for the same condition whose draft remembers the document it will replace; returns its id.
+
+    The previous document is read and the transaction closed before the EHR is asked for the Condition,
+    so no database writer lock is held across the EHR call.
+    """
+    previous = await load_replaceable(
+        db, keyring=keyring, job_id=previous_job_id, patient_id=patient_id, ehr_name=ehr_name
+    )
+    await db.commit()
+    job_id = await start_illustration(
+        db=db,
+        fhir=fhir,
+        queue=queue,
+        audit=audit,
+        keyring=keyring,
+        library=library,
+        model=model,
+        choice=IllustrationChoice(
+            condition_id=previous.content["condition_id"],
+            style=style or previous.content["style"],
+            language=language or previous.content["language"],
+            depiction=depiction,
+        ),
+        patient_id=patient_id,
+        encounter_id=encounter_id,
+        actor=actor,
+        ehr_name=ehr_name,
+        session_id_hash=session_id_hash,
+        request_id=request_id,
+    )
+    draft = await load_document(db, keyring=keyring, job_id=job_id)
+    if draft is None:  # start_illustration always creates one; a missing draft is a bug
+        raise RuntimeError("the new draft was not created")
+    content = dict(draft.content)
+    content["replaces"] = {"fhir_document_id": previous.fhir_document_id, "job_id": previous_job_id}
+    await save_content(db, keyring=keyring, document=draft, content=content)
+    return job_id
+
+
+async def load_replaceable(
+    db: AsyncSession, *, keyring: Keyring, job_id: str, patient_id: str, ehr_name: str
+) -> DocumentView:
+    """A document this EHR and patient have in the chart (written or withdrawn), else NotReplaceableError."""
+    document = await load_document(db, keyring=keyring, job_id=job_id)
+    if (
+        document is None
+        or document.ehr_name != ehr_name
+        or document.content.get("patient_id") != patient_id
+        or document.status not in ("written", "retracted")
+        or not document.fhir_document_id
+    ):
+        raise NotReplaceableError("There is no saved picture with that id for this patient.")
+    return document
