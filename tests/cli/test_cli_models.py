@@ -117,7 +117,8 @@ def test_check_loads_good_models_and_names_the_problems_of_bad_ones(
     assert main(["models", "check"]) == 1
     out = capsys.readouterr().out.splitlines()
     assert out[0] == f"{SECOND}: ok "
-    assert out[1].startswith("broken: PROBLEM ") and "model_index.json does not exist" in out[1]
+    assert out[1].startswith("broken: PROBLEM ")
+    assert "model_index.json does not exist" in out[1]
     assert out[2] == f"missing: PROBLEM model folder {configured / 'nope'} does not exist"
     assert out[3] == f"{TINY_MODEL_NAME}: not built yet (built on first start)"
 
@@ -135,7 +136,7 @@ def test_check_passes_when_every_model_loads(configured: Path, monkeypatch, caps
 
 def test_console_script_runs_as_a_process(configured: Path) -> None:
     env = {**os.environ, "CARECANVAS_DATA_DIR": str(configured / "data")}
-    result = subprocess.run(  # noqa: S603 - our own module with fixed arguments
+    result = subprocess.run(
         [sys.executable, "-m", "service.cli", "models", "list"],
         env=env,
         capture_output=True,

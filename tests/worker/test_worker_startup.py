@@ -1,4 +1,4 @@
-"""`carecanvas worker` as a real process: configuration, model switching by models file, safety flag, shutdown."""
+"""`carecanvas worker` as a real process: configuration, model switching, safety flag, shutdown."""
 
 from __future__ import annotations
 
@@ -132,7 +132,8 @@ async def test_worker_process_uses_configured_models_and_records_safety(
     try:
         switched = await enqueue_with_draft(services, settings.default_model, seed=3)
         builtin = await enqueue_with_draft(services, TINY_MODEL_NAME, seed=3)
-        process = subprocess.Popen(  # noqa: S603 - our own console script with fixed arguments
+        process = await asyncio.to_thread(
+            subprocess.Popen,
             [sys.executable, "-m", "service.cli", "worker", "--metrics-host", "127.0.0.1"],
             env=worker_env,
             stdout=subprocess.PIPE,
@@ -140,12 +141,14 @@ async def test_worker_process_uses_configured_models_and_records_safety(
         )
         try:
             await wait_finished(services, [switched, builtin], process)
-            metrics = httpx.get(f"http://127.0.0.1:{worker_env['CARECANVAS_WORKER_METRICS_PORT']}/metrics")
+            port = worker_env["CARECANVAS_WORKER_METRICS_PORT"]
+            async with httpx.AsyncClient() as client:
+                metrics = await client.get(f"http://127.0.0.1:{port}/metrics")
             assert metrics.status_code == 200
             assert "python_info" in metrics.text
         finally:
             process.send_signal(signal.SIGTERM)
-            stdout, stderr = process.communicate(timeout=60)
+            stdout, stderr = await asyncio.to_thread(process.communicate, timeout=60)
         assert process.returncode == 0, stderr.decode()[-2000:]
         for job_id in (switched, builtin):
             assert (await services.queue.get(job_id)).status == "succeeded"
@@ -178,7 +181,7 @@ async def test_worker_process_uses_configured_models_and_records_safety(
 
 def test_worker_refuses_an_unknown_safety_classifier(worker_env: dict[str, str]) -> None:
     worker_env["CARECANVAS_SAFETY_CLASSIFIER"] = "nsfw-9000"
-    result = subprocess.run(  # noqa: S603 - our own console script with fixed arguments
+    result = subprocess.run(
         [sys.executable, "-m", "service.cli", "worker", "--metrics-host", "127.0.0.1"],
         env=worker_env,
         capture_output=True,
