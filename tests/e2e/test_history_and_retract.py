@@ -1,0 +1,368 @@
+"""History of written documents, new versions that replace them, withdrawal, and odd Conditions, over HTTP."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from harness import CONDITION, RunningApp, csrf_from, free_port, launch_session, running_app, wait_for_job
+
+from sandbox.run import SandboxEHR
+from service.audit import AuditAction
+from service.cli import demo_settings
+from service.documents import load_document
+from service.ehrs import origin_of
+from service.settings import EhrSettings
+from service.workflows.approve import IDENTIFIER_SYSTEM, artifact_identifier
+
+pytestmark = pytest.mark.slow
+
+DEFAULT_SCOPES = EhrSettings.model_fields["scopes"].default
+VARIANTS: dict[str, dict[str, Any]] = {
+    "full": {},
+    # Read, search and create documents, but not update them: no superseding, no withdrawing.
+    "no-update": {
+        "scopes": tuple(
+            "patient/DocumentReference.crs" if scope == "patient/DocumentReference.cruds" else scope
+            for scope in DEFAULT_SCOPES
+        )
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def ports() -> dict[str, int]:
+    return {name: free_port() for name in VARIANTS}
+
+
+@pytest.fixture(scope="module")
+def ehr(ports: dict[str, int]) -> Iterator[SandboxEHR]:
+    with SandboxEHR(
+        redirect_uris=[f"http://127.0.0.1:{port}/callback" for port in ports.values()]
+    ) as sandbox:
+        yield sandbox
+
+
+@pytest.fixture(scope="module")
+def apps(
+    ehr: SandboxEHR, ports: dict[str, int], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, RunningApp]]:
+    with contextlib.ExitStack() as stack:
+        started = {}
+        for name, overrides in VARIANTS.items():
+            settings = demo_settings(
+                data_dir=Path(tmp_path_factory.mktemp(f"history-{name}")),
+                fhir_base=ehr.fhir_base,
+                auth_base=ehr.auth_base,
+                ehr_origin=origin_of(ehr.ehr_url),
+                port=ports[name],
+            )
+            base = settings.ehrs[0].model_dump(exclude_unset=True)
+            settings.ehrs = [EhrSettings(**{**base, **overrides})]
+            started[name] = stack.enter_context(running_app(settings, port=ports[name]))
+        yield started
+
+
+@pytest.fixture(autouse=True)
+def fresh_server(ehr: SandboxEHR) -> None:
+    ehr.fhir.set_profile("generic")
+    ehr.fhir.reset()
+
+
+def fhir_get(ehr: SandboxEHR, path: str, params: dict[str, str] | None = None) -> dict[str, Any]:
+    response = httpx.get(
+        f"{ehr.fhir_base}/{path}",
+        params=params,
+        headers={"Authorization": f"Bearer {ehr.mint_token()}"},
+        timeout=30,
+    )
+    response.raise_for_status()
+    return response.json()  # type: ignore[no-any-return]
+
+
+def document_for(ehr: SandboxEHR, job_id: str) -> dict[str, Any]:
+    bundle = fhir_get(
+        ehr, "DocumentReference", {"identifier": f"{IDENTIFIER_SYSTEM}|{artifact_identifier(job_id)}"}
+    )
+    [document] = [entry["resource"] for entry in bundle["entry"]]
+    return document
+
+
+def generate(client: httpx.Client, csrf: str, condition_id: str) -> str:
+    created = client.post(
+        "/illustrations",
+        data={"condition_id": condition_id, "style": "flat_vector", "language": "en", "csrf_token": csrf},
+    )
+    assert created.status_code == 303, created.text
+    job_id = created.headers["location"].rsplit("/", 1)[1]
+    assert wait_for_job(client, job_id)["status"] == "succeeded"
+    return job_id
+
+
+def approve(client: httpx.Client, job_id: str, csrf: str) -> httpx.Response:
+    form = {
+        "caption": "A picture about your health.",
+        "alt_text": "Drawing for the test.",
+        "csrf_token": csrf,
+    }
+    return client.post(f"/review/{job_id}/approve", data=form)
+
+
+def saved_picture(client: httpx.Client) -> tuple[str, str, str]:
+    """Generate and approve a picture; returns (job id, CSRF token, condition id)."""
+    workspace = client.get("/app")
+    csrf = csrf_from(workspace.text)
+    condition_id = CONDITION.findall(workspace.text)[0]
+    job_id = generate(client, csrf, condition_id)
+    saved = approve(client, job_id, csrf)
+    assert saved.status_code == 200, saved.text
+    return job_id, csrf, condition_id
+
+
+def history_rows(html: str) -> dict[str, str]:
+    """document id → EHR status, from the workspace's history table."""
+    return dict(re.findall(r'data-document-id="([^"]+)" data-status="([^"]+)"', html))
+
+
+def audit_entries(app: RunningApp, action: str) -> list[Any]:
+    async def search() -> list[Any]:
+        async with app.services.sessionmaker() as db:
+            return await app.services.audit.search(db, action=action)
+
+    return app.call(search())  # type: ignore[no-any-return]
+
+
+def local_status(app: RunningApp, job_id: str) -> str | None:
+    async def load() -> str | None:
+        async with app.services.sessionmaker() as db:
+            document = await load_document(db, keyring=app.services.keyring, job_id=job_id)
+            return document.status if document else None
+
+    return app.call(load())  # type: ignore[no-any-return]
+
+
+def test_workspace_lists_earlier_documents_with_status_and_audits_the_search(
+    ehr: SandboxEHR, apps: dict[str, RunningApp]
+) -> None:
+    app = apps["full"]
+    with launch_session(app.url, ehr) as client:
+        assert 'data-testid="history"' not in client.get("/app").text
+        job_id, _, _ = saved_picture(client)
+        document_id = document_for(ehr, job_id)["id"]
+        before = len(audit_entries(app, AuditAction.FHIR_SEARCH))
+        workspace = client.get("/app")
+    assert history_rows(workspace.text) == {document_id: "current"}
+    assert "In the chart" in workspace.text
+    assert f"/documents/{job_id}/retract" in workspace.text
+    assert f"/documents/{job_id}/regenerate" in workspace.text
+    searches = audit_entries(app, AuditAction.FHIR_SEARCH)[
+        : len(audit_entries(app, AuditAction.FHIR_SEARCH)) - before
+    ]
+    history_search = [entry for entry in searches if entry.resource == "DocumentReference"]
+    assert len(history_search) == 1
+    assert history_search[0].outcome == "success"
+    assert history_search[0].patient == "pat-1"
+    assert history_search[0].detail == {"count": 1}
+
+
+def test_history_shows_documents_written_by_an_earlier_launch(
+    ehr: SandboxEHR, apps: dict[str, RunningApp]
+) -> None:
+    app = apps["full"]
+    with launch_session(app.url, ehr) as first:
+        job_id, _, _ = saved_picture(first)
+    with launch_session(app.url, ehr) as second:
+        workspace = second.get("/app")
+        assert document_for(ehr, job_id)["id"] in history_rows(workspace.text)
+        # A later launch for the same patient may still withdraw what an earlier one wrote.
+        withdrawn = second.post(
+            f"/documents/{job_id}/retract", data={"csrf_token": csrf_from(workspace.text)}
+        )
+        assert withdrawn.status_code == 200, withdrawn.text
+    assert document_for(ehr, job_id)["status"] == "entered-in-error"
+
+
+def test_new_version_replaces_the_old_document_and_supersedes_it(
+    ehr: SandboxEHR, apps: dict[str, RunningApp]
+) -> None:
+    app = apps["full"]
+    with launch_session(app.url, ehr) as client:
+        old_job, csrf, condition_id = saved_picture(client)
+        old_id = document_for(ehr, old_job)["id"]
+        started = client.post(f"/documents/{old_job}/regenerate", data={"csrf_token": csrf})
+        assert started.status_code == 303, started.text
+        new_job = started.headers["location"].rsplit("/", 1)[1]
+        assert new_job != old_job
+        assert wait_for_job(client, new_job)["status"] == "succeeded"
+        saved = approve(client, new_job, csrf)
+        assert saved.status_code == 200, saved.text
+        assert 'data-testid="replaces"' in saved.text
+        assert "now marked as replaced" in saved.text
+        workspace = client.get("/app")
+    new = document_for(ehr, new_job)
+    assert new["relatesTo"] == [{"code": "replaces", "target": {"reference": f"DocumentReference/{old_id}"}}]
+    assert new["context"]["related"] == [{"reference": f"Condition/{condition_id}"}]
+    assert new["status"] == "current"
+    assert document_for(ehr, old_job)["status"] == "superseded"
+    assert history_rows(workspace.text) == {new["id"]: "current", old_id: "superseded"}
+    assert "Replaced by a newer version" in workspace.text
+    assert f"/documents/{old_job}/retract" not in workspace.text  # only current documents offer actions
+    updates = [
+        entry
+        for entry in audit_entries(app, AuditAction.WRITE_BACK)
+        if entry.detail.get("status") == "superseded"
+    ]
+    assert [entry.resource for entry in updates] == [f"DocumentReference/{old_id}"]
+
+
+def test_without_update_permission_the_old_document_stays_current_and_the_page_says_so(
+    ehr: SandboxEHR, apps: dict[str, RunningApp]
+) -> None:
+    app = apps["no-update"]
+    with launch_session(app.url, ehr) as client:
+        old_job, csrf, _ = saved_picture(client)
+        old_id = document_for(ehr, old_job)["id"]
+        workspace = client.get("/app")
+        assert f"/documents/{old_job}/regenerate" in workspace.text
+        assert f"/documents/{old_job}/retract" not in workspace.text
+        refused = client.post(f"/documents/{old_job}/retract", data={"csrf_token": csrf})
+        assert refused.status_code == 403
+        assert "not allowed" in refused.text
+        started = client.post(f"/documents/{old_job}/regenerate", data={"csrf_token": csrf})
+        new_job = started.headers["location"].rsplit("/", 1)[1]
+        assert wait_for_job(client, new_job)["status"] == "succeeded"
+        saved = approve(client, new_job, csrf)
+        assert saved.status_code == 200, saved.text
+        assert "may not change documents" in saved.text
+    assert document_for(ehr, old_job)["status"] == "current"
+    assert document_for(ehr, new_job)["relatesTo"][0]["target"]["reference"] == f"DocumentReference/{old_id}"
+    assert all(method != "PUT" for method in (r["method"] for r in ehr.fhir.requests()))
+
+
+def test_withdraw_marks_entered_in_error_once_with_csrf_and_audit(
+    ehr: SandboxEHR, apps: dict[str, RunningApp]
+) -> None:
+    app = apps["full"]
+    with launch_session(app.url, ehr) as client:
+        job_id, csrf, _ = saved_picture(client)
+        document_id = document_for(ehr, job_id)["id"]
+        forged = client.post(f"/documents/{job_id}/retract", data={"csrf_token": "not-the-token"})
+        assert forged.status_code == 403
+        assert document_for(ehr, job_id)["status"] == "current"
+        before = len(audit_entries(app, AuditAction.RETRACT))
+        withdrawn = client.post(f"/documents/{job_id}/retract", data={"csrf_token": csrf})
+        assert withdrawn.status_code == 200, withdrawn.text
+        assert 'data-testid="retracted"' in withdrawn.text
+        assert "already" not in withdrawn.text
+        assert document_for(ehr, job_id)["status"] == "entered-in-error"
+        assert local_status(app, job_id) == "retracted"
+        again = client.post(f"/documents/{job_id}/retract", data={"csrf_token": csrf})
+        assert again.status_code == 200
+        assert "it already was" in again.text
+        reapproved = approve(client, job_id, csrf)
+        assert reapproved.status_code == 409
+        assert "withdrawn" in reapproved.text
+        workspace = client.get("/app")
+    assert history_rows(workspace.text) == {document_id: "entered-in-error"}
+    assert "Withdrawn (entered in error)" in workspace.text
+    records = audit_entries(app, AuditAction.RETRACT)[: len(audit_entries(app, AuditAction.RETRACT)) - before]
+    assert [(r.outcome, r.resource, r.detail.get("already")) for r in reversed(records)] == [
+        ("success", f"DocumentReference/{document_id}", False),
+        ("success", f"DocumentReference/{document_id}", True),
+    ]
+    puts = [r for r in ehr.fhir.requests() if r["method"] == "PUT"]
+    assert len(puts) == 1
+
+
+def test_another_patients_launch_cannot_withdraw_or_replace(
+    ehr: SandboxEHR, apps: dict[str, RunningApp]
+) -> None:
+    app = apps["full"]
+    with launch_session(app.url, ehr) as client:
+        job_id, _, _ = saved_picture(client)
+    with launch_session(app.url, ehr, patient="pat-2", encounter="enc-2") as other:
+        csrf = csrf_from(other.get("/app").text)
+        assert other.post(f"/documents/{job_id}/retract", data={"csrf_token": csrf}).status_code == 404
+        assert other.post(f"/documents/{job_id}/regenerate", data={"csrf_token": csrf}).status_code == 404
+        assert other.post("/documents/not-a-job/retract", data={"csrf_token": csrf}).status_code == 404
+    assert document_for(ehr, job_id)["status"] == "current"
+
+
+class FailingHistoryTransport(httpx.AsyncBaseTransport):
+    """Real server for everything but the DocumentReference search, which answers a 400 OperationOutcome."""
+
+    def __init__(self) -> None:
+        self._real = httpx.AsyncHTTPTransport()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "GET" and request.url.path.endswith("/DocumentReference"):
+            outcome = {
+                "resourceType": "OperationOutcome",
+                "issue": [
+                    {"severity": "error", "code": "not-supported", "diagnostics": "identifier search off"}
+                ],
+            }
+            return httpx.Response(
+                400, content=json.dumps(outcome).encode(), headers={"Content-Type": "application/fhir+json"}
+            )
+        return await self._real.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        """Shared by every FhirClient of the app; closed by the test."""
+
+    async def close_for_good(self) -> None:
+        await self._real.aclose()
+
+
+def test_failed_history_search_keeps_the_workspace_and_is_audited(
+    ehr: SandboxEHR, apps: dict[str, RunningApp]
+) -> None:
+    app = apps["full"]
+    transport = FailingHistoryTransport()
+    app.services.fhir_transport = transport
+    try:
+        with launch_session(app.url, ehr) as client:
+            workspace = client.get("/app")
+    finally:
+        app.services.fhir_transport = None
+        app.call(transport.close_for_good())
+    assert workspace.status_code == 200
+    assert 'data-testid="history-unavailable"' in workspace.text
+    assert CONDITION.findall(workspace.text)
+    [latest] = [e for e in audit_entries(app, AuditAction.FHIR_SEARCH) if e.resource == "DocumentReference"][
+        :1
+    ]
+    assert (latest.outcome, latest.detail) == ("failure", {"status": 400})
+
+
+@pytest.mark.parametrize(
+    ("patient", "encounter", "condition_id", "code"),
+    [("pat-5", "enc-5", "cond-5-no-code", None), ("pat-6", "enc-6", "cond-6-no-text", "267036007")],
+)
+def test_conditions_without_text_show_a_sensible_label_and_can_be_illustrated(
+    ehr: SandboxEHR,
+    apps: dict[str, RunningApp],
+    patient: str,
+    encounter: str,
+    condition_id: str,
+    code: str | None,
+) -> None:
+    with launch_session(apps["full"].url, ehr, patient=patient, encounter=encounter) as client:
+        workspace = client.get("/app")
+        assert workspace.status_code == 200
+        label = re.search(rf'value="{condition_id}"[^>]*>\s*<label[^>]*>(.*?)</label>', workspace.text, re.S)
+        assert label, f"{condition_id} is listed"
+        text = " ".join(re.sub(r"<[^>]+>", " ", label.group(1)).split())
+        assert text.startswith("unspecified condition")
+        assert "None" not in text
+        assert (f"(code {code})" in text) == (code is not None)
+        job_id = generate(client, csrf_from(workspace.text), condition_id)
+        review = client.get(f"/review/{job_id}")
+        assert review.status_code == 200
+        assert "None" not in re.findall(r"<h1>(.*?)</h1>", review.text)[0]
