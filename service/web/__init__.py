@@ -19,4 +19,5 @@ def install_routes(app: FastAPI, settings: Settings) -> None:
     install_error_pages(app)
     for module in (routes_launch, routes_workspace, routes_jobs, routes_review, routes_ops):
         app.include_router(module.router)
+    app.include_router(__import__("service.web.routes_portrait", fromlist=["router"]).router)
     log_cookie_mode(settings)
