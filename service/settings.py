@@ -34,6 +34,7 @@ class EhrSettings(BaseModel):
         "patient/DocumentReference.cruds",
         "patient/Provenance.cs",
         "patient/Device.cs",
+        "patient/Binary.cr",
         "patient/QuestionnaireResponse.rs",
     )
     # Origins allowed to frame the app (CSP frame-ancestors) and to host the SMART endpoints.
@@ -42,6 +43,19 @@ class EhrSettings(BaseModel):
     organization_id: str | None = None
     accept_images: bool | None = None
     max_inline_bytes: int = 5_000_000
+    # private_key_jwt key rotation: PEM files, oldest first. All are published at /.well-known/jwks.json;
+    # the last one signs. Each key's `kid` is its RFC 7638 thumbprint; RSA signs RS384, EC P-384 ES384.
+    private_key_files: tuple[Path, ...] = ()
+    # Scopes for the patient portal's standalone launch (`/portal/launch?ehr=<name>`); empty = no portal.
+    portal_scopes: tuple[str, ...] = (
+        "launch/patient",
+        "openid",
+        "fhirUser",
+        "offline_access",
+        "patient/Patient.rs",
+        "patient/DocumentReference.rs",
+        "patient/Binary.r",
+    )
 
 
 class Settings(BaseSettings):

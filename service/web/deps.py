@@ -37,8 +37,14 @@ def get_session_store(services: ServicesDep) -> SessionStore:
 SessionStoreDep = Annotated[SessionStore, Depends(get_session_store)]
 
 
-async def get_web_session(request: Request, services: ServicesDep, store: SessionStoreDep) -> WebSession:
-    """The launched session, or a page asking for a new launch (never a redirect loop).
+SESSION_ENDED = (
+    "Your CareCanvas session has ended",
+    "Please open CareCanvas again from the patient's chart in your EHR.",
+)
+
+
+async def load_launched_session(request: Request, services: Services, store: SessionStore) -> WebSession:
+    """The launched session, or a 401 page asking for a new launch (never a redirect, so never a loop).
 
     Loaded in a short transaction of its own: on SQLite every write transaction holds the database's
     writer lock from its start, so a request must not sit on one while it waits for the queue or the EHR.
@@ -47,15 +53,38 @@ async def get_web_session(request: Request, services: ServicesDep, store: Sessio
         session = await store.load(db, request.cookies.get(cookie_name(services.settings)))
         await db.commit()
     if session is None or not session.authenticated:
+        raise PageError(401, *SESSION_ENDED)
+    return session
+
+
+async def get_web_session(request: Request, services: ServicesDep, store: SessionStoreDep) -> WebSession:
+    """A clinician's session from an EHR launch; portal (patient) sessions get no clinician pages."""
+    session = await load_launched_session(request, services, store)
+    if session.data.get("kind") == "portal":
         raise PageError(
-            401,
-            "Your CareCanvas session has ended",
-            "Please open CareCanvas again from the patient's chart in your EHR.",
+            403,
+            "This page is for clinicians",
+            "You signed in through the patient portal. Your pictures are on the portal page.",
         )
     return session
 
 
 WebSessionDep = Annotated[WebSession, Depends(get_web_session)]
+
+
+async def get_portal_session(request: Request, services: ServicesDep, store: SessionStoreDep) -> WebSession:
+    """A patient's (or related person's) session from the portal's standalone launch."""
+    session = await load_launched_session(request, services, store)
+    if session.data.get("kind") != "portal":
+        raise PageError(
+            403,
+            "This page is for patients",
+            "The patient portal needs a sign-in through the portal (standalone launch).",
+        )
+    return session
+
+
+PortalSessionDep = Annotated[WebSession, Depends(get_portal_session)]
 
 
 def request_id(request: Request) -> str | None:

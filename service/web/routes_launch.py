@@ -1,23 +1,93 @@
-"""SMART EHR launch: `/launch` (the launch URL an EHR registers) and `/callback` (the redirect URI)."""
+"""SMART launch: `/launch` (the launch URL an EHR registers), `/callback` (the redirect URI), `/style.css`."""
 
 from __future__ import annotations
 
+import re
 from typing import Annotated
 
 import structlog
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import RedirectResponse, Response
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from fhir_adapters import FhirError, SmartError
+from fhir_adapters import EhrRegistration, FhirError, SmartError
+from service.app import Services
 from service.audit import AuditAction
 from service.ehrs import UnregisteredIssuerError
+from service.sessions import SessionStore
+from service.settings import EhrSettings
 from service.web.deps import DbDep, RequestIdDep, ServicesDep, SessionStoreDep
 from service.web.errors import PageError
 from service.web.security import cookie_name, set_session_cookie
-from service.workflows.launch import LaunchStateError, begin_launch, complete_launch
+from service.workflows.launch import (
+    LaunchKind,
+    LaunchStateError,
+    LaunchUserError,
+    StartedLaunch,
+    begin_launch,
+    complete_launch,
+    fetch_smart_style,
+    role_for,
+    style_css,
+)
 
 log = structlog.get_logger("carecanvas.launch")
 router = APIRouter()
+
+# OAuth error codes are short ASCII words (RFC 6749 §4.1.2.1); anything else is not shown verbatim.
+_OAUTH_ERROR_CODE = re.compile(r"[a-z_]{1,64}")
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f\u200b-\u200f\u202a-\u202e\u2066-\u2069]")
+_MAX_DESCRIPTION = 300
+NOT_REGISTERED = PageError(
+    400,
+    "This EHR is not registered",
+    "CareCanvas was opened from an EHR it does not know. Ask your EHR team to register CareCanvas "
+    "(see docs/integrating.md); nothing was contacted.",
+)
+
+
+def discovery_failure_page(error: SmartError | FhirError) -> PageError:
+    """Readable, without echoing what the EHR sent (it may be hostile)."""
+    if "origin the registration does not allow" in str(error):
+        reason = (
+            "Its SMART configuration names a sign-in server that is not one of the addresses registered "
+            "for this EHR, so CareCanvas did not send anyone there."
+        )
+    elif "PKCE" in str(error):
+        reason = "Its SMART configuration does not offer PKCE (S256), which CareCanvas requires."
+    else:
+        reason = "Its SMART configuration could not be read or trusted."
+    return PageError(
+        502,
+        "The EHR's sign-in settings could not be used",
+        f"{reason} Please tell your EHR integration team.",
+    )
+
+
+async def start_launch(
+    *,
+    services: Services,
+    store: SessionStore,
+    db: AsyncSession,
+    ehr: EhrSettings,
+    registration: EhrRegistration,
+    launch: str | None,
+    scopes: tuple[str, ...],
+    kind: LaunchKind,
+) -> Response:
+    """Discovery first (no database transaction open), then the new session row, then the redirect."""
+    try:
+        started: StartedLaunch = await begin_launch(
+            registration=registration, launch=launch, http=services.http, scopes=scopes, kind=kind
+        )
+    except (SmartError, FhirError) as error:
+        log.warning("smart discovery refused", ehr=ehr.name, error_type=type(error).__name__)
+        raise discovery_failure_page(error) from error
+    cookie_value, _ = await store.create(db, ehr_name=ehr.name, data=started.session_data)
+    await db.commit()
+    response = RedirectResponse(started.authorize_url, status_code=302)
+    set_session_cookie(response, services.settings, cookie_value)
+    return response
 
 
 @router.get("/launch")
@@ -25,39 +95,32 @@ async def launch(
     services: ServicesDep,
     db: DbDep,
     store: SessionStoreDep,
-    iss: Annotated[str | None, Query()] = None,
-    launch: Annotated[str | None, Query()] = None,
+    iss: Annotated[str | None, Query(max_length=2000)] = None,
+    launch: Annotated[str | None, Query(max_length=2000)] = None,
 ) -> Response:
     try:
         ehr = services.ehrs.by_iss(iss)
     except UnregisteredIssuerError:
         # No outbound request at all for an unknown iss: it could point anywhere (SSRF).
-        raise PageError(
-            400,
-            "This EHR is not registered",
-            "CareCanvas was opened from an EHR it does not know. Ask your EHR team to register CareCanvas "
-            "(see docs/integrating.md); nothing was contacted.",
-        ) from None
+        raise NOT_REGISTERED from None
     if not launch:
         raise PageError(400, "Missing launch context", "Open CareCanvas from a patient's chart in your EHR.")
-    registration = services.ehrs.registration(ehr)
-    try:
-        started = await begin_launch(
-            registration=registration, launch=launch, http=services.http, scopes=ehr.scopes
-        )
-    except (SmartError, FhirError) as error:
-        log.warning("smart discovery refused", ehr=ehr.name, error_type=type(error).__name__)
-        raise PageError(
-            502,
-            "The EHR's sign-in settings could not be used",
-            "CareCanvas could not read or trust the EHR's SMART configuration, so it did not continue. "
-            "Please tell your EHR integration team.",
-        ) from error
-    cookie_value, _ = await store.create(db, ehr_name=ehr.name, data=started.session_data)
-    await db.commit()
-    response = RedirectResponse(started.authorize_url, status_code=302)
-    set_session_cookie(response, services.settings, cookie_value)
-    return response
+    return await start_launch(
+        services=services,
+        store=store,
+        db=db,
+        ehr=ehr,
+        registration=services.ehrs.registration(ehr),
+        launch=launch,
+        scopes=tuple(ehr.scopes),
+        kind="ehr",
+    )
+
+
+def _readable_oauth_error(error: str, description: str | None) -> str:
+    code = error if _OAUTH_ERROR_CODE.fullmatch(error) else "an unknown error"
+    text = _UNPRINTABLE.sub("", description or "").strip()[:_MAX_DESCRIPTION]
+    return f"{text} ({code})" if text else code
 
 
 @router.get("/callback")
@@ -67,47 +130,81 @@ async def callback(
     db: DbDep,
     store: SessionStoreDep,
     request_id: RequestIdDep,
-    code: Annotated[str | None, Query()] = None,
-    state: Annotated[str | None, Query()] = None,
-    error: Annotated[str | None, Query()] = None,
-    error_description: Annotated[str | None, Query()] = None,
+    code: Annotated[str | None, Query(max_length=4000)] = None,
+    state: Annotated[str | None, Query(max_length=500)] = None,
+    error: Annotated[str | None, Query(max_length=200)] = None,
+    error_description: Annotated[str | None, Query(max_length=2000)] = None,
 ) -> Response:
-    session = await store.load(db, request.cookies.get(cookie_name(services.settings)))
-    if session is None:
-        raise PageError(400, "Sign-in could not be completed", "Please launch CareCanvas again from the EHR.")
+    # Spend the pending authorization in a short transaction of its own, before any EHR call: the state
+    # is single use even if two callbacks race, and no write lock is held during the token request.
+    async with services.sessionmaker() as spend:
+        session = await store.load(spend, request.cookies.get(cookie_name(services.settings)))
+        if session is None:
+            await spend.commit()
+            raise PageError(
+                400, "Sign-in could not be completed", "Please launch CareCanvas again from the EHR."
+            )
+        pending_raw = session.data.pop("pending", None)
+        await store.save(spend, session)
+        await spend.commit()
     if error:
-        session.data.pop("pending", None)
-        await store.save(db, session)
-        await db.commit()
         raise PageError(
             400,
             "The EHR did not allow the sign-in",
-            f"The EHR answered: {error_description or error}. "
+            f"The EHR answered: {_readable_oauth_error(error, error_description)}. "
             "Please launch CareCanvas again or ask your EHR team.",
         )
+    kind: LaunchKind = "portal" if session.data.get("kind") == "portal" else "ehr"
     ehr = services.ehrs.by_name(session.ehr_name)
     registration = services.ehrs.registration(ehr)
     try:
-        token_set, _config = await complete_launch(
-            registration=registration, session_data=session.data, code=code, state=state, http=services.http
+        token_set, config = await complete_launch(
+            registration=registration,
+            pending_raw=pending_raw,
+            smart_config=session.data["smart_config"],
+            code=code,
+            state=state,
+            http=services.http,
         )
     except LaunchStateError as failure:
-        await store.save(db, session)  # the pending state is spent either way
-        await db.commit()
         raise PageError(400, "Sign-in could not be completed", str(failure)) from failure
     except SmartError as failure:
-        await store.save(db, session)
-        await db.commit()
         log.warning("token exchange refused", ehr=ehr.name, error_type=type(failure).__name__)
         raise PageError(
             400,
             "Sign-in could not be completed",
-            "The EHR's answer to the sign-in could not be verified. Please launch CareCanvas again.",
+            "The EHR's answer to the sign-in could not be verified, so CareCanvas did not use it. "
+            "Please launch CareCanvas again; if this keeps happening, tell your EHR integration team.",
         ) from failure
-    session.data["token_set"] = token_set.to_dict()
-    session.data["patient"] = token_set.patient
-    session.data["encounter"] = token_set.encounter
-    session.data["fhir_user"] = token_set.fhir_user
+    try:
+        role = role_for(kind=kind, fhir_user=token_set.fhir_user, patient=token_set.patient)
+    except LaunchUserError as refused:
+        await services.audit.append(
+            db,
+            action=AuditAction.LAUNCH,
+            outcome="denied",
+            actor=token_set.fhir_user,
+            patient=token_set.patient,
+            ehr=ehr.name,
+            resource=None,
+            request_id=request_id,
+            detail={"kind": kind},
+        )
+        await db.commit()
+        raise PageError(403, "CareCanvas cannot be used with this sign-in", str(refused)) from refused
+    style = await fetch_smart_style(
+        token_set.smart_style_url, registration=registration, config=config, http=services.http
+    )
+    session.data.update(
+        {
+            "token_set": token_set.to_dict(),
+            "patient": token_set.patient,
+            "encounter": token_set.encounter,
+            "fhir_user": token_set.fhir_user,
+            "role": role,
+            "style": style,
+        }
+    )
     await store.save(db, session)
     await services.audit.append(
         db,
@@ -118,10 +215,21 @@ async def callback(
         ehr=ehr.name,
         resource=None,
         request_id=request_id,
-        detail={"scope": " ".join(sorted(token_set.scopes.raw))},
+        detail={"kind": kind, "role": role, "scope": " ".join(sorted(token_set.scopes.raw))},
     )
     await db.commit()
     # 303 to a clean URL: the code leaves the address bar, and no-referrer keeps it out of later requests.
-    response = RedirectResponse("/app", status_code=303)
+    response = RedirectResponse("/portal" if kind == "portal" else "/app", status_code=303)
     response.headers["Referrer-Policy"] = "no-referrer"
     return response
+
+
+@router.get("/style.css")
+async def session_style(request: Request, services: ServicesDep, store: SessionStoreDep) -> Response:
+    """The EHR's smart_style_url values for this session as CSS custom properties (CSP: style-src 'self')."""
+    async with services.sessionmaker() as db:
+        session = await store.load(db, request.cookies.get(cookie_name(services.settings)))
+        await db.commit()
+    style = session.data.get("style") if session is not None else None
+    css = style_css(style if isinstance(style, dict) else {})
+    return Response(css, media_type="text/css", headers={"Cache-Control": "private, no-store"})

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Awaitable, Callable
+from urllib.parse import urlsplit
 
 import structlog
 from fastapi import Request, Response
+from fastapi.responses import HTMLResponse
 from starlette.middleware.base import BaseHTTPMiddleware
 
 from service.settings import Settings
@@ -15,6 +17,31 @@ log = structlog.get_logger("carecanvas.web")
 
 SECURE_COOKIE_NAME = "__Host-carecanvas"
 LOOPBACK_COOKIE_NAME = "carecanvas_session"
+UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+# Sec-Fetch-Site values a state-changing request may carry: our own pages, or typed by the user.
+ALLOWED_FETCH_SITES = frozenset({"same-origin", "none"})
+
+
+def app_origin(settings: Settings) -> str:
+    parts = urlsplit(settings.public_url)
+    return f"{parts.scheme}://{parts.netloc}".lower()
+
+
+def cross_site_reason(request: Request, settings: Settings) -> str | None:
+    """Why a state-changing request looks cross-site (None when it does not).
+
+    Browsers send Origin on every POST and Sec-Fetch-Site on every request; a request without them
+    (a script, curl) still has to carry the session's CSRF token, which the routes check.
+    """
+    if request.method not in UNSAFE_METHODS:
+        return None
+    fetch_site = request.headers.get("sec-fetch-site")
+    if fetch_site is not None and fetch_site.lower() not in ALLOWED_FETCH_SITES:
+        return "sec-fetch-site"
+    origin = request.headers.get("origin")
+    if origin is not None and origin.lower() != app_origin(settings):
+        return "origin"  # includes "null" (sandboxed frames, file: pages)
+    return None
 
 
 def cookie_name(settings: Settings) -> str:
@@ -72,7 +99,12 @@ class SecurityHeadersMiddleware(BaseHTTPMiddleware):
         request.state.request_id = secrets.token_hex(8)
         structlog.contextvars.bind_contextvars(request_id=request.state.request_id)
         try:
-            response = await call_next(request)
+            refused = cross_site_reason(request, request.app.state.settings)
+            if refused is not None:
+                log.warning("cross-site request refused", method=request.method, reason=refused)
+                response: Response = _cross_site_page(request)
+            else:
+                response = await call_next(request)
         finally:
             structlog.contextvars.unbind_contextvars("request_id")
         ancestors = " ".join(["'self'", *self._frame_origins()])
@@ -88,3 +120,18 @@ class SecurityHeadersMiddleware(BaseHTTPMiddleware):
         response.headers.setdefault("Cross-Origin-Opener-Policy", "same-origin-allow-popups")
         response.headers.setdefault("X-Request-Id", request.state.request_id)
         return response
+
+
+def _cross_site_page(request: Request) -> Response:
+    title = "This request came from another site"
+    message = (
+        "CareCanvas only accepts changes sent from its own pages. Go back to CareCanvas, reload the page "
+        "and try again."
+    )
+    services = getattr(request.app.state, "services", None)
+    if services is None:
+        return HTMLResponse(f"<h1>{title}</h1><p>{message}</p>", status_code=403)
+    response: Response = services.templates.TemplateResponse(
+        request, "error.html", {"title": title, "message": message, "status": 403}, status_code=403
+    )
+    return response

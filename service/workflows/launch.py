@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -24,9 +27,45 @@ from fhir_adapters import (
 # A pending authorization older than this is refused: the user must launch again.
 PENDING_MAX_AGE = timedelta(minutes=10)
 
+LaunchKind = Literal["ehr", "portal"]
+Role = Literal["clinician", "patient", "related-person"]
+_ROLES: dict[str, Role] = {
+    "Practitioner": "clinician",
+    "PractitionerRole": "clinician",
+    "Patient": "patient",
+    "RelatedPerson": "related-person",
+}
+_FHIR_USER = re.compile(r"(?:^|/)(?P<type>[A-Z][A-Za-z]+)/(?P<id>[A-Za-z0-9\-.]{1,64})$")
+
+# smart_style_url: only these keys are kept, each value matched in full against a strict pattern, so an
+# EHR's style document can never inject CSS (no url(), no braces, no semicolons, no comments).
+_COLOR = (
+    r"#[0-9A-Fa-f]{3,8}|rgba?\(\s*\d{1,3}\s*,\s*\d{1,3}\s*,\s*\d{1,3}\s*(?:,\s*(?:0|1|0?\.\d{1,3})\s*)?\)"
+)
+_LENGTH = r"\d{1,3}(?:\.\d{1,2})?(?:px|rem|em)"
+_FONT_NAME = r"(?:-?[A-Za-z][A-Za-z0-9 \-]{0,40}|\"[A-Za-z][A-Za-z0-9 \-]{0,40}\")"
+_FONT = rf"{_FONT_NAME}(?:\s*,\s*{_FONT_NAME}){{0,7}}"
+STYLE_PATTERNS: dict[str, re.Pattern[str]] = {
+    "color_background": re.compile(_COLOR),
+    "color_text": re.compile(_COLOR),
+    "color_highlight": re.compile(_COLOR),
+    "color_error": re.compile(_COLOR),
+    "color_success": re.compile(_COLOR),
+    "dim_border_radius": re.compile(_LENGTH),
+    "dim_font_size": re.compile(_LENGTH),
+    "dim_spacing_size": re.compile(_LENGTH),
+    "font_family_body": re.compile(_FONT),
+    "font_family_heading": re.compile(_FONT),
+}
+_MAX_STYLE_BYTES = 20_000
+
 
 class LaunchStateError(Exception):
     """The callback's `state` is missing, wrong, reused or expired; no token request was made."""
+
+
+class LaunchUserError(PermissionError):
+    """The signed-in user cannot use this kind of launch (e.g. a clinician on the patient portal)."""
 
 
 @dataclass(frozen=True)
@@ -36,9 +75,17 @@ class StartedLaunch:
 
 
 async def begin_launch(
-    *, registration: EhrRegistration, launch: str | None, http: httpx.AsyncClient, scopes: tuple[str, ...]
+    *,
+    registration: EhrRegistration,
+    launch: str | None,
+    http: httpx.AsyncClient,
+    scopes: tuple[str, ...],
+    kind: LaunchKind = "ehr",
 ) -> StartedLaunch:
-    """Discover the EHR's endpoints and build the authorize redirect; the pending values go to the session."""
+    """Discover the EHR's endpoints and build the authorize redirect; the pending values go to the session.
+
+    `launch` is the EHR's launch id for an EHR launch and None for a standalone (portal) launch.
+    """
     config = await discover(registration.iss, http=http, registration=registration)
     pending = begin_authorization(
         registration=registration,
@@ -50,6 +97,7 @@ async def begin_launch(
     return StartedLaunch(
         authorize_url=pending.url,
         session_data={
+            "kind": kind,
             "pending": pending.to_dict(),
             "smart_config": config_to_dict(config),
         },
@@ -59,13 +107,16 @@ async def begin_launch(
 async def complete_launch(
     *,
     registration: EhrRegistration,
-    session_data: dict[str, Any],
+    pending_raw: dict[str, Any] | None,
+    smart_config: dict[str, Any],
     code: str | None,
     state: str | None,
     http: httpx.AsyncClient,
 ) -> tuple[TokenSet, SmartConfiguration]:
-    """Check state (single use), exchange the code; the id_token is verified by `exchange_code`."""
-    pending_raw = session_data.pop("pending", None)  # single use: gone whatever happens next
+    """Check state (the caller already removed `pending` from the session), exchange the code.
+
+    The id_token is verified by `exchange_code`; a missing one is refused when `openid` was asked for.
+    """
     if not pending_raw or not code:
         raise LaunchStateError("This sign-in link is not valid any more. Please launch CareCanvas again.")
     pending = PendingAuthorization.from_dict(pending_raw)
@@ -75,7 +126,7 @@ async def complete_launch(
         raise LaunchStateError(
             "This sign-in link is not valid any more. Please launch CareCanvas again."
         ) from error
-    config = config_from_dict(session_data["smart_config"])
+    config = config_from_dict(smart_config)
     token_set = await exchange_code(
         registration=registration, config=config, code=code, pending=pending, http=http
     )
@@ -113,3 +164,94 @@ def config_from_dict(data: dict[str, Any]) -> SmartConfiguration:
         grant_types_supported=tuple(data["grant_types_supported"]),
         token_endpoint_auth_methods_supported=tuple(data["token_endpoint_auth_methods_supported"]),
     )
+
+
+def role_for(*, kind: LaunchKind, fhir_user: str | None, patient: str | None) -> Role:
+    """Map `fhirUser` to a role and check it fits the launch; raise LaunchUserError when it does not."""
+    match = _FHIR_USER.search(fhir_user or "")
+    role = _ROLES.get(match["type"]) if match else None
+    if role is None:
+        raise LaunchUserError(
+            "The EHR did not say who signed in as a Practitioner, Patient or RelatedPerson, "
+            "so CareCanvas cannot decide what to show."
+        )
+    if kind == "ehr" and role != "clinician":
+        raise LaunchUserError("CareCanvas opened from the chart is for clinicians. Patients use the portal.")
+    if kind == "portal":
+        if role == "clinician":
+            raise LaunchUserError(
+                "The patient portal is for patients. Clinicians open CareCanvas from the chart."
+            )
+        if not patient:
+            raise LaunchUserError("The EHR did not say which patient's record to show.")
+        if match and role == "patient" and match["id"] != patient:
+            raise LaunchUserError("The signed-in patient is not the patient whose record was chosen.")
+    return role
+
+
+def style_fetch_allowed(style_url: str, *, registration: EhrRegistration, config: SmartConfiguration) -> bool:
+    """Only fetch styles from the EHR's own origins (the FHIR base, its sign-in server, auth_origins)."""
+    parts = urlsplit(style_url)
+    if parts.scheme not in ("https", "http") or not parts.hostname or parts.username or parts.password:
+        return False
+    allowed = {_origin(registration.iss), _origin(config.authorization_endpoint)}
+    allowed.update(_origin(origin) for origin in registration.auth_origins)
+    return _origin(style_url) in allowed
+
+
+def safe_style(document: object) -> dict[str, str]:
+    """The style values that match their strict pattern in full; everything else is dropped."""
+    if not isinstance(document, dict):
+        return {}
+    kept: dict[str, str] = {}
+    for name, pattern in STYLE_PATTERNS.items():
+        value = document.get(name)
+        if isinstance(value, str) and len(value) <= 200 and pattern.fullmatch(value.strip()):
+            kept[name] = value.strip()
+    return kept
+
+
+async def fetch_smart_style(
+    style_url: str | None,
+    *,
+    registration: EhrRegistration,
+    config: SmartConfiguration,
+    http: httpx.AsyncClient,
+) -> dict[str, str]:
+    """Fetch the EHR's style document server-side; any problem means "no EHR styling", never an error."""
+    if not style_url or not style_fetch_allowed(style_url, registration=registration, config=config):
+        return {}
+    try:
+        response = await http.get(style_url, headers={"Accept": "application/json"}, follow_redirects=False)
+    except httpx.HTTPError:
+        return {}
+    if response.status_code != 200 or len(response.content) > _MAX_STYLE_BYTES:
+        return {}
+    try:
+        return safe_style(json.loads(response.content))
+    except (ValueError, UnicodeDecodeError):
+        return {}
+
+
+def style_css(style: dict[str, str]) -> str:
+    """CSS custom properties for the pages (`--smart-color-background`, ...); values were validated."""
+    lines = [f"  --smart-{name.replace('_', '-')}: {value};" for name, value in safe_style(style).items()]
+    if not lines:
+        return "/* no EHR style for this session */\n"
+    rules = [":root {", *lines, "}"]
+    mapping = {
+        "color_background": ("body", "background"),
+        "color_text": ("body", "color"),
+        "font_family_body": ("body", "font-family"),
+        "font_family_heading": ("h1, h2, h3", "font-family"),
+        "color_highlight": (".app-header, button.primary", "background"),
+    }
+    for name, (selector, prop) in mapping.items():
+        if name in style and STYLE_PATTERNS[name].fullmatch(style[name]):
+            rules.append(f"{selector} {{ {prop}: var(--smart-{name.replace('_', '-')}); }}")
+    return "\n".join(rules) + "\n"
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}".lower()
