@@ -7,8 +7,10 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from joserfc import jwk
-from joserfc.errors import JoseError
 
 from fhir_adapters import EhrRegistration
 from service.settings import EhrSettings, Settings
@@ -42,22 +44,27 @@ def load_signing_key(path: Path, *, kid: str | None = None) -> ClientSigningKey:
         pem = Path(path).read_text(encoding="ascii")
     except (OSError, UnicodeDecodeError) as error:
         raise ValueError(f"signing key file {path} cannot be read ({type(error).__name__})") from None
-    key: Any = None
-    alg: SigningAlg | None = None
+    # cryptography checks type and size first: joserfc itself only warns about short RSA keys.
     try:
-        key, alg = jwk.import_key(pem, "RSA"), "RS384"
-    except (JoseError, ValueError, TypeError):
-        try:
-            key, alg = jwk.import_key(pem, "EC"), "ES384"
-        except (JoseError, ValueError, TypeError):
-            key = None
-    if key is None or alg is None or not key.is_private:
-        raise ValueError(f"signing key file {path} must hold an RSA or EC P-384 private key in PEM")
+        private = serialization.load_pem_private_key(pem.encode("ascii"), password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise ValueError(
+            f"signing key file {path} must hold an unencrypted RSA or EC P-384 private key in PEM"
+        ) from None
+    alg: SigningAlg
+    if isinstance(private, rsa.RSAPrivateKey):
+        if private.key_size < MIN_RSA_BITS:
+            raise ValueError(f"signing key file {path}: RSA keys need at least {MIN_RSA_BITS} bits")
+        key: Any = jwk.import_key(pem, "RSA")
+        alg = "RS384"
+    elif isinstance(private, ec.EllipticCurvePrivateKey):
+        if private.curve.name != "secp384r1":
+            raise ValueError(f"signing key file {path}: EC keys must use curve P-384 (ES384)")
+        key = jwk.import_key(pem, "EC")
+        alg = "ES384"
+    else:
+        raise ValueError(f"signing key file {path} must hold an RSA or EC P-384 private key")
     public = dict(key.as_dict(private=False))
-    if alg == "ES384" and public.get("crv") != "P-384":
-        raise ValueError(f"signing key file {path}: EC keys must use curve P-384 (ES384)")
-    if alg == "RS384" and key.private_key.key_size < MIN_RSA_BITS:
-        raise ValueError(f"signing key file {path}: RSA keys need at least {MIN_RSA_BITS} bits")
     key_id = kid or key.thumbprint()
     public.update({"kid": key_id, "alg": alg, "use": "sig"})
     return ClientSigningKey(kid=key_id, alg=alg, public_jwk=public, private_pem=pem)

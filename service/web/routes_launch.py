@@ -38,12 +38,15 @@ router = APIRouter()
 _OAUTH_ERROR_CODE = re.compile(r"[a-z_]{1,64}")
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f\u200b-\u200f\u202a-\u202e\u2066-\u2069]")
 _MAX_DESCRIPTION = 300
-NOT_REGISTERED = PageError(
-    400,
-    "This EHR is not registered",
-    "CareCanvas was opened from an EHR it does not know. Ask your EHR team to register CareCanvas "
-    "(see docs/integrating.md); nothing was contacted.",
-)
+
+
+def not_registered() -> PageError:
+    return PageError(
+        400,
+        "This EHR is not registered",
+        "CareCanvas was opened from an EHR it does not know. Ask your EHR team to register CareCanvas "
+        "(see docs/integrating.md); nothing was contacted.",
+    )
 
 
 def discovery_failure_page(error: SmartError | FhirError) -> PageError:
@@ -102,7 +105,7 @@ async def launch(
         ehr = services.ehrs.by_iss(iss)
     except UnregisteredIssuerError:
         # No outbound request at all for an unknown iss: it could point anywhere (SSRF).
-        raise NOT_REGISTERED from None
+        raise not_registered() from None
     if not launch:
         raise PageError(400, "Missing launch context", "Open CareCanvas from a patient's chart in your EHR.")
     return await start_launch(

@@ -12,13 +12,13 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, Response
 
-from fhir_adapters import FhirError
+from fhir_adapters import FhirError, ForbiddenError, NotFoundError
 from service.audit import AuditAction
 from service.ehrs import UnregisteredIssuerError
 from service.fhir_access import SessionExpiredError, open_fhir
 from service.web.deps import DbDep, PortalSessionDep, RequestIdDep, ServicesDep, SessionStoreDep
 from service.web.errors import PageError
-from service.web.routes_launch import NOT_REGISTERED, start_launch
+from service.web.routes_launch import not_registered, start_launch
 from service.web.routes_workspace import fhir_failure_page
 from service.workflows.approve import IDENTIFIER_SYSTEM
 
@@ -103,7 +103,7 @@ async def portal_launch(
     try:
         registered = services.ehrs.by_name(ehr or "")
     except UnregisteredIssuerError:
-        raise NOT_REGISTERED from None
+        raise not_registered() from None
     if not registered.portal_scopes:
         raise PageError(404, "No patient portal for this EHR", "Your care team has not turned the portal on.")
     return await start_launch(
@@ -208,6 +208,7 @@ async def portal_file(
         raise PageError(404, "No such picture", "Go back to the portal page and choose a picture there.")
     patient_id = session.patient_id
     ehr = services.ehrs.by_name(session.ehr_name)
+    denied = False
     try:
         async with open_fhir(
             session=session,
@@ -217,8 +218,12 @@ async def portal_file(
             http=services.http,
             transport=services.fhir_transport,
         ) as fhir:
-            resource = await fhir.read("DocumentReference", document_id)
+            try:
+                resource = await fhir.read("DocumentReference", document_id)
+            except ForbiddenError:
+                resource = {}
             if not patient_id or subject_patient(resource) != patient_id:
+                denied = True
                 raise PageError(403, "Not your record", "This picture belongs to someone else's record.")
             if not shown_on_portal(resource, patient_id):
                 raise PageError(404, "No such picture", "It may have been withdrawn by your care team.")
@@ -226,6 +231,23 @@ async def portal_file(
             if attachment is None:
                 raise PageError(404, "No such file", "This picture has no file of that kind.")
             content = await _attachment_bytes(fhir, attachment, fhir_base=ehr.iss)
+    except NotFoundError as error:
+        raise PageError(404, "No such picture", "It may have been withdrawn by your care team.") from error
+    except PageError:
+        if denied:  # someone else's record (or one the EHR refused): the attempt itself is audited
+            await services.audit.append(
+                db,
+                action=AuditAction.PORTAL_VIEW,
+                outcome="denied",
+                actor=session.data.get("fhir_user"),
+                patient=patient_id,
+                ehr=ehr.name,
+                resource=f"DocumentReference/{document_id}",
+                request_id=request_id,
+                detail={"kind": kind},
+            )
+            await db.commit()
+        raise
     except SessionExpiredError as error:
         raise PageError(
             401, "Your portal session has ended", "Please sign in to the portal again."

@@ -1,0 +1,142 @@
+"""The patient portal: standalone launch (`launch/patient`), the patient's approved pictures, audited."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from harness import CONDITION, RunningApp, csrf_from, launch_session, wait_for_job
+from sqlalchemy import func, select
+
+from sandbox.run import SandboxEHR
+from service.db.models import AuditRecord
+
+ALT_TEXT = "Drawing for the portal test."
+CAPTION = "A picture about your health for the portal."
+DOCUMENT_ID = re.compile(r"/portal/documents/([A-Za-z0-9\-.]+)/png")
+
+
+@contextlib.contextmanager
+def portal_session(app_url: str, sandbox: SandboxEHR, *, patient: str) -> Iterator[httpx.Client]:
+    """Standalone launch over HTTP: /portal/launch → authorize (patient picked) → /callback → /portal."""
+    with httpx.Client(base_url=app_url, follow_redirects=False, timeout=30) as client:
+        started = client.get("/portal/launch", params={"ehr": "sandbox"})
+        assert started.status_code == 302, started.text
+        authorize_url = httpx.URL(started.headers["location"])
+        assert "launch/patient" in authorize_url.params["scope"].split()
+        assert "launch" not in authorize_url.params  # standalone: no EHR launch id
+        # What the sandbox's patient picker form submits when the patient chooses themself.
+        picked = httpx.get(
+            authorize_url.copy_add_param("selected_patient", patient), follow_redirects=False, timeout=30
+        )
+        assert picked.status_code in (302, 303), picked.text
+        callback = httpx.URL(picked.headers["location"])
+        finished = client.get(callback.path + "?" + callback.query.decode())
+        assert finished.status_code == 303, finished.text
+        assert finished.headers["location"] == "/portal"
+        yield client
+
+
+def portal_views(app: RunningApp) -> int:
+    async def count() -> int:
+        async with app.services.sessionmaker() as db:
+            query = select(func.count()).select_from(AuditRecord).where(AuditRecord.action == "portal.view")
+            return int((await db.execute(query)).scalar_one())
+
+    return app.call(count())  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def approved_document(sandbox: SandboxEHR, carecanvas: RunningApp) -> str:
+    """A clinician makes and approves a picture for pat-1; returns the FHIR DocumentReference id."""
+    with launch_session(carecanvas.url, sandbox, patient="pat-1") as client:
+        workspace = client.get("/app")
+        csrf = csrf_from(workspace.text)
+        created = client.post(
+            "/illustrations",
+            data={
+                "condition_id": CONDITION.findall(workspace.text)[0],
+                "style": "flat_vector",
+                "language": "en",
+                "csrf_token": csrf,
+            },
+        )
+        job_id = created.headers["location"].rsplit("/", 1)[1]
+        assert wait_for_job(client, job_id)["status"] == "succeeded"
+        approved = client.post(
+            f"/review/{job_id}/approve", data={"caption": CAPTION, "alt_text": ALT_TEXT, "csrf_token": csrf}
+        )
+        assert approved.status_code == 200, approved.text
+        match = re.search(r"<code>([A-Za-z0-9\-.]+)</code>", approved.text)
+        assert match, "the approved page names the document"
+        return match.group(1)
+
+
+def test_portal_shows_the_patients_approved_pictures(
+    sandbox: SandboxEHR, carecanvas: RunningApp, approved_document: str
+) -> None:
+    views_before = portal_views(carecanvas)
+    with portal_session(carecanvas.url, sandbox, patient="pat-1") as client:
+        page = client.get("/portal")
+        assert page.status_code == 200
+        assert approved_document in DOCUMENT_ID.findall(page.text)
+        assert f'alt="{ALT_TEXT}"' in page.text
+        assert "Language: English" in page.text
+        assert 'data-testid="portal-caption"' in page.text
+        assert '<link rel="stylesheet" href="/style.css">' in page.text
+        image = client.get(f"/portal/documents/{approved_document}/png")
+        assert image.status_code == 200
+        assert image.headers["content-type"] == "image/png"
+        assert image.content.startswith(b"\x89PNG")
+        handout = client.get(f"/portal/documents/{approved_document}/pdf")
+        assert handout.status_code == 200
+        assert handout.headers["content-type"] == "application/pdf"
+        assert handout.content.startswith(b"%PDF")
+        assert "--smart-color-background" in client.get("/style.css").text
+    assert portal_views(carecanvas) == views_before + 3  # the list, the picture, the handout
+
+
+def test_another_patient_sees_none_of_it(
+    sandbox: SandboxEHR, carecanvas: RunningApp, approved_document: str
+) -> None:
+    views_before = portal_views(carecanvas)
+    with portal_session(carecanvas.url, sandbox, patient="pat-2") as client:
+        page = client.get("/portal")
+        assert page.status_code == 200
+        assert approved_document not in page.text
+        for kind in ("png", "pdf"):
+            refused = client.get(f"/portal/documents/{approved_document}/{kind}")
+            assert refused.status_code == 403
+            assert not refused.content.startswith((b"\x89PNG", b"%PDF"))
+    assert portal_views(carecanvas) == views_before + 3  # the (empty) list and the two refused attempts
+
+
+def test_portal_and_clinician_sessions_stay_apart(sandbox: SandboxEHR, carecanvas: RunningApp) -> None:
+    with portal_session(carecanvas.url, sandbox, patient="pat-1") as patient:
+        assert patient.get("/app").status_code == 403
+        csrf_less = patient.post("/illustrations", data={"condition_id": "cond-1-diabetes"})
+        assert csrf_less.status_code in (403, 422)
+    with launch_session(carecanvas.url, sandbox) as clinician:
+        assert clinician.get("/portal").status_code == 403
+
+
+def test_portal_launch_refuses_unknown_ehrs_and_missing_sessions(carecanvas: RunningApp) -> None:
+    for params in ({"ehr": "not-registered"}, {}):
+        response = httpx.get(f"{carecanvas.url}/portal/launch", params=params, timeout=30)
+        assert response.status_code == 400
+        assert "not registered" in response.text
+    anonymous = httpx.get(f"{carecanvas.url}/portal", timeout=30)
+    assert anonymous.status_code == 401
+    assert "location" not in anonymous.headers
+    unknown_kind = httpx.get(f"{carecanvas.url}/portal/documents/doc-1/exe", timeout=30)
+    assert unknown_kind.status_code == 401  # no session: nothing is looked at
+
+
+def test_portal_files_need_a_valid_document_id_and_kind(sandbox: SandboxEHR, carecanvas: RunningApp) -> None:
+    with portal_session(carecanvas.url, sandbox, patient="pat-1") as client:
+        assert client.get("/portal/documents/doc-1/exe").status_code == 404
+        assert client.get("/portal/documents/not%20an%20id/png").status_code == 404
+        assert client.get("/portal/documents/does-not-exist/png").status_code == 404
