@@ -48,6 +48,12 @@ def worker_engine(worker_model_path: Path) -> DiffusionEngine:
     return engine
 
 
+@pytest.fixture(scope="session")
+def make_worker_spec():
+    """worker_tiny_spec(path, **overrides) as a fixture (test folders are not packages: no imports)."""
+    return worker_tiny_spec
+
+
 @pytest.fixture
 def keyring() -> Keyring:
     return Keyring(new_key_material())

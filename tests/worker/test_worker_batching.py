@@ -104,12 +104,8 @@ def pipeline_calls(engine: DiffusionEngine) -> Iterator[list[int]]:
         del engine.generate
 
 
-def loaded(engine_class: type[DiffusionEngine], path, **spec_overrides: Any) -> DiffusionEngine:
-    from conftest import worker_tiny_spec
-
-    engine = engine_class(
-        worker_tiny_spec(path, **spec_overrides), device=torch.device("cpu"), dtype=torch.float32
-    )
+def loaded(engine_class: type[DiffusionEngine], spec) -> DiffusionEngine:
+    engine = engine_class(spec, device=torch.device("cpu"), dtype=torch.float32)
     engine.load()
     return engine
 
@@ -195,9 +191,9 @@ async def test_without_a_wait_a_lone_job_goes_alone(queue, sessionmaker, worker_
 
 
 async def test_the_models_batch_cap_splits_a_claimed_batch(
-    queue, sessionmaker, worker_model_path, worker_engine
+    queue, sessionmaker, worker_model_path, make_worker_spec
 ) -> None:
-    engine = loaded(DiffusionEngine, worker_model_path, batch_caps={64: 3})
+    engine = loaded(DiffusionEngine, make_worker_spec(worker_model_path, batch_caps={64: 3}))
     await enqueue(queue, sessionmaker, [job_spec(seed) for seed in range(8)])
     with pipeline_calls(engine) as calls:
         await drain(make_worker(queue, engine))
@@ -281,8 +277,10 @@ class DeviceErrorEngine(DiffusionEngine):
         return super().generate(requests, **kwargs)
 
 
-async def test_a_failed_batch_is_retried_item_by_item(queue, sessionmaker, worker_model_path) -> None:
-    engine = loaded(DeviceErrorEngine, worker_model_path)
+async def test_a_failed_batch_is_retried_item_by_item(
+    queue, sessionmaker, worker_model_path, make_worker_spec
+) -> None:
+    engine = loaded(DeviceErrorEngine, make_worker_spec(worker_model_path))
     ids = await enqueue(queue, sessionmaker, [job_spec(seed) for seed in (10, 11, 13, 12)])
     await drain(make_worker(queue, engine, batch_size=4))
     statuses = [(await queue.get(job_id)).status for job_id in ids]
