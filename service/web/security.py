@@ -30,8 +30,11 @@ def app_origin(settings: Settings) -> str:
 def cross_site_reason(request: Request, settings: Settings) -> str | None:
     """Why a state-changing request looks cross-site (None when it does not).
 
-    Browsers send Origin on every POST and Sec-Fetch-Site on every request; a request without them
-    (a script, curl) still has to carry the session's CSRF token, which the routes check.
+    Browsers send Sec-Fetch-Site on every request, and it is authoritative when present. Origin is
+    checked too, except that our pages' `Referrer-Policy: no-referrer` makes browsers send `Origin: null`
+    on their own POSTs (Fetch standard), so "null" is accepted only when Sec-Fetch-Site says same-origin.
+    A request with neither header (a script, curl) still has to carry the session's CSRF token, which
+    the routes check.
     """
     if request.method not in UNSAFE_METHODS:
         return None
@@ -39,9 +42,11 @@ def cross_site_reason(request: Request, settings: Settings) -> str | None:
     if fetch_site is not None and fetch_site.lower() not in ALLOWED_FETCH_SITES:
         return "sec-fetch-site"
     origin = request.headers.get("origin")
-    if origin is not None and origin.lower() != app_origin(settings):
-        return "origin"  # includes "null" (sandboxed frames, file: pages)
-    return None
+    if origin is None or origin.lower() == app_origin(settings):
+        return None
+    if origin == "null" and fetch_site is not None and fetch_site.lower() == "same-origin":
+        return None
+    return "origin"
 
 
 def cookie_name(settings: Settings) -> str:

@@ -282,7 +282,10 @@ def request(method: str, headers: dict[str, str]) -> Request:
         ("POST", {}, None),  # not a browser: the CSRF token still has to match
         ("POST", {"Origin": "https://carecanvas.example.evil.test"}, "origin"),
         ("POST", {"Origin": "http://carecanvas.example"}, "origin"),
-        ("POST", {"Origin": "null"}, "origin"),
+        ("POST", {"Origin": "null"}, "origin"),  # a sandboxed frame or an old browser
+        ("POST", {"Origin": "null", "Sec-Fetch-Site": "same-origin"}, None),  # our page, no-referrer policy
+        ("POST", {"Origin": "null", "Sec-Fetch-Site": "none"}, "origin"),
+        ("POST", {"Origin": "https://evil.example", "Sec-Fetch-Site": "same-origin"}, "origin"),
         ("POST", {"Sec-Fetch-Site": "cross-site", "Origin": "https://carecanvas.example"}, "sec-fetch-site"),
         ("DELETE", {"Sec-Fetch-Site": "same-site"}, "sec-fetch-site"),
         ("GET", {"Origin": "https://evil.example", "Sec-Fetch-Site": "cross-site"}, None),
