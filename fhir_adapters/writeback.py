@@ -69,7 +69,7 @@ def build_document_reference(
     practitioner_id: str,
     organization_id: str | None,
     encounter_id: str | None,
-    condition_id: str,
+    condition_id: str | None,
     description: str,
     language: str,
     pdf: bytes,
@@ -83,6 +83,7 @@ def build_document_reference(
     pdf_title: str | None = None,
     type_text: str = DEFAULT_TYPE_TEXT,
     period_start: datetime | None = None,
+    source_ref: str | None = None,
 ) -> dict[str, Any]:
     """A US Core DocumentReference labelled AI-asserted: the PDF handout first, the PNG second if given.
 
@@ -91,7 +92,7 @@ def build_document_reference(
     """
     for name, value in (("patient_id", patient_id), ("practitioner_id", practitioner_id)):
         _check_id(name, value)
-    _check_id("condition_id", condition_id)
+    related_ref = _source_reference(condition_id, source_ref)
     if not identifier_value or not identifier_value.strip():
         raise ValueError("identifier_value must not be empty")
     if not _LANGUAGE.match(language):
@@ -151,7 +152,7 @@ def build_document_reference(
     ]
     if period_start is not None:
         context["period"] = {"start": fhir_instant(period_start)}
-    context["related"] = [{"reference": f"Condition/{condition_id}"}]
+    context["related"] = [{"reference": related_ref}]
 
     document: dict[str, Any] = {
         "resourceType": "DocumentReference",
@@ -227,23 +228,37 @@ def _reference(name: str, value: str, resource_type: str) -> str:
     return value
 
 
+def _source_reference(condition_id: str | None, source_ref: str | None) -> str:
+    """What the picture was made from: a Condition (education) or a QuestionnaireResponse (portrait story)."""
+    if (condition_id is None) == (source_ref is None):
+        raise ValueError("give exactly one of condition_id or source_ref")
+    if condition_id is not None:
+        return f"Condition/{_check_id('condition_id', condition_id)}"
+    assert source_ref is not None  # noqa: S101 - narrowed by the check above
+    prefix = source_ref.partition("/")[0]
+    if prefix not in ("Condition", "QuestionnaireResponse"):
+        raise ValueError("source_ref must be 'Condition/<id>' or 'QuestionnaireResponse/<id>'")
+    return _reference("source_ref", source_ref, prefix)
+
+
 def build_provenance(
     *,
     target_ref: str,
     device_ref: str,
     practitioner_id: str,
     organization_id: str | None,
-    condition_id: str,
+    condition_id: str | None,
     prompt_markdown: str,
     started: datetime,
     ended: datetime,
     recorded: datetime,
+    source_ref: str | None = None,
 ) -> dict[str, Any]:
     """AI-Provenance: model Device as author, clinician as verifier, Condition as source, prompt contained."""
     _reference("target_ref", target_ref, "DocumentReference")
     _reference("device_ref", device_ref, "Device")
     _check_id("practitioner_id", practitioner_id)
-    _check_id("condition_id", condition_id)
+    source = _source_reference(condition_id, source_ref)
     if ended < started:
         raise ValueError("ended must not be before started")
     on_behalf_of = (
@@ -319,7 +334,7 @@ def build_provenance(
             },
         ],
         "entity": [
-            {"role": "source", "what": {"reference": f"Condition/{condition_id}"}},
+            {"role": "source", "what": {"reference": source}},
             {"role": "derivation", "what": {"reference": "#prompt1"}},
         ],
     }

@@ -7,7 +7,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import structlog
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.app import Services
 from service.documents import load_document, save_content
@@ -49,20 +48,12 @@ class EngineCache:
         return engine
 
 
-class SafetySettings(BaseSettings):
-    """CARECANVAS_SAFETY_CLASSIFIER: "none" (default), "blank-image" or "python:package.module:factory"."""
-
-    model_config = SettingsConfigDict(env_prefix="CARECANVAS_", extra="ignore")
-
-    safety_classifier: str = "none"
-
-
 def configured_safety_classifier(services: Services) -> SafetyClassifier | None:
     """A classifier placed in services.extras (tests, embedding code) wins over the environment setting."""
     if "safety_classifier" in services.extras:
         chosen: SafetyClassifier | None = services.extras["safety_classifier"]
         return chosen
-    return load_safety_classifier(SafetySettings().safety_classifier)
+    return load_safety_classifier(services.settings.safety_classifier)
 
 
 def document_result_recorder(services: Services) -> Any:

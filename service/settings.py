@@ -78,6 +78,8 @@ class Settings(BaseSettings):
     migrate_on_start: bool = False
     worker_metrics_port: int = 9100
     device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
+    # "none", "blank-image" (built in) or "python:package.module:factory"; flags images for the reviewer.
+    safety_classifier: str = "none"
     log_level: str = "INFO"
     session_minutes: int = 60
     worker_batch_size: int = 8

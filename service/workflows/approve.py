@@ -228,7 +228,7 @@ async def _claim(
             actor=f"Practitioner/{practitioner_id}",
             patient=content["patient_id"],
             ehr=ehr_name,
-            resource=f"Condition/{content['condition_id']}",
+            resource=source_reference(content),
             request_id=request_id,
             detail={"job_id": job_id},
         )
@@ -472,8 +472,9 @@ async def _write(
         practitioner_id=practitioner_id,
         organization_id=organization_id,
         encounter_id=content.get("encounter_id"),
-        condition_id=content["condition_id"],
-        description=f"{content['title']} ({content['condition_text']})",
+        condition_id=content.get("condition_id"),
+        source_ref=None if content.get("condition_id") else source_reference(content),
+        description=_description(content),
         language=content["language"],
         pdf=pdf,
         png=png,
@@ -488,7 +489,8 @@ async def _write(
         device_ref=f"urn:uuid:{uuid.uuid4()}",
         practitioner_id=practitioner_id,
         organization_id=organization_id,
-        condition_id=content["condition_id"],
+        condition_id=content.get("condition_id"),
+        source_ref=None if content.get("condition_id") else source_reference(content),
         prompt_markdown=_prompt_markdown(content, model),
         started=now,
         ended=now,
@@ -512,6 +514,18 @@ async def _write(
         binaries=binaries,
     )
     return written.document_id
+
+
+def source_reference(content: dict[str, Any]) -> str:
+    """Education pictures come from a Condition; portraits from the patient's story."""
+    if content.get("condition_id"):
+        return f"Condition/{content['condition_id']}"
+    return f"QuestionnaireResponse/{content['story_id']}"
+
+
+def _description(content: dict[str, Any]) -> str:
+    about = content.get("condition_text")
+    return f"{content['title']} ({about})" if about else str(content["title"])
 
 
 def _prompt_markdown(content: dict[str, str], model: ModelSpec) -> str:

@@ -6,6 +6,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from harness import RunningApp, csrf_from, free_port, launch_session, running_app, wait_for_job
 
@@ -216,3 +217,46 @@ def test_variants_of_another_session_are_not_shown(portrait_app: RunningApp, por
         location = started.headers["location"]
         with launch_session(portrait_app.url, portrait_sandbox, patient="pat-1", encounter="enc-1") as other:
             assert other.get(location).status_code == 404
+
+
+def test_an_approved_portrait_is_written_back_with_the_story_as_its_source(
+    portrait_app: RunningApp, portrait_sandbox
+) -> None:
+    with launch_session(portrait_app.url, portrait_sandbox, patient="pat-1", encounter="enc-1") as client:
+        page = client.get("/portraits")
+        csrf = csrf_from(page.text)
+        started = client.post(
+            "/portraits", data={"csrf_token": csrf, "style": "watercolour", "language": "en", "variants": "2"}
+        )
+        job_id = started.headers["location"].split("jobs=", 1)[1].split(",")[0]
+        assert wait_for_job(client, job_id)["status"] == "succeeded"
+        approved = client.post(
+            f"/review/{job_id}/approve",
+            data={
+                "caption": "Your garden, with a hummingbird.",
+                "alt_text": "A garden picture.",
+                "csrf_token": csrf,
+            },
+        )
+        assert approved.status_code == 200, approved.text
+    token = portrait_sandbox.mint_token(
+        scope="user/*.read", fhirUser=f"{portrait_sandbox.fhir_base}/Practitioner/prac-1"
+    )
+    headers = {"Authorization": f"Bearer {token}"}
+    bundle = httpx.get(
+        f"{portrait_sandbox.fhir_base}/DocumentReference",
+        params={"identifier": f"urn:carecanvas:artifact|{job_id}-illustration-v1"},
+        headers=headers,
+        timeout=30,
+    ).json()
+    [entry] = bundle["entry"]
+    document = entry["resource"]
+    assert document["context"]["related"] == [{"reference": "QuestionnaireResponse/qr-story-1"}]
+    provenance = httpx.get(
+        f"{portrait_sandbox.fhir_base}/Provenance",
+        params={"target": f"DocumentReference/{document['id']}"},
+        headers=headers,
+        timeout=30,
+    ).json()["entry"][0]["resource"]
+    sources = [item["what"]["reference"] for item in provenance["entity"] if item["role"] == "source"]
+    assert sources == ["QuestionnaireResponse/qr-story-1"]

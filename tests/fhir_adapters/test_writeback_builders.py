@@ -200,3 +200,24 @@ def test_validation_errors() -> None:
     unknown["colour"] = "blue"
     with pytest.raises(ResourceValidationError, match=r"DocumentReference\.colour: extra_forbidden"):
         validate_resource(unknown)
+
+
+def test_portraits_cite_the_story_as_their_source() -> None:
+    story = "QuestionnaireResponse/qr-story-1"
+    built = provenance(condition_id=None, source_ref=story)
+    assert [e["what"]["reference"] for e in built["entity"] if e["role"] == "source"] == [story]
+    validate_resource(built)
+
+
+@pytest.mark.parametrize(
+    ("condition_id", "source_ref"),
+    [
+        (None, None),
+        ("cond-1", "QuestionnaireResponse/qr-1"),
+        (None, "Patient/pat-1"),
+        (None, "Condition/bad id"),
+    ],
+)
+def test_exactly_one_valid_source_is_required(condition_id: str | None, source_ref: str | None) -> None:
+    with pytest.raises(ValueError, match="source_ref|condition_id"):
+        provenance(condition_id=condition_id, source_ref=source_ref)
