@@ -219,5 +219,5 @@ def test_portraits_cite_the_story_as_their_source() -> None:
     ],
 )
 def test_exactly_one_valid_source_is_required(condition_id: str | None, source_ref: str | None) -> None:
-    with pytest.raises(ValueError, match="source_ref|condition_id"):
+    with pytest.raises(ValueError, match=r"source_ref|condition_id"):
         provenance(condition_id=condition_id, source_ref=source_ref)
