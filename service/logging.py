@@ -93,5 +93,6 @@ def configure_logging(level: str = "INFO", *, stream: Any = None) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # httpx logs full URLs (with query strings) at INFO; uvicorn's access log does too.
-    for noisy in ("httpx", "httpcore", "uvicorn.access"):
+    # aiosqlite logs SQL parameters (CSRF tokens, ciphertexts) at DEBUG; authlib logs tokens at DEBUG.
+    for noisy in ("httpx", "httpcore", "uvicorn.access", "aiosqlite", "authlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

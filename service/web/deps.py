@@ -8,7 +8,9 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from fhir_adapters import FhirClient
 from service.app import Services
+from service.fhir_access import open_fhir
 from service.sessions import SessionStore, WebSession
 from service.web.errors import PageError
 from service.web.security import cookie_name
@@ -92,3 +94,17 @@ def request_id(request: Request) -> str | None:
 
 
 RequestIdDep = Annotated[str | None, Depends(request_id)]
+
+
+def session_fhir(
+    services: Services, session: WebSession, store: SessionStore, db: AsyncSession
+) -> FhirClient:
+    """A FHIR client acting for this launched session at its EHR (tokens refreshed and saved back)."""
+    return open_fhir(
+        session=session,
+        store=store,
+        db=db,
+        registration=services.ehrs.registration(services.ehrs.by_name(session.ehr_name)),
+        http=services.http,
+        transport=services.fhir_transport,
+    )

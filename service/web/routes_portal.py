@@ -15,8 +15,8 @@ from fastapi.responses import HTMLResponse, Response
 from fhir_adapters import FhirError, ForbiddenError, NotFoundError
 from service.audit import AuditAction
 from service.ehrs import UnregisteredIssuerError
-from service.fhir_access import SessionExpiredError, open_fhir
-from service.web.deps import DbDep, PortalSessionDep, RequestIdDep, ServicesDep, SessionStoreDep
+from service.fhir_access import SessionExpiredError
+from service.web.deps import DbDep, PortalSessionDep, RequestIdDep, ServicesDep, SessionStoreDep, session_fhir
 from service.web.errors import PageError
 from service.web.routes_launch import not_registered, start_launch
 from service.web.routes_workspace import fhir_failure_page
@@ -132,14 +132,7 @@ async def portal_home(
         raise PageError(400, "No patient chosen", "Please sign in to the portal again.")
     ehr = services.ehrs.by_name(session.ehr_name)
     try:
-        async with open_fhir(
-            session=session,
-            store=store,
-            db=db,
-            registration=services.ehrs.registration(ehr),
-            http=services.http,
-            transport=services.fhir_transport,
-        ) as fhir:
+        async with session_fhir(services, session, store, db) as fhir:
             found = await fhir.search(
                 "DocumentReference",
                 {"patient": patient_id, "identifier": f"{IDENTIFIER_SYSTEM}|", "_count": _MAX_DOCUMENTS},
@@ -210,14 +203,7 @@ async def portal_file(
     ehr = services.ehrs.by_name(session.ehr_name)
     denied = False
     try:
-        async with open_fhir(
-            session=session,
-            store=store,
-            db=db,
-            registration=services.ehrs.registration(ehr),
-            http=services.http,
-            transport=services.fhir_transport,
-        ) as fhir:
+        async with session_fhir(services, session, store, db) as fhir:
             try:
                 resource = await fhir.read("DocumentReference", document_id)
             except ForbiddenError:

@@ -10,9 +10,9 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from fhir_adapters import FhirError
 from service.audit import AuditAction
-from service.fhir_access import SessionExpiredError, open_fhir
+from service.fhir_access import SessionExpiredError
 from service.generation.prompts import Depiction
-from service.web.deps import DbDep, RequestIdDep, ServicesDep, SessionStoreDep, WebSessionDep
+from service.web.deps import DbDep, RequestIdDep, ServicesDep, SessionStoreDep, WebSessionDep, session_fhir
 from service.web.errors import PageError
 from service.web.routes_jobs import owned_job_status
 from service.web.routes_workspace import LANGUAGES, fhir_failure_page
@@ -38,18 +38,10 @@ async def _read_story(
     patient_id = session.patient_id
     if not patient_id:
         raise PageError(400, "No patient in context", "Open CareCanvas from a patient's chart.")
-    registration = services.ehrs.registration(services.ehrs.by_name(session.ehr_name))
     story: PatientStory | None = None
     outcome, status = "success", None
     try:
-        async with open_fhir(
-            session=session,
-            store=store,
-            db=db,
-            registration=registration,
-            http=services.http,
-            transport=services.fhir_transport,
-        ) as fhir:
+        async with session_fhir(services, session, store, db) as fhir:
             story = await read_patient_story(fhir=fhir, patient_id=patient_id)
     except NoStoryError:
         story = None
@@ -110,7 +102,6 @@ async def portrait_page(
             "max_variants": MAX_VARIANTS,
             "default_variants": DEFAULT_VARIANTS,
             "csrf_token": session.csrf_token,
-            "style_url": session.data["token_set"].get("smart_style_url"),
             "model": services.models.get(services.settings.default_model),
         },
     )
@@ -203,7 +194,6 @@ async def variants_page(
             "variants": statuses,
             "finished": finished,
             "jobs": ",".join(job_ids),
-            "style_url": session.data["token_set"].get("smart_style_url"),
             "model": services.models.get(services.settings.default_model),
         },
     )

@@ -10,10 +10,10 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fhir_adapters import FhirError, GrantedScopes
 from service.audit import AuditAction
 from service.documents import load_document
-from service.fhir_access import SessionExpiredError, open_fhir
+from service.fhir_access import SessionExpiredError
 from service.generation.prompts import Depiction
 from service.generation.readability import caption_grade
-from service.web.deps import DbDep, RequestIdDep, ServicesDep, SessionStoreDep, WebSessionDep
+from service.web.deps import DbDep, RequestIdDep, ServicesDep, SessionStoreDep, WebSessionDep, session_fhir
 from service.web.errors import PageError
 from service.web.routes_jobs import owned_job_status
 from service.web.routes_workspace import (
@@ -77,7 +77,6 @@ async def review_page(
             "model": model,
             "csrf_token": session.csrf_token,
             "can_write": _can_write_back(session.data["token_set"]),
-            "style_url": session.data["token_set"].get("smart_style_url"),
         },
     )
 
@@ -139,16 +138,8 @@ async def approve(
     if practitioner_id is None:
         raise PageError(403, "Only clinicians can approve", "Approval needs a practitioner's launch.")
     ehr = services.ehrs.by_name(session.ehr_name)
-    registration = services.ehrs.registration(ehr)
     try:
-        async with open_fhir(
-            session=session,
-            store=store,
-            db=db,
-            registration=registration,
-            http=services.http,
-            transport=services.fhir_transport,
-        ) as fhir:
+        async with session_fhir(services, session, store, db) as fhir:
             result = await approve_and_write_back(
                 db=db,
                 fhir=fhir,
@@ -192,7 +183,6 @@ async def approve(
             "notes": result.notes,
             "replaced_document_id": result.replaced_document_id,
             "superseded": result.superseded,
-            "style_url": token.get("smart_style_url"),
         },
     )
 
@@ -226,14 +216,7 @@ async def regenerate(
         raise PageError(400, "No patient in context", "Open CareCanvas from a patient's chart.")
     ehr = services.ehrs.by_name(session.ehr_name)
     try:
-        async with open_fhir(
-            session=session,
-            store=store,
-            db=db,
-            registration=services.ehrs.registration(ehr),
-            http=services.http,
-            transport=services.fhir_transport,
-        ) as fhir:
+        async with session_fhir(services, session, store, db) as fhir:
             new_job_id = await start_regeneration(
                 db=db,
                 fhir=fhir,
@@ -297,14 +280,7 @@ async def retract(
         raise PageError(400, "No patient in context", "Open CareCanvas from a patient's chart.")
     ehr = services.ehrs.by_name(session.ehr_name)
     try:
-        async with open_fhir(
-            session=session,
-            store=store,
-            db=db,
-            registration=services.ehrs.registration(ehr),
-            http=services.http,
-            transport=services.fhir_transport,
-        ) as fhir:
+        async with session_fhir(services, session, store, db) as fhir:
             result = await retract_document(
                 db=db,
                 fhir=fhir,
@@ -331,6 +307,5 @@ async def retract(
             "fhir_document_id": result.fhir_document_id,
             "retracted": True,
             "already_retracted": result.already_retracted,
-            "style_url": token.get("smart_style_url"),
         },
     )

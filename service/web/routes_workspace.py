@@ -22,10 +22,10 @@ from fhir_adapters.conditions import UNSPECIFIED_CONDITION
 from service.app import Services
 from service.audit import AuditAction
 from service.documents import STATUS_LABELS, documents_by_identifier, history_from_search
-from service.fhir_access import SessionExpiredError, open_fhir
+from service.fhir_access import SessionExpiredError
 from service.generation.prompts import Depiction
 from service.sessions import WebSession
-from service.web.deps import DbDep, RequestIdDep, ServicesDep, SessionStoreDep, WebSessionDep
+from service.web.deps import DbDep, RequestIdDep, ServicesDep, SessionStoreDep, WebSessionDep, session_fhir
 from service.web.errors import PageError
 from service.workflows.approve import IDENTIFIER_SYSTEM
 from service.workflows.illustrate import (
@@ -65,7 +65,6 @@ async def workspace(
     request_id: RequestIdDep,
 ) -> Response:
     ehr = services.ehrs.by_name(session.ehr_name)
-    registration = services.ehrs.registration(ehr)
     patient_id = session.patient_id
     if not patient_id:
         raise PageError(400, "No patient in context", "Open CareCanvas from a patient's chart.")
@@ -74,14 +73,7 @@ async def workspace(
     history_raw: list[dict[str, Any]] | None = None
     history_error: FhirError | None = None
     try:
-        async with open_fhir(
-            session=session,
-            store=store,
-            db=db,
-            registration=registration,
-            http=services.http,
-            transport=services.fhir_transport,
-        ) as fhir:
+        async with session_fhir(services, session, store, db) as fhir:
             if token.get("need_patient_banner", True):
                 patient_resource = await fhir.read("Patient", patient_id)
             conditions_raw = await fhir.search(
@@ -168,7 +160,6 @@ async def workspace(
             "languages": LANGUAGES,
             "csrf_token": session.csrf_token,
             "can_write": can_write,
-            "style_url": token.get("smart_style_url"),
             "model": services.models.get(services.settings.default_model),
             "history": history,
             "history_unavailable": history_error is not None,
@@ -248,17 +239,9 @@ async def create_illustration(
     if not patient_id:
         raise PageError(400, "No patient in context", "Open CareCanvas from a patient's chart.")
     ehr = services.ehrs.by_name(session.ehr_name)
-    registration = services.ehrs.registration(ehr)
     model = services.models.get(services.settings.default_model)
     try:
-        async with open_fhir(
-            session=session,
-            store=store,
-            db=db,
-            registration=registration,
-            http=services.http,
-            transport=services.fhir_transport,
-        ) as fhir:
+        async with session_fhir(services, session, store, db) as fhir:
             job_id = await start_illustration(
                 db=db,
                 fhir=fhir,

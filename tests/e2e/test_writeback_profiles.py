@@ -24,13 +24,16 @@ from service.workflows.approve import IDENTIFIER_SYSTEM, artifact_identifier
 pytestmark = pytest.mark.slow
 
 # Registrations under test: what the integration team wrote about attachments (nothing, or an override).
-WITH_BINARY = (*EhrSettings.model_fields["scopes"].default, "patient/Binary.cr")
+DEFAULT_SCOPES: tuple[str, ...] = EhrSettings.model_fields["scopes"].default
+WITH_BINARY = tuple(dict.fromkeys((*DEFAULT_SCOPES, "patient/Binary.cr")))
+WITHOUT_BINARY = tuple(scope for scope in DEFAULT_SCOPES if not scope.startswith("patient/Binary."))
 VARIANTS: dict[str, dict[str, Any]] = {
     "silent": {},
     "no-images": {"accept_images": False},
     "insists": {"accept_images": True, "max_inline_bytes": 5_000_000, "scopes": WITH_BINARY},
     "big-images": {"scopes": WITH_BINARY},
-    "big-images-no-binary-scope": {},
+    # The default scopes ask for Binary; this registration leaves it out, as some EHRs' app galleries do.
+    "big-images-no-binary-scope": {"scopes": WITHOUT_BINARY},
 }
 # 256x256 noise makes a PNG and a handout well above the small-inline server's 64 KiB inline limit.
 IMAGE_SIZES = {"insists": 256, "big-images": 256, "big-images-no-binary-scope": 256}
