@@ -158,3 +158,23 @@ def requested_scopes(*, capabilities: ScopeSyntax | Iterable[str], purpose: Purp
         if set(letters) & {"c", "u", "d"}:
             scopes.append(f"{context}/{resource_type}.write")
     return tuple(scopes)
+
+
+def scopes_in_syntax(scopes: Iterable[str], syntax: ScopeSyntax) -> tuple[str, ...]:
+    """Rewrite clinical scopes for a server that speaks only v1 (`patient/Condition.rs` → `.read`).
+
+    v1 scopes are left alone for v2 servers (SMART 2 servers accept them); non-clinical scopes pass through.
+    """
+    result: list[str] = []
+    for scope in scopes:
+        context, slash, rest = scope.partition("/")
+        resource_type, dot, letters = rest.partition(".")
+        is_v2 = bool(slash and dot and letters and set(letters) <= set("cruds") and letters != "*")
+        if syntax == "v1" and is_v2 and context in ("patient", "user", "system"):
+            if set(letters) & {"r", "s"}:
+                result.append(f"{context}/{resource_type}.read")
+            if set(letters) & {"c", "u", "d"}:
+                result.append(f"{context}/{resource_type}.write")
+        else:
+            result.append(scope)
+    return tuple(dict.fromkeys(result))

@@ -23,6 +23,7 @@ from fhir_adapters import (
     discover,
     exchange_code,
 )
+from fhir_adapters.scopes import scope_syntax_from_capabilities, scopes_in_syntax
 
 # A pending authorization older than this is refused: the user must launch again.
 PENDING_MAX_AGE = timedelta(minutes=10)
@@ -92,7 +93,8 @@ async def begin_launch(
         config=config,
         redirect_uri=registration.redirect_uri,
         launch=launch,
-        scopes=scopes,
+        # v2 scopes (patient/Condition.rs) where the server advertises permission-v2, else their v1 forms.
+        scopes=scopes_in_syntax(scopes, scope_syntax_from_capabilities(config.capabilities)),
     )
     return StartedLaunch(
         authorize_url=pending.url,

@@ -98,3 +98,25 @@ def test_requested_scopes_rejects_unknowns() -> None:
         requested_scopes(capabilities="v2", purpose="everything")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="'v1' or 'v2'"):
         requested_scopes(capabilities="v3", purpose="ehr-launch")  # type: ignore[arg-type]
+
+
+def test_v2_scopes_are_rewritten_for_a_v1_only_server() -> None:
+    from fhir_adapters.scopes import scopes_in_syntax
+
+    asked = (
+        "launch",
+        "openid",
+        "patient/Condition.rs",
+        "patient/DocumentReference.cruds",
+        "user/Patient.read",
+    )
+    assert scopes_in_syntax(asked, "v1") == (
+        "launch",
+        "openid",
+        "patient/Condition.read",
+        "patient/DocumentReference.read",
+        "patient/DocumentReference.write",
+        "user/Patient.read",
+    )
+    assert scopes_in_syntax(asked, "v2") == asked
+    assert scopes_in_syntax(("patient/*.*", "launch/patient"), "v1") == ("patient/*.*", "launch/patient")
