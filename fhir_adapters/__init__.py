@@ -23,9 +23,11 @@ from fhir_adapters.client import FhirClient, TokenSource, WriteResult
 from fhir_adapters.conditions import (
     Coding,
     ConditionSummary,
+    EncounterSummary,
     PatientBanner,
     PortraitStory,
     summarize_condition,
+    summarize_encounter,
     summarize_patient,
     summarize_story,
 )
@@ -86,6 +88,7 @@ __all__ = [
     "ConditionSummary",
     "DiscoveryError",
     "EhrRegistration",
+    "EncounterSummary",
     "FatalFhirError",
     "FhirClient",
     "FhirError",
@@ -126,6 +129,7 @@ __all__ = [
     "refresh",
     "requested_scopes",
     "summarize_condition",
+    "summarize_encounter",
     "summarize_patient",
     "summarize_story",
     "supports_transactions",

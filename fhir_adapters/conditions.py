@@ -53,6 +53,34 @@ class PatientBanner:
 
 
 @dataclass(frozen=True)
+class EncounterSummary:
+    """The visit CareCanvas was launched in: shown next to the banner, referenced by written documents."""
+
+    id: str
+    status: str | None
+    kind: str | None
+    start: str | None
+
+
+def summarize_encounter(resource: Mapping[str, Any]) -> EncounterSummary:
+    """Status, class (R4: a Coding) or first type text, and the start of the period."""
+    if resource.get("resourceType") != "Encounter":
+        raise ValueError("expected an Encounter resource")
+    encounter_class = _as_mapping(resource.get("class"))
+    types = resource.get("type") if isinstance(resource.get("type"), list) else []
+    first_type = _as_mapping(types[0] if types else None)
+    kind = encounter_class.get("display") or first_type.get("text") or encounter_class.get("code")
+    period = _as_mapping(resource.get("period"))
+    start = period.get("start")
+    return EncounterSummary(
+        id=str(resource.get("id", "")),
+        status=clean_text(resource.get("status"), max_length=40) or None,
+        kind=clean_text(kind, max_length=80) or None,
+        start=clean_text(start[:10], max_length=10) if isinstance(start, str) else None,
+    )
+
+
+@dataclass(frozen=True)
 class PortraitStory:
     """The patient's own story and preferences for a therapeutic portrait."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from typing import Annotated, Any
 
@@ -14,8 +15,10 @@ from fhir_adapters import (
     FhirError,
     ForbiddenError,
     GrantedScopes,
+    NotFoundError,
     TemporaryFhirError,
     summarize_condition,
+    summarize_encounter,
     summarize_patient,
 )
 from fhir_adapters.conditions import UNSPECIFIED_CONDITION
@@ -70,6 +73,8 @@ async def workspace(
         raise PageError(400, "No patient in context", "Open CareCanvas from a patient's chart.")
     token = session.data["token_set"]
     patient_resource = None
+    encounter_resource = None
+    encounter_id = session.data.get("encounter")
     history_raw: list[dict[str, Any]] | None = None
     history_error: FhirError | None = None
     try:
@@ -79,6 +84,10 @@ async def workspace(
             conditions_raw = await fhir.search(
                 "Condition", {"patient": patient_id, "clinical-status": "active", "_count": "50"}
             )
+            if encounter_id:
+                # The visit from the launch, shown beside the banner; a missing one costs nothing else.
+                with contextlib.suppress(NotFoundError, ForbiddenError):
+                    encounter_resource = await fhir.read("Encounter", encounter_id)
             if _can_search_documents(token):
                 # A failed history search must not cost the clinician the workspace: say so instead.
                 try:
@@ -105,6 +114,18 @@ async def workspace(
             patient=patient_id,
             ehr=ehr.name,
             resource="Patient",
+            request_id=request_id,
+            detail=None,
+        )
+    if encounter_resource is not None:
+        await services.audit.append(
+            db,
+            action=AuditAction.FHIR_READ,
+            outcome="success",
+            actor=actor,
+            patient=patient_id,
+            ehr=ehr.name,
+            resource="Encounter",
             request_id=request_id,
             detail=None,
         )
@@ -155,6 +176,7 @@ async def workspace(
         "workspace.html",
         {
             "banner": banner,
+            "encounter": summarize_encounter(encounter_resource) if encounter_resource is not None else None,
             "conditions": conditions,
             "styles": services.prompts.styles,
             "languages": LANGUAGES,

@@ -32,6 +32,7 @@ def test_launch_generate_approve_write_back(sandbox: SandboxEHR, carecanvas: Run
         workspace = client.get("/app")
         assert workspace.status_code == 200
         assert 'data-testid="patient-name"' in workspace.text  # need_patient_banner honoured
+        assert 'data-testid="encounter"' in workspace.text  # the Encounter from the launch was read
         condition_ids = CONDITION.findall(workspace.text)
         assert condition_ids, "the workspace lists the active conditions"
         assert "None" not in re.findall(r"<label[^>]*>([^<]*)", workspace.text)

@@ -175,3 +175,27 @@ def test_story_consent_requires_explicit_true() -> None:
             "item": [{"linkId": "likeness-consent", "answer": answer}],
         }
         assert summarize_story(qr).likeness_consent is False
+
+
+def test_encounter_summary_for_the_banner() -> None:
+    from fhir_adapters import summarize_encounter
+
+    summary = summarize_encounter(
+        {
+            "resourceType": "Encounter",
+            "id": "enc-1",
+            "status": "in-progress",
+            "class": {"code": "AMB", "display": "ambulatory"},
+            "period": {"start": "2026-06-02T14:30:00Z"},
+        }
+    )
+    assert (summary.id, summary.status, summary.kind, summary.start) == (
+        "enc-1",
+        "in-progress",
+        "ambulatory",
+        "2026-06-02",
+    )
+    bare = summarize_encounter({"resourceType": "Encounter", "id": "e", "status": "finished\u202e"})
+    assert (bare.kind, bare.start, bare.status) == (None, None, "finished")
+    with pytest.raises(ValueError, match="Encounter"):
+        summarize_encounter({"resourceType": "Patient"})
