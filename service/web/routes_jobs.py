@@ -7,7 +7,7 @@ import json
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 
 from service.app import Services
 from service.sessions import WebSession
@@ -75,9 +75,10 @@ async def job_events(job_id: str, services: ServicesDep, session: WebSessionDep)
 async def cancel_job(
     request: Request, job_id: str, services: ServicesDep, session: WebSessionDep
 ) -> Response:
+    """Cancel a queued job at once, or ask its worker to stop between steps; back to the job page."""
     form = await request.form()
     if not session.csrf_matches(str(form.get("csrf_token", ""))):
         raise PageError(403, "This form has expired", "Please reload the page and try again.")
     await owned_job_status(services, session, job_id)
     await services.queue.request_cancel(job_id)
-    return JSONResponse({"status": "cancelling"}, status_code=202)
+    return RedirectResponse(f"/jobs/{job_id}", status_code=303)
