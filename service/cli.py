@@ -187,6 +187,28 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
+def cmd_audit_push(args: argparse.Namespace) -> int:
+    from service.app import build_services
+    from service.audit_push import AuditPushError, push_audit_events
+
+    async def run() -> int:
+        services = await build_services(_settings())
+        try:
+            result = await push_audit_events(services, ehr_name=args.ehr, limit=args.limit)
+        except AuditPushError as error:
+            print(f"audit push failed: {error}", file=sys.stderr)
+            return 1
+        finally:
+            await services.http.aclose()
+            await services.engine.dispose()
+        print(
+            f"pushed {result.pushed} AuditEvents to EHR {args.ehr!r}; cursor at record {result.through_seq}"
+        )
+        return 0
+
+    return asyncio.run(run())
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     from service.crypto import LocalKeyFileProvider
 
@@ -301,6 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
     export = audit.add_parser("export", help="export as FHIR AuditEvent NDJSON")
     export.add_argument("--limit", type=int, default=10_000)
     export.set_defaults(func=cmd_audit_export)
+    push = audit.add_parser("push", help="send new records to an EHR as AuditEvents (SMART Backend Services)")
+    push.add_argument("--ehr", required=True, help="the registration's name")
+    push.add_argument("--limit", type=int, default=1000, help="at most this many AuditEvents per run")
+    push.set_defaults(func=cmd_audit_push)
     keys = commands.add_parser("keys", help="key-encryption keys").add_subparsers(
         dest="keys_command", required=True
     )

@@ -46,6 +46,10 @@ class EhrSettings(BaseModel):
     # private_key_jwt key rotation: PEM files, oldest first. All are published at /.well-known/jwks.json;
     # the last one signs. Each key's `kid` is its RFC 7638 thumbprint; RSA signs RS384, EC P-384 ES384.
     private_key_files: tuple[Path, ...] = ()
+    # SMART Backend Services (client_credentials + private_key_jwt, signed with private_key_files) for
+    # system work such as `carecanvas audit push`; None = no backend registration with this EHR.
+    backend_client_id: str | None = None
+    backend_scopes: tuple[str, ...] = ("system/AuditEvent.c",)
     # Scopes for the patient portal's standalone launch (`/portal/launch?ehr=<name>`); empty = no portal.
     portal_scopes: tuple[str, ...] = (
         "launch/patient",
