@@ -43,6 +43,8 @@ class EhrSettings(BaseModel):
     organization_id: str | None = None
     accept_images: bool | None = None
     max_inline_bytes: int = 5_000_000
+    # Paper the hospital prints handouts on: US Letter, or A4 outside North America.
+    handout_page_size: Literal["letter", "a4"] = "letter"
     # private_key_jwt key rotation: PEM files, oldest first. All are published at /.well-known/jwks.json;
     # the last one signs. Each key's `kid` is its RFC 7638 thumbprint; RSA signs RS384, EC P-384 ES384.
     private_key_files: tuple[Path, ...] = ()

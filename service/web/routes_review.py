@@ -159,6 +159,7 @@ async def approve(
                 ),
                 ehr_name=ehr.name,
                 request_id=request_id,
+                page_size=ehr.handout_page_size,
             )
     except NotReadyError as error:
         raise PageError(409, "Not ready to approve", str(error)) from error

@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 import structlog
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -254,6 +254,7 @@ async def approve_and_write_back(
     may_create_binaries: bool,
     ehr_name: str,
     request_id: str | None,
+    page_size: Literal["letter", "a4"] = "letter",
 ) -> WriteBackResult:
     """Approve, then write Device, (Binaries,) DocumentReference and Provenance exactly once.
 
@@ -296,6 +297,7 @@ async def approve_and_write_back(
                     policy=policy,
                     replaces=replaces,
                     may_create_binaries=may_create_binaries,
+                    page_size=page_size,
                 )
                 break
             except FatalFhirError as error:
@@ -450,6 +452,7 @@ async def _write(
     policy: AttachmentPolicy,
     replaces: str | None,
     may_create_binaries: bool,
+    page_size: Literal["letter", "a4"],
 ) -> str:
     content = document.content
     now = datetime.now(UTC)
@@ -460,6 +463,7 @@ async def _write(
         alt_text=content["alt_text"],
         language=content["language"],
         created=now.date(),
+        page_size=page_size,
         test_model_notice=TEST_MODEL_NOTICE if model.is_test_model else None,
     )
     identifier_value = artifact_identifier(document.job_id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import io
 import json
 import threading
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 from harness import CONDITION, RunningApp, csrf_from, free_port, launch_session, running_app, wait_for_job
+from pypdf import PdfReader
 
 from sandbox.run import SandboxEHR
 from service.cli import demo_settings
@@ -32,6 +34,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "no-images": {"accept_images": False},
     "insists": {"accept_images": True, "max_inline_bytes": 5_000_000, "scopes": WITH_BINARY},
     "big-images": {"scopes": WITH_BINARY},
+    "a4": {"handout_page_size": "a4"},
     # The default scopes ask for Binary; this registration leaves it out, as some EHRs' app galleries do.
     "big-images-no-binary-scope": {"scopes": WITHOUT_BINARY},
 }
@@ -380,3 +383,17 @@ def test_refusal_shows_the_ehrs_text_keeps_the_draft_and_retry_works(
     finally:
         app.services.fhir_transport = None
         app.call(transport.close_for_good())
+
+
+def test_handout_paper_size_follows_the_registration(ehr: SandboxEHR, apps: dict[str, RunningApp]) -> None:
+    """A hospital that prints on A4 gets A4 handouts; the default is US Letter."""
+    sizes = {}
+    for name in ("silent", "a4"):
+        with launch_session(apps[name].url, ehr) as client:
+            job_id, csrf = make_picture(client)
+            assert approve(client, job_id, csrf).status_code == 200
+        document, _ = written_set(ehr, job_id)
+        pdf = PdfReader(io.BytesIO(base64.b64decode(document["content"][0]["attachment"]["data"])))
+        box = pdf.pages[0].mediabox
+        sizes[name] = (round(float(box.width)), round(float(box.height)))
+    assert sizes == {"silent": (612, 792), "a4": (595, 842)}
