@@ -171,7 +171,7 @@ class SmartAuthorizationServer(AuthorizationServer):
         return request
 
     def create_json_request(self, request: Any) -> Any:
-        raise NotImplementedError("the sandbox has no JSON endpoints on authlib")
+        raise TypeError("the sandbox authorization server takes form-encoded requests only, never JSON")
 
     def handle_response(self, status: int, body: Any, headers: Any) -> tuple[int, Any, list[tuple[str, str]]]:
         return status, body, list(headers)
