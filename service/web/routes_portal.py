@@ -17,9 +17,8 @@ from service.audit import AuditAction
 from service.ehrs import UnregisteredIssuerError
 from service.fhir_access import SessionExpiredError
 from service.web.deps import DbDep, PortalSessionDep, RequestIdDep, ServicesDep, SessionStoreDep, session_fhir
-from service.web.errors import PageError
+from service.web.errors import PageError, fhir_failure_page
 from service.web.routes_launch import not_registered, start_launch
-from service.web.routes_workspace import fhir_failure_page
 from service.workflows.approve import IDENTIFIER_SYSTEM
 
 router = APIRouter()

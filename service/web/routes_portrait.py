@@ -10,12 +10,11 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from fhir_adapters import FhirError
 from service.audit import AuditAction
-from service.fhir_access import SessionExpiredError
 from service.generation.prompts import Depiction
 from service.web.deps import DbDep, RequestIdDep, ServicesDep, SessionStoreDep, WebSessionDep, session_fhir
-from service.web.errors import PageError
+from service.web.errors import PageError, fhir_failure_page
 from service.web.routes_jobs import owned_job_status
-from service.web.routes_workspace import LANGUAGES, fhir_failure_page
+from service.web.routes_workspace import LANGUAGES
 from service.workflows.portrait import (
     MAX_VARIANTS,
     NoStoryError,
@@ -45,8 +44,6 @@ async def _read_story(
             story = await read_patient_story(fhir=fhir, patient_id=patient_id)
     except NoStoryError:
         story = None
-    except SessionExpiredError as error:
-        raise PageError(401, "Your CareCanvas session has ended", str(error)) from error
     except FhirError as error:
         outcome, status = "failure", error.status
         await db.rollback()

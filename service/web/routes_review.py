@@ -14,13 +14,12 @@ from service.fhir_access import SessionExpiredError
 from service.generation.prompts import Depiction
 from service.generation.readability import caption_grade
 from service.web.deps import DbDep, RequestIdDep, ServicesDep, SessionStoreDep, WebSessionDep, session_fhir
-from service.web.errors import PageError
+from service.web.errors import PageError, fhir_failure_page
 from service.web.routes_jobs import owned_job_status
 from service.web.routes_workspace import (
     LANGUAGES,
     _can_update_documents,
     _can_write_back,
-    fhir_failure_page,
 )
 from service.workflows.approve import (
     ApprovalInProgressError,
@@ -169,10 +168,6 @@ async def approve(
         if error.retryable:
             raise PageError(503, "The EHR did not answer in time", str(error)) from error
         raise PageError(502, "The EHR did not accept the document", str(error)) from error
-    except SessionExpiredError as error:
-        raise PageError(401, "Your CareCanvas session has ended", str(error)) from error
-    except FhirError as error:
-        raise fhir_failure_page(error) from error
     return services.templates.TemplateResponse(
         request,
         "approved.html",
@@ -296,10 +291,6 @@ async def retract(
     except NotReplaceableError as error:
         await db.rollback()
         raise PageError(404, "No such saved picture", str(error)) from error
-    except SessionExpiredError as error:
-        raise PageError(401, "Your CareCanvas session has ended", str(error)) from error
-    except FhirError as error:
-        raise fhir_failure_page(error) from error
     return services.templates.TemplateResponse(
         request,
         "approved.html",

@@ -16,7 +16,6 @@ from fhir_adapters import (
     ForbiddenError,
     GrantedScopes,
     NotFoundError,
-    TemporaryFhirError,
     summarize_condition,
     summarize_encounter,
     summarize_patient,
@@ -29,7 +28,7 @@ from service.fhir_access import SessionExpiredError
 from service.generation.prompts import Depiction
 from service.sessions import WebSession
 from service.web.deps import DbDep, RequestIdDep, ServicesDep, SessionStoreDep, WebSessionDep, session_fhir
-from service.web.errors import PageError
+from service.web.errors import PageError, fhir_failure_page
 from service.workflows.approve import IDENTIFIER_SYSTEM
 from service.workflows.illustrate import (
     ConditionNotFoundError,
@@ -43,19 +42,6 @@ router = APIRouter()
 
 LANGUAGES = {"en": "English", "es": "Español"}
 FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
-
-
-def fhir_failure_page(error: FhirError) -> PageError:
-    """Say plainly what the EHR answered; the OperationOutcome text is the EHR's own and safe to show."""
-    if isinstance(error, ForbiddenError):
-        return PageError(
-            403, "The EHR did not allow this", "Your launch does not give CareCanvas access to that."
-        )
-    if isinstance(error, TemporaryFhirError):
-        return PageError(
-            503, "The EHR is not answering right now", "Please try again in a minute. Nothing was changed."
-        )
-    return PageError(502, "The EHR answered with an error", error.diagnostics or "The EHR gave no reason.")
 
 
 @router.get("/app", response_class=HTMLResponse)
@@ -97,8 +83,6 @@ async def workspace(
                     )
                 except FhirError as error:
                     history_error = error
-    except SessionExpiredError as error:
-        raise PageError(401, "Your CareCanvas session has ended", str(error)) from error
     except FhirError as error:
         await _audit_failure(services, db, session, resource="Condition", request_id=request_id, error=error)
         raise fhir_failure_page(error) from error
