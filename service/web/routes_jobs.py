@@ -42,7 +42,12 @@ async def job_page(request: Request, job_id: str, services: ServicesDep, session
     return services.templates.TemplateResponse(
         request,
         "job.html",
-        {"job_id": job_id, "job": status, "csrf_token": session.csrf_token},
+        {
+            "job_id": job_id,
+            "job": status,
+            "csrf_token": session.csrf_token,
+            "banner": session.data.get("banner"),
+        },
     )
 
 

@@ -69,6 +69,7 @@ async def review_page(
         {
             "job_id": job_id,
             "job": status,
+            "banner": session.data.get("banner"),
             "document": document,
             "content": document.content,
             "caption_grade": grade,

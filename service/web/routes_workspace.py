@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 from typing import Annotated, Any
 
@@ -150,8 +151,13 @@ async def workspace(
             db, keyring=services.keyring, ehr_name=ehr.name, identifiers=identifiers
         )
         history = history_from_search(history_raw, identifier_system=IDENTIFIER_SYSTEM, local=local)
-    await db.commit()
     banner = summarize_patient(patient_resource) if patient_resource is not None else None
+    if banner is not None:
+        # Kept (encrypted, in the server-side session) so the job and review pages show the same banner
+        # without reading the Patient again.
+        session.data["banner"] = dataclasses.asdict(banner)
+        await store.save(db, session)
+    await db.commit()
     conditions = [summarize_condition(resource) for resource in conditions_raw]
     conditions = [condition for condition in conditions if condition.is_active]
     can_write = _can_write_back(token)

@@ -54,6 +54,7 @@ def test_launch_generate_approve_write_back(sandbox: SandboxEHR, carecanvas: Run
         review = client.get(f"/review/{job_id}")
         assert review.status_code == 200
         assert 'data-testid="test-model-notice"' in review.text
+        assert 'data-testid="patient-name"' in review.text  # the banner follows the clinician to the review
         image = client.get(f"/artifacts/{job_id}/png")
         assert image.headers["content-type"] == "image/png"
         assert image.content.startswith(b"\x89PNG")
