@@ -84,6 +84,7 @@ def make_worker(services: Services) -> Worker:
         poll_seconds=settings.worker_poll_seconds,
         safety=safety,
         record_result=document_result_recorder(services),
+        previews=settings.worker_previews,
     )
 
 

@@ -89,6 +89,8 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     session_minutes: int = 60
     worker_batch_size: int = 8
+    # Low-cost progress previews (latents mapped to RGB, no VAE) stored for the progress page.
+    worker_previews: bool = True
     worker_batch_wait_ms: int = 20
     worker_poll_seconds: float = 0.2
     job_lease_seconds: int = 60

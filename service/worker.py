@@ -79,10 +79,12 @@ class Worker:
         worker_id: str | None = None,
         safety: SafetyClassifier | None = None,
         record_result: ResultRecorder | None = None,
+        previews: bool = True,
     ) -> None:
         if batch_size < 1 or batch_wait_ms < 0 or poll_seconds <= 0 or heartbeat_seconds <= 0:
             raise ValueError("batch_size ≥ 1, batch_wait_ms ≥ 0, poll_seconds > 0 and heartbeat_seconds > 0")
         self._queue = queue
+        self._previews = previews
         self.engines: Callable[[str], DiffusionEngine] = (
             engines.__getitem__ if isinstance(engines, dict) else engines
         )
@@ -229,13 +231,29 @@ class Worker:
             # Stop the batch only when every job in it was cancelled; others still want their images.
             return len(cancelled) == len(job_ids)
 
+        previews: list[concurrent.futures.Future[None]] = []
+
+        async def store_previews(frames: list[Image.Image]) -> None:
+            for job_id, frame in zip(job_ids, frames, strict=True):
+                await self._queue.store_preview(job_id, encode_png(frame, compress_level=1))
+
+        def on_preview(step: int, frames: list[Image.Image]) -> None:
+            # Latent-resolution frames, no VAE: cheap. Skipped while the previous one is still being stored.
+            if previews and not previews[-1].done():
+                return
+            previews.append(asyncio.run_coroutine_threadsafe(store_previews(frames), loop))
+
         try:
             return await asyncio.to_thread(
-                engine.generate, requests, on_step=on_step, should_cancel=should_cancel
+                engine.generate,
+                requests,
+                on_step=on_step,
+                should_cancel=should_cancel,
+                on_preview=on_preview if self._previews else None,
             )
         finally:
             outcomes = await asyncio.gather(
-                *(asyncio.wrap_future(f) for f in reports), return_exceptions=True
+                *(asyncio.wrap_future(f) for f in (*reports, *previews)), return_exceptions=True
             )
             failures = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
             if failures:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -335,6 +335,30 @@ class JobQueue:
         async with self._sessionmaker() as session, session.begin():
             job = await session.get(Job, job_id)
             return None if job is None else _view(job)
+
+    async def store_preview(self, job_id: str, png: bytes) -> bool:
+        """Replace a running job's low-cost preview; False (nothing stored) once the job has finished."""
+        now = self._now()
+        async with self._sessionmaker() as session, session.begin():
+            job = await self._locked_job(session, job_id)
+            if job.status != "running":
+                return False
+            await session.execute(
+                delete(Artifact).where(Artifact.job_id == job_id, Artifact.kind == "preview")
+            )
+            artifact_id = str(uuid.uuid4())
+            session.add(
+                Artifact(
+                    id=artifact_id,
+                    job_id=job_id,
+                    kind="preview",
+                    ciphertext=self._keyring.encrypt(bytes(png), aad=_artifact_aad(artifact_id)),
+                    size=len(png),
+                    sha256=hashlib.sha256(png).hexdigest(),
+                    created_at=now,
+                )
+            )
+        return True
 
     async def read_artifact(self, job_id: str, kind: str) -> bytes:
         """The decrypted artifact; raises JobNotFoundError when missing, DecryptionError when tampered."""

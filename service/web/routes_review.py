@@ -13,6 +13,7 @@ from service.documents import load_document
 from service.fhir_access import SessionExpiredError
 from service.generation.prompts import Depiction
 from service.generation.readability import caption_grade
+from service.jobs import JobNotFoundError
 from service.web.deps import DbDep, RequestIdDep, ServicesDep, SessionStoreDep, WebSessionDep, session_fhir
 from service.web.errors import PageError, fhir_failure_page
 from service.web.routes_jobs import owned_job_status
@@ -90,12 +91,15 @@ async def artifact(
     session: WebSessionDep,
     request_id: RequestIdDep,
 ) -> Response:
-    if kind != "png":
-        raise PageError(404, "No such file", "Only the PNG image is served here.")
+    if kind not in ("png", "preview"):
+        raise PageError(404, "No such file", "Only the picture and its progress preview are served here.")
     status = await owned_job_status(services, session, job_id)
-    if status["status"] != "succeeded":
+    if kind == "png" and status["status"] != "succeeded":
         raise PageError(404, "Not ready", "The image is not finished yet.")
-    png = await services.queue.read_artifact(job_id, "png")
+    try:
+        png = await services.queue.read_artifact(job_id, kind)
+    except JobNotFoundError:
+        raise PageError(404, "Not ready", "There is no preview yet.") from None
     await services.audit.append(
         db,
         action=AuditAction.VIEW,
@@ -103,7 +107,7 @@ async def artifact(
         actor=session.data.get("fhir_user"),
         patient=session.patient_id,
         ehr=session.ehr_name,
-        resource="Image",
+        resource="Image" if kind == "png" else "Preview",
         request_id=request_id,
         detail={"job_id": job_id},
     )

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import re
 
 import httpx
 import pytest
 from harness import CONDITION, RunningApp, csrf_from, launch_session, wait_for_job
+from PIL import Image
 
 from sandbox.run import SandboxEHR
 from service.workflows.approve import IDENTIFIER_SYSTEM, artifact_identifier
@@ -55,6 +57,11 @@ def test_launch_generate_approve_write_back(sandbox: SandboxEHR, carecanvas: Run
         assert review.status_code == 200
         assert 'data-testid="test-model-notice"' in review.text
         assert 'data-testid="patient-name"' in review.text  # the banner follows the clinician to the review
+        # The worker stored a cheap latent preview while it ran (latent resolution: 64 px / 8).
+        preview = client.get(f"/artifacts/{job_id}/preview")
+        assert preview.headers["content-type"] == "image/png"
+        assert Image.open(io.BytesIO(preview.content)).size == (8, 8)
+        assert client.get(f"/artifacts/{job_id}/exe").status_code == 404
         image = client.get(f"/artifacts/{job_id}/png")
         assert image.headers["content-type"] == "image/png"
         assert image.content.startswith(b"\x89PNG")

@@ -234,3 +234,22 @@ async def test_progress_depth_and_wait_for_work(queue, sessionmaker, clock):
     view = await queue.get(job_id)
     assert (view.progress_step, view.progress_total) == (1, 2)
     assert await queue.queue_depth() == 0
+
+
+async def test_previews_replace_each_other_only_while_running(queue, sessionmaker, clock):
+    [job_id] = await enqueue(queue, sessionmaker, clock, ["b"])
+    assert not await queue.store_preview(job_id, b"\x89PNG too early")  # still queued
+    await queue.claim_batch(worker_id="w1", max_jobs=1)
+    assert await queue.store_preview(job_id, b"\x89PNG step 1")
+    assert await queue.store_preview(job_id, b"\x89PNG step 2")
+    assert await queue.read_artifact(job_id, "preview") == b"\x89PNG step 2"
+    async with sessionmaker() as session:
+        previews = (
+            await session.execute(
+                select(func.count()).select_from(Artifact).where(Artifact.kind == "preview")
+            )
+        ).scalar_one()
+    assert previews == 1
+    assert await queue.complete(job_id, "w1", artifacts={"png": b"\x89PNG final"})
+    assert not await queue.store_preview(job_id, b"\x89PNG late")  # a straggler after completion is dropped
+    assert await queue.read_artifact(job_id, "preview") == b"\x89PNG step 2"

@@ -9,12 +9,22 @@
   var statusText = document.getElementById("job-status");
   var bar = document.getElementById("job-progress");
   var link = document.getElementById("review-link");
+  var preview = document.getElementById("job-preview");
+  var lastStep = 0;
   var source = new EventSource("/jobs/" + encodeURIComponent(jobId) + "/events");
   source.onmessage = function (event) {
     var job = JSON.parse(event.data);
     section.setAttribute("data-status", job.status);
     if (job.total) { bar.max = job.total; bar.value = job.step; }
-    if (job.status === "running") { statusText.textContent = "Step " + job.step + " of " + job.total + "…"; }
+    if (job.status === "running") {
+      statusText.textContent = "Step " + job.step + " of " + job.total + "…";
+      if (preview && job.step > lastStep) {
+        // A cheap latent preview, replaced as steps go by; a missing one just stays hidden.
+        lastStep = job.step;
+        preview.onload = function () { preview.hidden = false; };
+        preview.src = "/artifacts/" + encodeURIComponent(jobId) + "/preview?step=" + job.step;
+      }
+    }
     if (job.status === "succeeded") {
       statusText.textContent = "Done.";
       bar.value = bar.max;
