@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import secrets
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,10 +12,10 @@ from fhir_adapters import FhirClient, NotFoundError, summarize_condition
 from service.audit import AuditAction, AuditLog
 from service.crypto import Keyring
 from service.documents import create_draft
-from service.generation.engine import ImageRequest, bucket_key
 from service.generation.models import ModelSpec
 from service.generation.prompts import Depiction, PromptLibrary, build_education_prompt
 from service.jobs import JobQueue
+from service.workflows.image_jobs import enqueue_image_job
 
 
 class ConditionNotFoundError(LookupError):
@@ -74,34 +73,17 @@ async def start_illustration(
         depiction=choice.depiction,
         tokenizer=None,  # the worker fits the prompt to its own pipeline's tokenizer before the call
     )
-    job_id = str(uuid.uuid4())
-    request = ImageRequest(
-        job_id=job_id,
+    request = await enqueue_image_job(
+        db,
+        queue=queue,
+        model=model,
+        kind="illustration",
         prompt=prompt.positive,
         negative_prompt=prompt.negative,
         seed=secrets.randbelow(2**31),
-        width=model.default_width,
-        height=model.default_height,
-        steps=model.default_steps,
-        guidance=model.default_guidance,
-    )
-    await queue.enqueue(
-        db,
-        kind="illustration",
-        bucket=bucket_key(request, model.name),
-        spec={
-            "model": model.name,
-            "prompt": request.prompt,
-            "negative_prompt": request.negative_prompt,
-            "seed": request.seed,
-            "width": request.width,
-            "height": request.height,
-            "steps": request.steps,
-            "guidance": request.guidance,
-        },
         session_id_hash=session_id_hash,
-        job_id=job_id,
     )
+    job_id = request.job_id
     await create_draft(
         db,
         keyring=keyring,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import secrets
-import uuid
 from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -12,7 +11,6 @@ from fhir_adapters import FhirClient, summarize_story
 from service.audit import AuditAction, AuditLog
 from service.crypto import Keyring
 from service.documents import create_draft
-from service.generation.engine import ImageRequest, bucket_key
 from service.generation.models import ModelSpec
 from service.generation.prompts import (
     Depiction,
@@ -22,6 +20,7 @@ from service.generation.prompts import (
 )
 from service.jobs import JobQueue
 from service.workflows.illustrate import subject_patient_id
+from service.workflows.image_jobs import enqueue_image_job
 
 MAX_VARIANTS = 8
 _STORY_STATUSES = frozenset({"completed", "amended"})
@@ -100,34 +99,17 @@ async def start_portrait_variants(
     first_seed = secrets.randbelow(2**31)
     job_ids: list[str] = []
     for index in range(choice.variants):
-        job_id = str(uuid.uuid4())
-        request = ImageRequest(
-            job_id=job_id,
+        request = await enqueue_image_job(
+            db,
+            queue=queue,
+            model=model,
+            kind="portrait",
             prompt=prompt.positive,
             negative_prompt=prompt.negative,
             seed=first_seed + index,  # distinct seeds, one bucket: the worker runs the variants as one batch
-            width=model.default_width,
-            height=model.default_height,
-            steps=model.default_steps,
-            guidance=model.default_guidance,
-        )
-        await queue.enqueue(
-            db,
-            kind="portrait",
-            bucket=bucket_key(request, model.name),
-            spec={
-                "model": model.name,
-                "prompt": request.prompt,
-                "negative_prompt": request.negative_prompt,
-                "seed": request.seed,
-                "width": request.width,
-                "height": request.height,
-                "steps": request.steps,
-                "guidance": request.guidance,
-            },
             session_id_hash=session_id_hash,
-            job_id=job_id,
         )
+        job_id = request.job_id
         await create_draft(
             db,
             keyring=keyring,
