@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Annotated
+from collections.abc import AsyncIterator, Mapping
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -107,4 +107,30 @@ def session_fhir(
         registration=services.ehrs.registration(services.ehrs.by_name(session.ehr_name)),
         http=services.http,
         transport=services.fhir_transport,
+    )
+
+
+async def audit_touch(
+    services: Services,
+    db: AsyncSession,
+    session: WebSession,
+    *,
+    action: str,
+    outcome: str,
+    patient: str | None,
+    resource: str | None,
+    request_id: str | None,
+    detail: Mapping[str, Any] | None,
+) -> None:
+    """An audit record for this session's user and EHR, in the caller's transaction (fail closed)."""
+    await services.audit.append(
+        db,
+        action=action,
+        outcome=outcome,
+        actor=session.data.get("fhir_user"),
+        patient=patient,
+        ehr=session.ehr_name,
+        resource=resource,
+        request_id=request_id,
+        detail=detail,
     )

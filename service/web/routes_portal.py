@@ -16,7 +16,15 @@ from fhir_adapters import FhirError, ForbiddenError, NotFoundError
 from service.audit import AuditAction
 from service.ehrs import UnregisteredIssuerError
 from service.fhir_access import SessionExpiredError
-from service.web.deps import DbDep, PortalSessionDep, RequestIdDep, ServicesDep, SessionStoreDep, session_fhir
+from service.web.deps import (
+    DbDep,
+    PortalSessionDep,
+    RequestIdDep,
+    ServicesDep,
+    SessionStoreDep,
+    audit_touch,
+    session_fhir,
+)
 from service.web.errors import PageError, fhir_failure_page
 from service.web.routes_launch import not_registered, start_launch
 from service.workflows.approve import IDENTIFIER_SYSTEM
@@ -129,7 +137,6 @@ async def portal_home(
     patient_id = session.patient_id
     if not patient_id:
         raise PageError(400, "No patient chosen", "Please sign in to the portal again.")
-    ehr = services.ehrs.by_name(session.ehr_name)
     try:
         async with session_fhir(services, session, store, db) as fhir:
             found = await fhir.search(
@@ -145,13 +152,13 @@ async def portal_home(
     documents = [portal_document(resource) for resource in found if shown_on_portal(resource, patient_id)]
     documents.sort(key=lambda document: document.created or "", reverse=True)
     # Audited before anything is shown; if the record cannot be written, nothing is shown.
-    await services.audit.append(
+    await audit_touch(
+        services,
         db,
+        session,
         action=AuditAction.PORTAL_VIEW,
         outcome="success",
-        actor=session.data.get("fhir_user"),
         patient=patient_id,
-        ehr=ehr.name,
         resource="DocumentReference",
         request_id=request_id,
         detail={"count": len(documents)},
@@ -220,13 +227,13 @@ async def portal_file(
         raise PageError(404, "No such picture", "It may have been withdrawn by your care team.") from error
     except PageError:
         if denied:  # someone else's record (or one the EHR refused): the attempt itself is audited
-            await services.audit.append(
+            await audit_touch(
+                services,
                 db,
+                session,
                 action=AuditAction.PORTAL_VIEW,
                 outcome="denied",
-                actor=session.data.get("fhir_user"),
                 patient=patient_id,
-                ehr=ehr.name,
                 resource=f"DocumentReference/{document_id}",
                 request_id=request_id,
                 detail={"kind": kind},
@@ -246,13 +253,13 @@ async def portal_file(
             raise PageError(
                 502, "The file could not be checked", "The EHR returned a file that does not match."
             )
-    await services.audit.append(
+    await audit_touch(
+        services,
         db,
+        session,
         action=AuditAction.PORTAL_VIEW,
         outcome="success",
-        actor=session.data.get("fhir_user"),
         patient=patient_id,
-        ehr=ehr.name,
         resource=f"DocumentReference/{document_id}",
         request_id=request_id,
         detail={"kind": kind},

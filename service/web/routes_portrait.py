@@ -11,7 +11,15 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fhir_adapters import FhirError
 from service.audit import AuditAction
 from service.generation.prompts import Depiction
-from service.web.deps import DbDep, RequestIdDep, ServicesDep, SessionStoreDep, WebSessionDep, session_fhir
+from service.web.deps import (
+    DbDep,
+    RequestIdDep,
+    ServicesDep,
+    SessionStoreDep,
+    WebSessionDep,
+    audit_touch,
+    session_fhir,
+)
 from service.web.errors import PageError, fhir_failure_page
 from service.web.routes_jobs import owned_job_status
 from service.web.routes_workspace import LANGUAGES
@@ -64,13 +72,13 @@ async def _audit_story_read(
     outcome: str,
     detail: dict[str, object],
 ) -> None:
-    await services.audit.append(
+    await audit_touch(
+        services,
         db,
+        session,
         action=AuditAction.FHIR_SEARCH,
         outcome=outcome,
-        actor=session.data.get("fhir_user"),
         patient=session.patient_id,
-        ehr=session.ehr_name,
         resource="QuestionnaireResponse",
         request_id=request_id,
         detail=detail,

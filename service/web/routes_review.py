@@ -14,7 +14,15 @@ from service.fhir_access import SessionExpiredError
 from service.generation.prompts import Depiction
 from service.generation.readability import caption_grade
 from service.jobs import JobNotFoundError
-from service.web.deps import DbDep, RequestIdDep, ServicesDep, SessionStoreDep, WebSessionDep, session_fhir
+from service.web.deps import (
+    DbDep,
+    RequestIdDep,
+    ServicesDep,
+    SessionStoreDep,
+    WebSessionDep,
+    audit_touch,
+    session_fhir,
+)
 from service.web.errors import PageError, fhir_failure_page
 from service.web.routes_jobs import owned_job_status
 from service.web.routes_workspace import (
@@ -51,13 +59,13 @@ async def review_page(
     if document is None:
         raise PageError(404, "No such illustration", "Start again from the workspace.")
     model = services.models.get(document.content["model"])
-    await services.audit.append(
+    await audit_touch(
+        services,
         db,
+        session,
         action=AuditAction.VIEW,
         outcome="success",
-        actor=session.data.get("fhir_user"),
         patient=document.content["patient_id"],
-        ehr=session.ehr_name,
         resource="DocumentDraft",
         request_id=request_id,
         detail={"job_id": job_id},
@@ -100,13 +108,13 @@ async def artifact(
         png = await services.queue.read_artifact(job_id, kind)
     except JobNotFoundError:
         raise PageError(404, "Not ready", "There is no preview yet.") from None
-    await services.audit.append(
+    await audit_touch(
+        services,
         db,
+        session,
         action=AuditAction.VIEW,
         outcome="success",
-        actor=session.data.get("fhir_user"),
         patient=session.patient_id,
-        ehr=session.ehr_name,
         resource="Image" if kind == "png" else "Preview",
         request_id=request_id,
         detail={"job_id": job_id},

@@ -28,7 +28,15 @@ from service.documents import STATUS_LABELS, documents_by_identifier, history_fr
 from service.fhir_access import SessionExpiredError
 from service.generation.prompts import Depiction
 from service.sessions import WebSession
-from service.web.deps import DbDep, RequestIdDep, ServicesDep, SessionStoreDep, WebSessionDep, session_fhir
+from service.web.deps import (
+    DbDep,
+    RequestIdDep,
+    ServicesDep,
+    SessionStoreDep,
+    WebSessionDep,
+    audit_touch,
+    session_fhir,
+)
 from service.web.errors import PageError, fhir_failure_page
 from service.workflows.approve import IDENTIFIER_SYSTEM
 from service.workflows.illustrate import (
@@ -89,51 +97,50 @@ async def workspace(
         raise fhir_failure_page(error) from error
     # Audited after the EHR answered (never holding the database's write lock across EHR calls) and
     # before anything is shown: if the audit record cannot be written, nothing is shown.
-    actor = session.data.get("fhir_user")
     if patient_resource is not None:
-        await services.audit.append(
+        await audit_touch(
+            services,
             db,
+            session,
             action=AuditAction.FHIR_READ,
             outcome="success",
-            actor=actor,
             patient=patient_id,
-            ehr=ehr.name,
             resource="Patient",
             request_id=request_id,
             detail=None,
         )
     if encounter_resource is not None:
-        await services.audit.append(
+        await audit_touch(
+            services,
             db,
+            session,
             action=AuditAction.FHIR_READ,
             outcome="success",
-            actor=actor,
             patient=patient_id,
-            ehr=ehr.name,
             resource="Encounter",
             request_id=request_id,
             detail=None,
         )
-    await services.audit.append(
+    await audit_touch(
+        services,
         db,
+        session,
         action=AuditAction.FHIR_SEARCH,
         outcome="success",
-        actor=actor,
         patient=patient_id,
-        ehr=ehr.name,
         resource="Condition",
         request_id=request_id,
         detail={"count": len(conditions_raw)},
     )
     history = []
     if history_raw is not None or history_error is not None:
-        await services.audit.append(
+        await audit_touch(
+            services,
             db,
+            session,
             action=AuditAction.FHIR_SEARCH,
             outcome="success" if history_error is None else "failure",
-            actor=actor,
             patient=patient_id,
-            ehr=ehr.name,
             resource="DocumentReference",
             request_id=request_id,
             detail={"count": len(history_raw)}
@@ -192,13 +199,13 @@ async def _audit_failure(
     error: FhirError,
 ) -> None:
     await db.rollback()
-    await services.audit.append(
+    await audit_touch(
+        services,
         db,
+        session,
         action=AuditAction.FHIR_SEARCH,
         outcome="failure",
-        actor=session.data.get("fhir_user"),
         patient=session.patient_id,
-        ehr=session.ehr_name,
         resource=resource,
         request_id=request_id,
         detail={"status": error.status},
