@@ -2,19 +2,15 @@
 
 from service.audit.balp import export_ndjson, to_audit_event
 from service.audit.chain import GENESIS_HASH, canonical_json, record_hash
-from service.audit.log import (
-    AuditAction,
-    AuditEntry,
-    AuditError,
-    AuditLog,
-    AuditOutcome,
-    AuditRecordRef,
+from service.audit.checkpoints import (
     CheckpointSink,
     FileCheckpointSink,
     JsonlCheckpointSink,
     SignedCheckpoint,
-    VerifyResult,
+    sign_checkpoint,
 )
+from service.audit.log import AuditAction, AuditEntry, AuditError, AuditLog, AuditOutcome, AuditRecordRef
+from service.audit.verify import VerifyResult, verify_chain
 
 __all__ = [
     "GENESIS_HASH",
@@ -32,5 +28,7 @@ __all__ = [
     "canonical_json",
     "export_ndjson",
     "record_hash",
+    "sign_checkpoint",
     "to_audit_event",
+    "verify_chain",
 ]

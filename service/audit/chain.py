@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from typing import Any
+
+from service.crypto.envelope import blob_body
 
 GENESIS_HASH = "0" * 64
 
@@ -62,3 +66,19 @@ def checkpoint_message(*, seq: int, head_hash: str, time: str) -> bytes:
     return canonical_json(
         {"kind": "carecanvas-audit-checkpoint/1", "seq": seq, "head_hash": head_hash, "time": time}
     )
+
+
+def hashed_fields(row: Any) -> dict[str, ChainValue]:
+    """The hashed fields of an ``AuditRecord`` or a Core row of its columns."""
+    return {
+        "seq": row.seq,
+        "recorded_at": canonical_time(row.recorded_at),
+        "action": row.action,
+        "outcome": row.outcome,
+        "actor_digest": row.actor_digest,
+        "patient_digest": row.patient_digest,
+        "ehr": row.ehr,
+        "resource_type": row.resource_type,
+        "request_id": row.request_id,
+        "sealed_body": base64.b64encode(blob_body(row.sealed)).decode(),
+    }

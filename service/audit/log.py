@@ -8,25 +8,27 @@ the database writer lock, which sessions from ``service.db.make_sessionmaker`` t
 
 from __future__ import annotations
 
-import asyncio
-import base64
 import json
-import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service.audit.chain import GENESIS_HASH, canonical_time, checkpoint_message, record_hash
-from service.crypto.envelope import DecryptionError, aad_for, blob_body
+from service.audit.chain import GENESIS_HASH, hashed_fields, record_hash
+from service.audit.checkpoints import (
+    Checkpointer,
+    CheckpointError,
+    CheckpointSink,
+    SignedCheckpoint,
+)
+from service.audit.verify import VerifyResult, verify_chain
+from service.crypto.envelope import aad_for
 from service.crypto.keyring import Keyring
 from service.db.models import AuditRecord
 
@@ -34,7 +36,6 @@ from service.db.models import AuditRecord
 AUDIT_CHAIN_LOCK_KEY = int.from_bytes(b"CCAUDIT1", "big") & 0x7FFF_FFFF_FFFF_FFFF
 _ACTION_PATTERN = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
 _RESOURCE_TYPE = re.compile(r"(?:^|/)([A-Z][A-Za-z]{1,63})(?:/[^/]+(?:/_history/[^/]+)?)?/?$")
-_VERIFY_BATCH = 500
 
 
 class AuditAction(StrEnum):
@@ -95,86 +96,6 @@ class AuditEntry:
     hash: str
 
 
-@dataclass(frozen=True)
-class VerifyResult:
-    ok: bool
-    count: int
-    first_bad_seq: int | None = None
-    reason: str | None = None
-    checkpoints_checked: int = 0
-
-
-@dataclass(frozen=True)
-class SignedCheckpoint:
-    seq: int
-    head_hash: str
-    time: str
-    signature: str  # base64 Ed25519 over chain.checkpoint_message(...)
-
-    def to_json(self) -> str:
-        return json.dumps(
-            {"seq": self.seq, "head_hash": self.head_hash, "time": self.time, "signature": self.signature},
-            sort_keys=True,
-        )
-
-    @classmethod
-    def from_json(cls, line: str) -> SignedCheckpoint:
-        data = json.loads(line)
-        return cls(
-            seq=int(data["seq"]),
-            head_hash=str(data["head_hash"]),
-            time=str(data["time"]),
-            signature=str(data["signature"]),
-        )
-
-    def is_signed_by(self, key: Ed25519PublicKey) -> bool:
-        try:
-            key.verify(
-                base64.b64decode(self.signature, validate=True),
-                checkpoint_message(seq=self.seq, head_hash=self.head_hash, time=self.time),
-            )
-        except (InvalidSignature, ValueError):
-            return False
-        return True
-
-
-class CheckpointSink(Protocol):
-    """Storage outside the database for signed checkpoints (a file, object storage, a log service)."""
-
-    async def write(self, checkpoint: SignedCheckpoint) -> None: ...
-
-    async def read_all(self) -> list[SignedCheckpoint]: ...
-
-
-class JsonlCheckpointSink:
-    """Signed checkpoints appended as JSON lines to a local file (fsynced)."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-
-    async def write(self, checkpoint: SignedCheckpoint) -> None:
-        await asyncio.to_thread(self._append, checkpoint.to_json() + "\n")
-
-    def _append(self, line: str) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(line)
-            handle.flush()
-            os.fsync(handle.fileno())
-
-    async def read_all(self) -> list[SignedCheckpoint]:
-        return await asyncio.to_thread(self._read)
-
-    def _read(self) -> list[SignedCheckpoint]:
-        if not self.path.exists():
-            return []
-        lines = self.path.read_text(encoding="utf-8").splitlines()
-        return [SignedCheckpoint.from_json(line) for line in lines if line.strip()]
-
-
-FileCheckpointSink = JsonlCheckpointSink  # the name the composition root uses
-
-
 def resource_type_of(resource: str | None) -> str | None:
     """``Condition/cond-1`` or ``https://x/fhir/Condition/c/_history/2`` → ``Condition``; ids stay out."""
     if not resource:
@@ -200,10 +121,9 @@ class AuditLog:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._keyring = keyring
-        self._sink = sink
         self._verify_key = verify_key or keyring.audit_verify_key
         self._clock = clock
-        self._last_checkpoint_seq: int | None = None
+        self._checkpointer = Checkpointer(sink, keyring.audit_signing_key, clock=clock)
 
     def patient_digest(self, patient: str) -> str:
         return self._keyring.keyed_digest("patient:" + _patient_key(patient))
@@ -262,7 +182,7 @@ class AuditLog:
             sealed=sealed,
             prev_hash=prev_hash,
         )
-        row.hash = record_hash(prev_hash, _hashed_fields(row))
+        row.hash = record_hash(prev_hash, hashed_fields(row))
         session.add(row)
         await session.flush()
         return AuditRecordRef(seq=seq, hash=row.hash, recorded_at=recorded_at)
@@ -282,124 +202,26 @@ class AuditLog:
 
     async def checkpoint(self, session: AsyncSession) -> SignedCheckpoint:
         """Sign the current (committed) head and write it to the sink. Call periodically, outside appends."""
-        signing_key = self._keyring.audit_signing_key
-        if self._sink is None or signing_key is None:
-            raise AuditError("checkpoints need a sink and an audit signing key in the keyring")
         seq, head_hash = await self.head(session)
-        checkpoint = sign_checkpoint(
-            signing_key, seq=seq, head_hash=head_hash, time=canonical_time(self._clock())
-        )
-        await self._sink.write(checkpoint)
-        self._last_checkpoint_seq = seq
-        return checkpoint
+        try:
+            return await self._checkpointer.write(seq=seq, head_hash=head_hash)
+        except CheckpointError as error:
+            raise AuditError(str(error)) from None
 
     async def maybe_checkpoint(self, session: AsyncSession, *, every: int = 100) -> SignedCheckpoint | None:
         """Write a checkpoint when ``every`` records were appended since the last one (call after commits)."""
         if every < 1:
             raise ValueError("every must be ≥ 1")
-        if self._sink is None or self._keyring.audit_signing_key is None:
+        if not self._checkpointer.enabled:
             return None
-        if self._last_checkpoint_seq is None:
-            existing = await self._sink.read_all()
-            self._last_checkpoint_seq = max((cp.seq for cp in existing), default=0)
         seq, _ = await self.head(session)
-        if seq - self._last_checkpoint_seq < every:
+        if not await self._checkpointer.due(seq=seq, every=every):
             return None
-        checkpoint = await self.checkpoint(session)
-        return checkpoint
+        return await self.checkpoint(session)
 
     async def verify(self, session: AsyncSession) -> VerifyResult:
         """Walk the chain (links, hashes, gaps), then check every signed checkpoint against it."""
-        count = 0
-        expected_seq = 1
-        prev_hash = GENESIS_HASH
-        hashes_at: dict[int, str] = {}
-        checkpoints = [] if self._sink is None else await self._sink.read_all()
-        wanted = {cp.seq for cp in checkpoints}
-        last_seq = 0
-        while True:
-            # Plain rows, not ORM objects: verifying a long chain must not fill the caller's session.
-            rows = (
-                await session.execute(
-                    select(*AuditRecord.__table__.columns)
-                    .where(AuditRecord.seq >= expected_seq)
-                    .order_by(AuditRecord.seq)
-                    .limit(_VERIFY_BATCH)
-                )
-            ).all()
-            if not rows:
-                break
-            for row in rows:
-                if row.seq != expected_seq:
-                    return VerifyResult(
-                        False, count, expected_seq, f"record {expected_seq} is missing (gap in seq)"
-                    )
-                if row.prev_hash != prev_hash:
-                    return VerifyResult(
-                        False, count, row.seq, f"record {row.seq} does not link to record {row.seq - 1}"
-                    )
-                try:
-                    fields = _hashed_fields(row)
-                except (DecryptionError, ValueError):
-                    return VerifyResult(
-                        False, count, row.seq, f"record {row.seq} has a malformed sealed payload"
-                    )
-                if record_hash(prev_hash, fields) != row.hash:
-                    return VerifyResult(
-                        False, count, row.seq, f"record {row.seq} was modified (hash mismatch)"
-                    )
-                if row.seq in wanted:
-                    hashes_at[row.seq] = row.hash
-                prev_hash = row.hash
-                last_seq = row.seq
-                expected_seq += 1
-                count += 1
-        return self._check_checkpoints(checkpoints, hashes_at, count=count, last_seq=last_seq)
-
-    def _check_checkpoints(
-        self,
-        checkpoints: Sequence[SignedCheckpoint],
-        hashes_at: Mapping[int, str],
-        *,
-        count: int,
-        last_seq: int,
-    ) -> VerifyResult:
-        if checkpoints and self._verify_key is None:
-            return VerifyResult(False, count, None, "checkpoints exist but no verification key is configured")
-        previous_good = 0
-        for checked, checkpoint in enumerate(sorted(checkpoints, key=lambda cp: cp.seq), start=1):
-            assert self._verify_key is not None  # noqa: S101 - narrowed by the check above
-            if not checkpoint.is_signed_by(self._verify_key):
-                return VerifyResult(
-                    False,
-                    count,
-                    None,
-                    f"checkpoint at seq {checkpoint.seq} has an invalid signature",
-                    checked - 1,
-                )
-            if checkpoint.seq == 0:
-                continue
-            if checkpoint.seq > last_seq:
-                return VerifyResult(
-                    False,
-                    count,
-                    last_seq + 1,
-                    f"chain ends at seq {last_seq} but a signed checkpoint covers seq {checkpoint.seq}: "
-                    "records were deleted from the tail",
-                    checked - 1,
-                )
-            if hashes_at.get(checkpoint.seq) != checkpoint.head_hash:
-                return VerifyResult(
-                    False,
-                    count,
-                    previous_good + 1,
-                    f"records {previous_good + 1}..{checkpoint.seq} do not match the signed checkpoint "
-                    f"at seq "
-                    f"{checkpoint.seq}: the chain was rewritten",
-                    checked - 1,
-                )
-            previous_good = checkpoint.seq
-        return VerifyResult(True, count, None, None, len(checkpoints))
+        return await verify_chain(session, await self._checkpointer.read_all(), self._verify_key)
 
     async def search(
         self,
@@ -454,26 +276,3 @@ class AuditLog:
             detail=sealed.get("detail") or {},
             hash=row.hash,
         )
-
-
-def sign_checkpoint(key: Ed25519PrivateKey, *, seq: int, head_hash: str, time: str) -> SignedCheckpoint:
-    signature = key.sign(checkpoint_message(seq=seq, head_hash=head_hash, time=time))
-    return SignedCheckpoint(
-        seq=seq, head_hash=head_hash, time=time, signature=base64.b64encode(signature).decode()
-    )
-
-
-def _hashed_fields(row: Any) -> dict[str, str | int | None]:
-    # ``row`` is an AuditRecord or a Core row of its columns.
-    return {
-        "seq": row.seq,
-        "recorded_at": canonical_time(row.recorded_at),
-        "action": row.action,
-        "outcome": row.outcome,
-        "actor_digest": row.actor_digest,
-        "patient_digest": row.patient_digest,
-        "ehr": row.ehr,
-        "resource_type": row.resource_type,
-        "request_id": row.request_id,
-        "sealed_body": base64.b64encode(blob_body(row.sealed)).decode(),
-    }
