@@ -11,7 +11,7 @@ from joserfc.errors import JoseError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 
 from sandbox.auth.config import (
     DEMO_CLIENT_ID,
@@ -27,6 +27,7 @@ from sandbox.auth.oauth import FormOAuth2Request, SmartAuthorizationServer
 from sandbox.auth.store import AuthStore
 from sandbox.ehr_page import TEMPLATES, ehr_routes
 from sandbox.keys import public_jwks
+from sandbox.staff_oidc import STAFF_PATH, StaffOidcConfig, StaffOpenIDProvider, staff_routes
 
 __all__ = [
     "DEMO_CLIENT_ID",
@@ -129,8 +130,8 @@ def openid_configuration(config: AuthServerConfig) -> dict[str, Any]:
     return document
 
 
-def create_auth_app(config: AuthServerConfig) -> Starlette:
-    """Build the authorization server and EHR page; `app.state.server` is the SmartAuthorizationServer."""
+def create_auth_app(config: AuthServerConfig, *, staff: StaffOidcConfig | None = None) -> Starlette:
+    """Build the authorization server, EHR page and staff OpenID Provider (`app.state.server`, `.staff`)."""
     if not any(client.client_id == DEMO_CLIENT_ID for client in config.clients):
         config.clients = [*config.clients, demo_client()]
     directory = load_directory(config.data_file)
@@ -192,8 +193,10 @@ def create_auth_app(config: AuthServerConfig) -> Starlette:
         Route("/introspect", introspect, methods=["POST"]),
         *ehr_routes(server),
     ]
-    app = Starlette(routes=routes)
+    staff_provider = StaffOpenIDProvider(staff or StaffOidcConfig(issuer=f"{config.issuer}{STAFF_PATH}"))
+    app = Starlette(routes=[*routes, Mount(STAFF_PATH, routes=staff_routes(staff_provider, TEMPLATES))])
     app.state.server = server
+    app.state.staff = staff_provider
     return app
 
 

@@ -29,6 +29,13 @@ from sandbox.auth.config import (
 )
 from sandbox.auth.oauth import SmartAuthorizationServer
 from sandbox.auth_server import create_auth_app, smart_configuration
+from sandbox.staff_oidc import (
+    STAFF_CALLBACK_PATH,
+    STAFF_PATH,
+    StaffOidcConfig,
+    StaffOpenIDProvider,
+    staff_clients,
+)
 
 START_TIMEOUT_SECONDS = 20.0
 
@@ -79,10 +86,10 @@ class UvicornThread:
         self._sock.close()
 
 
-def callback_for(app_launch_url: str) -> str:
+def callback_for(app_launch_url: str, path: str = "/callback") -> str:
     """The service's redirect URI next to its launch URL (`/launch` → `/callback`, see DESIGN)."""
     parts = urlsplit(app_launch_url)
-    return f"{parts.scheme}://{parts.netloc}/callback"
+    return f"{parts.scheme}://{parts.netloc}{path}"
 
 
 class SandboxEHR:
@@ -112,6 +119,7 @@ class SandboxEHR:
         self._redirect_uris = list(redirect_uris or [])
         self._uvicorn: UvicornThread | None = None
         self._server: SmartAuthorizationServer | None = None
+        self._staff: StaffOpenIDProvider | None = None
         self._workdir: Path | None = None
         self._fhir: Any = None
 
@@ -148,8 +156,13 @@ class SandboxEHR:
             app_launch_url=self._app_launch_url,
             portal_url=self._portal_url,
         )
-        app = create_auth_app(config)
+        staff_redirects = (
+            [callback_for(self._app_launch_url, STAFF_CALLBACK_PATH)] if self._app_launch_url else []
+        )
+        staff = StaffOidcConfig(issuer=f"{issuer}{STAFF_PATH}", clients=staff_clients(staff_redirects))
+        app = create_auth_app(config, staff=staff)
         self._server = app.state.server
+        self._staff = app.state.staff
         self._uvicorn = UvicornThread(app, sock)
         self._uvicorn.start()
         self._workdir = Path(tempfile.mkdtemp(prefix="carecanvas-sandbox-"))
@@ -196,6 +209,18 @@ class SandboxEHR:
     @property
     def fhir_base(self) -> str:
         return self.config.fhir_base
+
+    @property
+    def staff_oidc(self) -> StaffOpenIDProvider:
+        """The staff OpenID Provider (users, clients, `config.misbehave` switches)."""
+        if self._staff is None:
+            raise RuntimeError("SandboxEHR is not running; use it as a context manager")
+        return self._staff
+
+    @property
+    def staff_oidc_issuer(self) -> str:
+        """The staff identity provider's issuer (discovery: `{issuer}/.well-known/openid-configuration`)."""
+        return self.staff_oidc.config.issuer
 
     @property
     def ehr_url(self) -> str:
@@ -256,6 +281,9 @@ class SandboxEHR:
         registration = self.server.clients.get(DEMO_CLIENT_ID)
         if registration is not None and callback_for(url) not in registration.redirect_uris:
             registration.redirect_uris.append(callback_for(url))
+        for staff_client in self.staff_oidc.clients.values():
+            if callback_for(url, STAFF_CALLBACK_PATH) not in staff_client.redirect_uris:
+                staff_client.redirect_uris.append(callback_for(url, STAFF_CALLBACK_PATH))
 
     def set_portal_url(self, url: str | None) -> None:
         self.config.portal_url = url
@@ -288,6 +316,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"Auth issuer:  {sandbox.auth_base}")
         print(f"Client id:    {DEMO_CLIENT_ID} (public, PKCE S256)")
         print(f"Discovery:    {sandbox.smart_config_file}")
+        print(f"Staff OIDC:   {sandbox.staff_oidc_issuer} (compliance officers sign in here)")
         print("Press Ctrl-C to stop.", flush=True)
         # SIGTERM ends the loop like Ctrl-C, so the context manager stops node and removes the work dir.
         signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
