@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from datetime import time
 from pathlib import Path
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -100,11 +102,25 @@ class Settings(BaseSettings):
     image_steps: int = 2
     secure_cookies: bool | None = None  # None: decided from public_url (https → secure)
     site_name: str = "carecanvas"
+    # Compliance reports (service.audit.reports): the after-hours window and "per day" are local to this zone.
+    audit_report_timezone: str = "UTC"
+    audit_after_hours_start: time = time(20, 0)
+    audit_after_hours_end: time = time(7, 0)
+    audit_many_patients_per_day: int = Field(default=20, ge=1, le=100_000)
 
     @field_validator("public_url")
     @classmethod
     def _no_trailing_slash(cls, value: str) -> str:
         return value.rstrip("/")
+
+    @field_validator("audit_report_timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r} (use an IANA name like 'Europe/Berlin')") from None
+        return value
 
     @property
     def resolved_database_url(self) -> str:

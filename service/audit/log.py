@@ -258,6 +258,10 @@ class AuditLog:
         query = select(AuditRecord).where(AuditRecord.seq > after_seq).order_by(AuditRecord.seq).limit(limit)
         return [self._entry(row) for row in (await session.execute(query)).scalars().all()]
 
+    def entry_of(self, row: AuditRecord) -> AuditEntry:
+        """One stored record, decrypted (service.audit.search builds its own SQL and decodes with this)."""
+        return self._entry(row)
+
     def _entry(self, row: AuditRecord) -> AuditEntry:
         sealed = json.loads(
             self._keyring.decrypt(row.sealed, aad=aad_for("audit_records", row.seq, "sealed"))
