@@ -103,9 +103,11 @@ def entries_to_balp_bundle(
     """A FHIR R4 Bundle (type collection) of the BALP AuditEvents, in the given order."""
     bases = fhir_bases or {}
     events = [_event(entry, site=site, fhir_bases=bases) for entry in entries]
-    return {
+    bundle: dict[str, Any] = {
         "resourceType": "Bundle",
         "type": "collection",
         "timestamp": _time(now or datetime.now(UTC)),
-        "entry": [{"resource": event} for event in events],
     }
+    if events:  # FHIR JSON has no empty arrays
+        bundle["entry"] = [{"resource": event} for event in events]
+    return bundle

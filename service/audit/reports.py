@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, time, timedelta
 from enum import StrEnum
-from zoneinfo import ZoneInfo
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from sqlalchemy import ColumnElement, and_, case, false, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -46,6 +46,10 @@ class ReportSettings:
     max_rows: int = MAX_ROWS
 
     def __post_init__(self) -> None:
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise AuditQueryError(f"unknown time zone {self.timezone!r}") from None
         if self.after_hours_start == self.after_hours_end:
             raise AuditQueryError("the after-hours window must not start and end at the same time")
         if self.many_patients_per_day < 1:
