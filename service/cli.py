@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from service.db.migrate_command import add_migrate_parser
 from service.settings import EhrSettings, Settings
 
 DEMO_CLIENT_ID = "carecanvas-demo"
@@ -72,16 +73,6 @@ def cmd_worker(args: argparse.Namespace) -> int:
             await services.engine.dispose()
 
     asyncio.run(run())
-    return 0
-
-
-def cmd_migrate(args: argparse.Namespace) -> int:
-    from service.db.engine import migrate
-
-    settings = _settings()
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    asyncio.run(migrate(settings.resolved_database_url))
-    print("database is at the latest revision")
     return 0
 
 
@@ -313,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help="a generation worker (one per GPU)")
     worker.add_argument("--metrics-host", default="0.0.0.0")  # noqa: S104 - probes reach it from the kubelet
     worker.set_defaults(func=cmd_worker)
-    commands.add_parser("migrate", help="upgrade the database schema").set_defaults(func=cmd_migrate)
+    add_migrate_parser(commands)
     audit = commands.add_parser("audit", help="the audit log").add_subparsers(
         dest="audit_command", required=True
     )

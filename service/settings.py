@@ -73,6 +73,8 @@ class Settings(BaseSettings):
 
     data_dir: Path = Path(".carecanvas")
     database_url: str | None = None
+    # The owner role's URL, read only by `carecanvas migrate` (serve and worker use database_url, the app role).
+    migration_database_url: str | None = None
     kek_file: Path | None = None
     audit_signing_key_file: Path | None = None
     audit_checkpoint_path: Path | None = None
@@ -125,6 +127,11 @@ class Settings(BaseSettings):
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite+aiosqlite:///{(self.data_dir / 'carecanvas.db').resolve()}"
+
+    @property
+    def resolved_migration_database_url(self) -> str:
+        """The owner role's URL for migrations (and owner-only work); the app's URL when none is set."""
+        return self.migration_database_url or self.resolved_database_url
 
     @property
     def resolved_kek_file(self) -> Path:

@@ -1,11 +1,22 @@
-"""Database layer: SQLAlchemy 2 async models, engine factory and Alembic migrations."""
+"""Database layer: SQLAlchemy 2 async models, engine factory, Alembic migrations and the app role's grants."""
 
 from service.db.engine import (
+    MigrationReport,
     grant_app_role,
     make_engine,
     make_read_sessionmaker,
     make_sessionmaker,
     migrate,
 )
+from service.db.roles import AppRoleError, AppRoleGrants
 
-__all__ = ["grant_app_role", "make_engine", "make_read_sessionmaker", "make_sessionmaker", "migrate"]
+__all__ = [
+    "AppRoleError",
+    "AppRoleGrants",
+    "MigrationReport",
+    "grant_app_role",
+    "make_engine",
+    "make_read_sessionmaker",
+    "make_sessionmaker",
+    "migrate",
+]

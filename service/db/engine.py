@@ -11,13 +11,14 @@ writer wait instead of failing.
 
 from __future__ import annotations
 
-import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, event, text
+from alembic.migration import MigrationContext
+from sqlalchemy import Connection, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
@@ -27,10 +28,11 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from service.db.roles import AppRoleError, AppRoleGrants, apply_app_role_grants, check_app_role, checked_role
+
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 _BEGIN_OPTION = "carecanvas_sqlite_begin"
 _MIGRATIONS = Path(__file__).with_name("migrations")
-_ROLE_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 
 def normalise_url(url: str) -> str:
@@ -90,28 +92,43 @@ def is_sqlite(bind: AsyncEngine | AsyncConnection | AsyncSession | Connection) -
     return bind.dialect.name == "sqlite"
 
 
-def alembic_config(*, app_role: str | None = None) -> Config:
+@dataclass(frozen=True)
+class MigrationReport:
+    """Where ``migrate`` left the database: the revision, and the app role's grants when one was named."""
+
+    revision: str | None
+    app_role: AppRoleGrants | None
+
+
+def alembic_config() -> Config:
     config = Config()
     config.set_main_option("script_location", str(_MIGRATIONS))
-    config.attributes["app_role"] = _checked_role(app_role) if app_role else None
     return config
 
 
-async def migrate(url: str, *, app_role: str | None = None, revision: str = "head") -> None:
-    """Run Alembic ``upgrade`` to ``revision``.
+async def migrate(url: str, *, app_role: str | None = None, revision: str = "head") -> MigrationReport:
+    """Run Alembic ``upgrade`` to ``revision`` as the connecting (owner) role, then grant ``app_role``.
 
-    ``app_role`` (PostgreSQL only; the role must exist): the application's login role. The initial migration
-    then grants it read/write on the working tables, but on ``audit_records`` only SELECT, INSERT and
-    UPDATE of the ``sealed`` column (for key rotation, which the trigger limits to re-wrapping), with UPDATE,
-    DELETE and TRUNCATE revoked. For a role added after the initial migration call ``grant_app_role``.
+    ``app_role`` (PostgreSQL only; the role must exist and must not be, or be a member of, the owner): the
+    application's login role. After the upgrade, in the same transaction, it gets SELECT/INSERT/UPDATE/DELETE
+    on the working tables, only SELECT and INSERT on ``audit_records`` and SELECT on ``alembic_version``;
+    every other privilege it held on them is revoked (see ``service.db.roles``). A refused role gets nothing.
     """
+    if app_role is not None:
+        checked_role(app_role)
     engine = make_engine(url)
-    config = alembic_config(app_role=app_role)
     try:
+        if app_role is not None and engine.dialect.name != "postgresql":
+            raise AppRoleError("--app-role applies to PostgreSQL only (SQLite has no roles)")
         async with engine.begin() as connection:
-            await connection.run_sync(_upgrade, config, revision)
+            if app_role is not None:
+                await connection.run_sync(check_app_role, app_role)  # refuse before creating anything
+            await connection.run_sync(_upgrade, alembic_config(), revision)
+            grants = None if app_role is None else await connection.run_sync(apply_app_role_grants, app_role)
+            current = await connection.run_sync(_current_revision)
     finally:
         await engine.dispose()
+    return MigrationReport(revision=current, app_role=grants)
 
 
 def _upgrade(connection: Connection, config: Config, revision: str) -> None:
@@ -119,41 +136,18 @@ def _upgrade(connection: Connection, config: Config, revision: str) -> None:
     command.upgrade(config, revision)
 
 
-def _checked_role(role: str) -> str:
-    if not _ROLE_NAME.match(role):
-        raise ValueError("app role must be a lower-case PostgreSQL identifier ([a-z_][a-z0-9_]*, ≤63 chars)")
-    return role
+def _current_revision(connection: Connection) -> str | None:
+    return MigrationContext.configure(connection).get_current_revision()
 
 
-def app_role_grant_statements(role: str) -> list[str]:
-    """The GRANT/REVOKE statements that make ``role`` an application role (audit table insert-only)."""
-    quoted = f'"{_checked_role(role)}"'
-    return [
-        f"GRANT USAGE ON SCHEMA {{schema}} TO {quoted}",
-        f"GRANT SELECT, INSERT, UPDATE, DELETE ON web_sessions, jobs, artifacts, documents TO {quoted}",
-        f"GRANT SELECT ON alembic_version TO {quoted}",
-        f"REVOKE ALL ON audit_records FROM {quoted}",
-        "REVOKE UPDATE, DELETE, TRUNCATE ON audit_records FROM PUBLIC",
-        f"GRANT SELECT, INSERT ON audit_records TO {quoted}",
-        f"GRANT UPDATE (sealed) ON audit_records TO {quoted}",
-    ]
-
-
-def apply_app_role_grants(connection: Connection, role: str) -> None:
-    """Run ``app_role_grant_statements`` in the current schema (migration and ``grant_app_role``)."""
-    schema = connection.execute(text("SELECT current_schema()")).scalar_one()
-    quoted_schema = '"' + str(schema).replace('"', '""') + '"'
-    for statement in app_role_grant_statements(role):
-        connection.exec_driver_sql(statement.replace("{schema}", quoted_schema))
-
-
-async def grant_app_role(url: str, role: str) -> None:
-    """Apply the application-role grants on an already migrated PostgreSQL database."""
+async def grant_app_role(url: str, role: str) -> AppRoleGrants:
+    """Apply the application-role grants on an already migrated PostgreSQL database (as the owner)."""
+    checked_role(role)
     engine = make_engine(url)
     try:
         if engine.dialect.name != "postgresql":
-            raise ValueError("application-role grants exist only on PostgreSQL")
+            raise AppRoleError("application-role grants exist only on PostgreSQL")
         async with engine.begin() as connection:
-            await connection.run_sync(apply_app_role_grants, role)
+            return await connection.run_sync(apply_app_role_grants, role)
     finally:
         await engine.dispose()

@@ -1,19 +1,14 @@
-"""Migrations from empty on SQLite and PostgreSQL, schema matches the models, engine settings, app role."""
+"""Migrations from empty on SQLite and PostgreSQL, schema matches the models, engine settings."""
 
 from __future__ import annotations
-
-import secrets
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError
 
-from service.db.engine import grant_app_role, make_engine, make_read_sessionmaker, migrate, normalise_url
+from service.db.engine import make_engine, make_read_sessionmaker, migrate, normalise_url
 from service.db.models import Base
-
-POSTGRES_SERVER_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 
 async def test_migrate_from_empty_matches_models(db_url):
@@ -53,47 +48,3 @@ def test_url_normalisation():
     assert normalise_url("postgresql://u@h/db").startswith("postgresql+psycopg://")
     with pytest.raises(ValueError, match="must be sqlite"):
         normalise_url("mysql://u@h/db")
-
-
-@pytest.mark.postgres
-async def test_app_role_can_insert_but_not_change_audit_records():
-    role = f"cc_app_{secrets.token_hex(4)}"
-    schema = f"cc_test_{secrets.token_hex(6)}"
-    admin = make_engine(POSTGRES_SERVER_URL)
-    url = f"{POSTGRES_SERVER_URL}?options=-csearch_path%3D{schema}"
-    try:
-        async with admin.begin() as connection:
-            await connection.execute(text(f'CREATE ROLE "{role}"'))
-            await connection.execute(text(f'CREATE SCHEMA "{schema}"'))
-        await migrate(url, app_role=role)
-        await grant_app_role(url, role)  # idempotent re-application
-        engine = make_engine(url)
-        insert = text(
-            "INSERT INTO audit_records (seq, recorded_at, action, outcome, sealed, prev_hash, hash) "
-            "VALUES (1, now(), 'view', 'success', 'x', :h, :h)"
-        )
-        try:
-            async with engine.begin() as connection:
-                await connection.execute(text(f'SET LOCAL ROLE "{role}"'))
-                await connection.execute(insert, {"h": "0" * 64})
-                await connection.execute(text("SELECT count(*) FROM jobs"))
-            for statement in (
-                "UPDATE audit_records SET action = 'x'",
-                "DELETE FROM audit_records",
-                "TRUNCATE audit_records",
-            ):
-                async with engine.begin() as connection:
-                    await connection.execute(text(f'SET LOCAL ROLE "{role}"'))
-                    with pytest.raises(DBAPIError, match="permission denied"):
-                        await connection.execute(text(statement))
-                    await connection.rollback()
-        finally:
-            await engine.dispose()
-        with pytest.raises(ValueError, match="lower-case PostgreSQL identifier"):
-            await migrate(url, app_role='x"; DROP TABLE jobs; --')
-    finally:
-        async with admin.begin() as connection:
-            await connection.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-            await connection.execute(text(f'DROP OWNED BY "{role}"'))
-            await connection.execute(text(f'DROP ROLE IF EXISTS "{role}"'))
-        await admin.dispose()

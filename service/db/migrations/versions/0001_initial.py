@@ -5,14 +5,15 @@ Revises:
 Create Date: 2026-11-21
 
 On PostgreSQL this also installs the audit guard: a trigger that rejects DELETE, TRUNCATE and every UPDATE of
-audit_records except re-wrapping the key header of ``sealed`` (key rotation) with an unchanged body. When
-``migrate(url, app_role=...)`` names an application role, that role gets read/write on the working tables and
-only SELECT, INSERT and UPDATE(sealed) on audit_records. On SQLite, triggers reject DELETE and any UPDATE of a
-column other than ``sealed`` (a guard against application bugs; the hash chain detects the rest).
+audit_records except re-wrapping the key header of ``sealed`` (key rotation, run as the owner role) with an
+unchanged body. The application role's grants (only SELECT and INSERT on audit_records) are applied by
+``migrate(url, app_role=...)`` after every upgrade (service/db/roles.py), so tables added later are covered.
+On SQLite, triggers reject DELETE and any UPDATE of a column other than ``sealed`` (a guard against
+application bugs; the hash chain detects the rest).
 """
 
 import sqlalchemy as sa
-from alembic import context, op
+from alembic import op
 
 revision = "0001_initial"
 down_revision = None
@@ -208,11 +209,6 @@ def upgrade() -> None:
     if dialect == "postgresql":
         for statement in PG_AUDIT_GUARD:
             op.execute(statement)
-        app_role = context.config.attributes.get("app_role")
-        if app_role:
-            from service.db.engine import apply_app_role_grants
-
-            apply_app_role_grants(op.get_bind(), app_role)
     elif dialect == "sqlite":
         for statement in SQLITE_AUDIT_GUARD:
             op.execute(statement)
