@@ -76,8 +76,13 @@ class Settings(BaseSettings):
     # The owner role's URL, read only by `carecanvas migrate` (serve and worker use database_url, the app role).
     migration_database_url: str | None = None
     kek_file: Path | None = None
+    # Ed25519 PEM that signs audit checkpoints, apart from the keyring (`carecanvas audit keygen` makes one;
+    # an embedded install makes its own on its first start). Verifiers need only the public key file.
     audit_signing_key_file: Path | None = None
+    audit_verify_key_file: Path | None = None
     audit_checkpoint_path: Path | None = None
+    # Optional: every checkpoint is also POSTed as JSON here (https, or http to loopback); the file stays.
+    audit_checkpoint_url: str | None = None
     public_url: str = "http://127.0.0.1:8000"
     ehrs: list[EhrSettings] = Field(default_factory=list)
     ehrs_file: Path | None = None
@@ -139,7 +144,7 @@ class Settings(BaseSettings):
 
     @property
     def resolved_audit_signing_key_file(self) -> Path:
-        return self.audit_signing_key_file or self.data_dir / "audit-signing.key"
+        return self.audit_signing_key_file or self.data_dir / "audit-signing-key.pem"
 
     @property
     def resolved_checkpoint_path(self) -> Path:

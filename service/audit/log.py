@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -110,20 +110,26 @@ def _patient_key(patient: str) -> str:
 
 
 class AuditLog:
-    """Appends, verifies and searches the audit chain; ``sink`` keeps signed checkpoints outside the DB."""
+    """Appends, verifies and searches the audit chain; ``sink`` keeps signed checkpoints outside the DB.
+
+    ``signing_key`` (from ``CARECANVAS_AUDIT_SIGNING_KEY_FILE``) signs checkpoints; ``verify_key`` (its public
+    half, the default) checks them.
+    """
 
     def __init__(
         self,
         keyring: Keyring,
         *,
         sink: CheckpointSink | None = None,
+        signing_key: Ed25519PrivateKey | None = None,
         verify_key: Ed25519PublicKey | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._keyring = keyring
-        self._verify_key = verify_key or keyring.audit_verify_key
+        # The checkpoint key is not the keyring's: whoever holds the database and the keyring cannot sign.
+        self._verify_key = verify_key or (None if signing_key is None else signing_key.public_key())
         self._clock = clock
-        self._checkpointer = Checkpointer(sink, keyring.audit_signing_key, clock=clock)
+        self._checkpointer = Checkpointer(sink, signing_key, clock=clock)
 
     def patient_digest(self, patient: str) -> str:
         return self._keyring.keyed_digest("patient:" + _patient_key(patient))
@@ -221,7 +227,7 @@ class AuditLog:
 
     async def verify(self, session: AsyncSession) -> VerifyResult:
         """Walk the chain (links, hashes, gaps), then check every signed checkpoint against it."""
-        return await verify_chain(session, await self._checkpointer.read_all(), self._verify_key)
+        return await verify_chain(session, await self._checkpointer.read(), self._verify_key)
 
     async def search(
         self,

@@ -6,6 +6,7 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import delete, select, text, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
@@ -23,8 +24,15 @@ def keyring():
 
 
 @pytest.fixture
-def audit(keyring, tmp_path):
-    return AuditLog(keyring, sink=JsonlCheckpointSink(tmp_path / "checkpoints.jsonl"))
+def signing_key():
+    return Ed25519PrivateKey.generate()
+
+
+@pytest.fixture
+def audit(keyring, tmp_path, signing_key):
+    return AuditLog(
+        keyring, sink=JsonlCheckpointSink(tmp_path / "checkpoints.jsonl"), signing_key=signing_key
+    )
 
 
 async def append(audit, sessionmaker, n=1, **overrides):
@@ -210,7 +218,11 @@ async def test_verify_detects_a_rewritten_chain_via_checkpoint(audit, sessionmak
 
 async def test_verify_detects_a_forged_checkpoint(audit, sessionmaker, tmp_path):
     await append(audit, sessionmaker, n=2)
-    forger = AuditLog(Keyring(new_key_material()), sink=JsonlCheckpointSink(tmp_path / "checkpoints.jsonl"))
+    forger = AuditLog(
+        Keyring(new_key_material()),
+        sink=JsonlCheckpointSink(tmp_path / "checkpoints.jsonl"),
+        signing_key=Ed25519PrivateKey.generate(),
+    )
     async with sessionmaker() as session, session.begin():
         await forger.checkpoint(session)
     result = await verify(audit, sessionmaker)
@@ -276,7 +288,7 @@ async def test_guards_reject_update_and_delete(audit, sessionmaker):
     assert (await verify(audit, sessionmaker)).count == 1
 
 
-async def test_maybe_checkpoint_writes_every_n_records(audit, sessionmaker, tmp_path, keyring):
+async def test_maybe_checkpoint_writes_every_n_records(audit, sessionmaker, tmp_path, keyring, signing_key):
     await append(audit, sessionmaker, n=2)
     async with sessionmaker() as session, session.begin():
         assert await audit.maybe_checkpoint(session, every=3) is None
@@ -286,7 +298,9 @@ async def test_maybe_checkpoint_writes_every_n_records(audit, sessionmaker, tmp_
         assert written.seq == 3
         assert await audit.maybe_checkpoint(session, every=3) is None
     # A fresh AuditLog (new process) picks up where the sink left off.
-    again = AuditLog(keyring, sink=JsonlCheckpointSink(tmp_path / "checkpoints.jsonl"))
+    again = AuditLog(
+        keyring, sink=JsonlCheckpointSink(tmp_path / "checkpoints.jsonl"), signing_key=signing_key
+    )
     async with sessionmaker() as session, session.begin():
         assert await again.maybe_checkpoint(session, every=3) is None
     lines = (tmp_path / "checkpoints.jsonl").read_text().splitlines()

@@ -31,6 +31,7 @@ CRD_SCHEMA_FILES = {
 # Distinctive stand-ins for every kind of secret the chart accepts, so a leak is unmistakable.
 SECRET_MARKERS = {
     "database password": "pw-7f3a9c1e-not-for-configmaps",
+    "migration database password": "owner-pw-4c2e9d70-not-for-configmaps",
     "kek keyring": "kek-5b2d8e44-not-for-configmaps",
     "audit signing key": "ed25519-9c0ffee1-not-for-configmaps",
     "ehr private key": "rsa-31d4c0de-not-for-configmaps",
@@ -105,6 +106,8 @@ def secret_values_full() -> dict[str, Any]:
         {
             "databaseUrl": "postgresql+psycopg://carecanvas:"
             f"{SECRET_MARKERS['database password']}@db.hospital.example:5432/carecanvas",
+            "migrationDatabaseUrl": "postgresql+psycopg://carecanvas_owner:"
+            f"{SECRET_MARKERS['migration database password']}@db.hospital.example:5432/carecanvas",
             "kekKeyring": json.dumps({"primary": "k2", "keys": {"k2": SECRET_MARKERS["kek keyring"]}}),
             "auditSigningKey": "-----BEGIN PRIVATE KEY-----\n" + SECRET_MARKERS["audit signing key"],
             "ehrPrivateKeys": {
@@ -410,15 +413,50 @@ def test_no_secret_value_appears_in_a_config_map(chart: helm.Chart) -> None:
             'EHR "old" uses client_secret_basic: with secrets.existingEnvSecret',
         ),
         (
-            {"secrets": {"existingEnvSecret": "env", "existingFilesSecret": "f"}, "keda": {"enabled": True}},
+            {
+                "secrets": {
+                    "existingEnvSecret": "env",
+                    "existingFilesSecret": "f",
+                    "existingMigrationSecret": "m",
+                },
+                "keda": {"enabled": True},
+            },
             "keda.enabled with secrets.existingEnvSecret",
         ),
         (
             {
-                "secrets": {"existingEnvSecret": "env", "existingFilesSecret": "f"},
+                "secrets": {
+                    "existingEnvSecret": "env",
+                    "existingFilesSecret": "f",
+                    "existingMigrationSecret": "m",
+                },
                 "models": {"volume": {"create": False}},
             },
             "workers need a models volume",
+        ),
+        (
+            {"secrets": {"existingEnvSecret": "env", "existingFilesSecret": "f"}},
+            "secrets.migrationDatabaseUrl is required (the owner role's",
+        ),
+        (
+            {
+                "secrets": {
+                    "databaseUrl": "postgresql+psycopg://carecanvas:pw@db/cc",
+                    "migrationDatabaseUrl": "postgresql+psycopg://carecanvas:pw@db/cc",
+                    "existingFilesSecret": "f",
+                }
+            },
+            "secrets.migrationDatabaseUrl must be the owner role's URL, not secrets.databaseUrl",
+        ),
+        (
+            {
+                "secrets": {
+                    "existingEnvSecret": "env",
+                    "existingFilesSecret": "f",
+                    "existingMigrationSecret": "env",
+                }
+            },
+            "secrets.existingMigrationSecret must not be secrets.existingEnvSecret",
         ),
     ],
 )
@@ -458,6 +496,12 @@ def test_incomplete_values_fail_with_a_message_that_names_the_fix(
         ({"podSecurityContext": {"runAsNonRoot": False}}, "/podSecurityContext/runAsNonRoot"),
         ({"ingress": {"enabled": True, "hosts": []}}, "/ingress/hosts"),
         ({"networkPolicy": {"ehrCidrs": ["ehr.example.org"]}}, "/networkPolicy/ehrCidrs/0"),
+        ({"migrations": {"appRole": 'app"; DROP TABLE jobs'}}, "/migrations/appRole"),
+        ({"secrets": {"migrationDatabaseUrl": "sqlite:///x.db"}}, "/secrets/migrationDatabaseUrl"),
+        (
+            {"config": {"extraEnv": {"CARECANVAS_MIGRATION_DATABASE_URL": "postgresql://o:p@h/d"}}},
+            "CARECANVAS_MIGRATION_DATABASE_URL",
+        ),
     ],
 )
 def test_values_schema_rejects_bad_values(chart: helm.Chart, override: dict[str, Any], pointer: str) -> None:
@@ -511,8 +555,10 @@ def test_migrations_run_as_a_pre_install_and_pre_upgrade_hook(chart: helm.Chart)
     job = find(objects, "Job", f"{RELEASE}-carecanvas-migrations")
     assert job["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade"
     container = job["spec"]["template"]["spec"]["containers"][0]
-    assert container["command"] + container["args"] == ["carecanvas", "migrate"]
-    (database_env,) = [e for e in container["env"] if e["name"] == "CARECANVAS_DATABASE_URL"]
+    # As the owner role, granting the app role (the user of secrets.databaseUrl) only what it needs.
+    assert container["command"] + container["args"] == ["carecanvas", "migrate", "--app-role", "carecanvas"]
+    assert "CARECANVAS_DATABASE_URL" not in {e["name"] for e in container["env"]}
+    (database_env,) = [e for e in container["env"] if e["name"] == "CARECANVAS_MIGRATION_DATABASE_URL"]
     secret_name = database_env["valueFrom"]["secretKeyRef"]["name"]
     # The Job's Secret is itself an earlier hook: the release's own Secrets do not exist yet on install.
     hook_secret = find(objects, "Secret", secret_name)
@@ -529,8 +575,36 @@ def test_migrations_use_the_existing_secret_when_named(chart: helm.Chart) -> Non
     objects = render(chart, load_values("existing-secrets-values.yaml"))
     job = find(objects, "Job", f"{RELEASE}-carecanvas-migrations")
     env = job["spec"]["template"]["spec"]["containers"][0]["env"]
-    assert env[0]["valueFrom"]["secretKeyRef"] == {"name": "carecanvas-env", "key": "CARECANVAS_DATABASE_URL"}
+    assert env[0]["valueFrom"]["secretKeyRef"] == {
+        "name": "carecanvas-migrations",
+        "key": "CARECANVAS_MIGRATION_DATABASE_URL",
+    }
     assert [o for o in objects if o["kind"] == "Secret"] == []
+
+
+def test_the_owner_url_reaches_only_the_migrations_job(chart: helm.Chart) -> None:
+    """The app's pods get the app role's URL; the owner's URL is only in the hook Secret the Job reads."""
+    objects = render(chart, secret_values_full())
+    owner_password = SECRET_MARKERS["migration database password"]
+    holders = [
+        o["metadata"]["name"]
+        for o in objects
+        if o["kind"] == "Secret"
+        and any(owner_password in base64.b64decode(v).decode() for v in o["data"].values())
+    ]
+    assert holders == [f"{RELEASE}-carecanvas-migrations"]
+    hook_secret = find(objects, "Secret", f"{RELEASE}-carecanvas-migrations")
+    assert set(hook_secret["data"]) == {"CARECANVAS_MIGRATION_DATABASE_URL"}
+    for name, spec in pod_specs(objects).items():
+        if name.startswith("Job/"):
+            continue
+        assert f"{RELEASE}-carecanvas-migrations" not in json.dumps(spec), name
+    job = find(objects, "Job", f"{RELEASE}-carecanvas-migrations")
+    args = job["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args == ["migrate", "--app-role", "carecanvas"]
+    objects = render(chart, merged(secret_values_full(), {"migrations": {"appRole": "cc_app"}}))
+    job = find(objects, "Job", f"{RELEASE}-carecanvas-migrations")
+    assert job["spec"]["template"]["spec"]["containers"][0]["args"][-1] == "cc_app"
 
 
 def test_network_policies_limit_traffic(chart: helm.Chart) -> None:
