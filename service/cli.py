@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import socket
 import sys
@@ -42,8 +41,17 @@ def _serve(settings: Settings, *, host: str, port: int) -> None:
     uvicorn.run(create_app(settings), host=host, port=port, access_log=False, log_config=None)
 
 
+def _refuse_without_keys(settings: Settings, *, may_create: bool) -> int | None:
+    from service.keys_cli import refuse_without_keys
+
+    return refuse_without_keys(settings, may_create=may_create)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    _serve(_settings(), host=args.host, port=args.port)
+    settings = _settings()
+    if (refused := _refuse_without_keys(settings, may_create=True)) is not None:
+        return refused
+    _serve(settings, host=args.host, port=args.port)
     return 0
 
 
@@ -53,6 +61,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from service.runtime import make_worker
 
     settings = _settings()
+    if (refused := _refuse_without_keys(settings, may_create=True)) is not None:
+        return refused
     configure_logging(settings.log_level)
     from prometheus_client import start_http_server
 
@@ -151,6 +161,10 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
     from service.app import build_services
     from service.audit import AuditAction, export_ndjson
 
+    # Read-only commands never create keys (or anything else) when the key file is missing.
+    if (refused := _refuse_without_keys(_settings(), may_create=False)) is not None:
+        return refused
+
     async def run() -> int:
         settings = _settings()
         services = await build_services(settings)
@@ -182,6 +196,10 @@ def cmd_audit_push(args: argparse.Namespace) -> int:
     from service.app import build_services
     from service.audit_push import AuditPushError, push_audit_events
 
+    # Read-only commands never create keys (or anything else) when the key file is missing.
+    if (refused := _refuse_without_keys(_settings(), may_create=False)) is not None:
+        return refused
+
     async def run() -> int:
         services = await build_services(_settings())
         try:
@@ -195,56 +213,6 @@ def cmd_audit_push(args: argparse.Namespace) -> int:
         print(
             f"pushed {result.pushed} AuditEvents to EHR {args.ehr!r}; cursor at record {result.through_seq}"
         )
-        return 0
-
-    return asyncio.run(run())
-
-
-def cmd_keys(args: argparse.Namespace) -> int:
-    from service.crypto import LocalKeyFileProvider
-
-    settings = _settings()
-    path = settings.resolved_kek_file
-    if args.keys_command == "generate":
-        if path.exists():
-            print(f"{path} exists; refusing to overwrite keys", file=sys.stderr)
-            return 1
-        path.parent.mkdir(parents=True, exist_ok=True)
-        LocalKeyFileProvider.generate(path)
-        print(f"wrote a new keyring to {path}")
-        return 0
-    provider = LocalKeyFileProvider(path)
-    if args.keys_command == "add":
-        print(provider.add_key())
-    elif args.keys_command == "promote":
-        provider.promote(args.kid)
-    elif args.keys_command == "retire":
-        provider.retire(args.kid)
-    elif args.keys_command == "rotate":
-        return _rotate(settings, provider)
-    elif args.keys_command == "list":
-        material = provider.load()
-        print(json.dumps({"primary": material.primary_kek_id, "keys": sorted(material.keks)}, indent=2))
-    return 0
-
-
-def _rotate(settings: Settings, provider: object) -> int:
-    """Add a key, promote it, re-wrap every ciphertext onto it; the old key stays until `keys retire`."""
-    from service.crypto import Keyring, LocalKeyFileProvider
-    from service.crypto.rotation import reencrypt_all
-    from service.db.engine import make_engine, make_sessionmaker
-
-    assert isinstance(provider, LocalKeyFileProvider)  # noqa: S101 - narrowing for the type checker
-    kid = provider.add_key()
-    provider.promote(kid)
-
-    async def run() -> int:
-        engine = make_engine(settings.resolved_database_url)
-        try:
-            count = await reencrypt_all(make_sessionmaker(engine), Keyring.from_provider(provider))
-        finally:
-            await engine.dispose()
-        print(f"new primary key {kid}; re-wrapped {count} ciphertexts")
         return 0
 
     return asyncio.run(run())
@@ -318,15 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--ehr", required=True, help="the registration's name")
     push.add_argument("--limit", type=int, default=1000, help="at most this many AuditEvents per run")
     push.set_defaults(func=cmd_audit_push)
-    keys = commands.add_parser("keys", help="key-encryption keys").add_subparsers(
-        dest="keys_command", required=True
-    )
-    for name in ("generate", "add", "rotate", "list"):
-        keys.add_parser(name).set_defaults(func=cmd_keys)
-    for name in ("promote", "retire"):
-        sub = keys.add_parser(name)
-        sub.add_argument("kid")
-        sub.set_defaults(func=cmd_keys)
+    from service.keys_cli import add_keys_parser
+
+    add_keys_parser(commands)
     models = commands.add_parser("models", help="diffusion models").add_subparsers(
         dest="models_command", required=True
     )

@@ -76,6 +76,8 @@ class Settings(BaseSettings):
     # The owner role's URL, read only by `carecanvas migrate` (serve and worker use database_url, the app role).
     migration_database_url: str | None = None
     kek_file: Path | None = None
+    # A keyring file in a mounted Kubernetes Secret (read-only; reloaded when the Secret changes).
+    kek_secret_file: Path | None = None
     # Ed25519 PEM that signs audit checkpoints, apart from the keyring (`carecanvas audit keygen` makes one;
     # an embedded install makes its own on its first start). Verifiers need only the public key file.
     audit_signing_key_file: Path | None = None

@@ -57,6 +57,11 @@ class AuditAction(StrEnum):
     AUDIT_SEARCH = "audit.search"
     AUDIT_EXPORT = "audit.export"
     AUDIT_VERIFY = "audit.verify"
+    KEY_GENERATE = "keys.generate"
+    KEY_ADD = "keys.add"
+    KEY_PROMOTE = "keys.promote"
+    KEY_REENCRYPT = "keys.reencrypt"
+    KEY_RETIRE = "keys.retire"
     KEY_ROTATE = "keys.rotate"
 
 

@@ -7,8 +7,11 @@ from service.crypto.keyring import (
     KeyProvider,
     Keyring,
     KeyringError,
+    KeyUsage,
     LocalKeyFileProvider,
+    ManagedKeyProvider,
 )
+from service.crypto.secret_file import SecretFileKeyProvider
 
 __all__ = [
     "DecryptionError",
@@ -16,9 +19,12 @@ __all__ = [
     "EnvelopeCipher",
     "KeyMaterial",
     "KeyProvider",
+    "KeyUsage",
     "Keyring",
     "KeyringError",
     "LocalKeyFileProvider",
+    "ManagedKeyProvider",
+    "SecretFileKeyProvider",
     "aad_for",
     "blob_body",
     "parse_blob",

@@ -99,6 +99,14 @@ def parse_blob(blob: bytes) -> ParsedBlob:
     return ParsedBlob(kek_id=kek_id, wrapped_key=wrapped, body=body)
 
 
+def header_prefix(kek_id: str) -> bytes:
+    """The first bytes of every blob wrapped by ``kek_id`` (the database counts them without decrypting)."""
+    kid = kek_id.encode()
+    if not 0 < len(kid) < 256:
+        raise ValueError("a KEK id must be 1..255 bytes of UTF-8")
+    return MAGIC + bytes([len(kid)]) + kid
+
+
 def blob_body(blob: bytes) -> bytes:
     """The part of a blob that key rotation never changes (nonce and ciphertext)."""
     return parse_blob(blob).body

@@ -13,6 +13,7 @@ from service.crypto import (
     EnvKeyProvider,
     Keyring,
     KeyringError,
+    KeyUsage,
     LocalKeyFileProvider,
     aad_for,
     blob_body,
@@ -134,13 +135,25 @@ def test_promote_retire_rules(tmp_path):
     provider = LocalKeyFileProvider.generate(tmp_path / "keys.json")
     first = provider.load().primary_kek_id
     with pytest.raises(KeyringError, match="primary key cannot be retired"):
-        provider.retire(first)
+        provider.retire(first, usage=KeyUsage(kid=first, counts={}))
     with pytest.raises(KeyringError, match="no key"):
         provider.promote("kek-nope")
     second = provider.add_key()
     assert provider.load().primary_kek_id == first
+    assert provider.load().promoted_at is None
     provider.promote(second)
-    provider.retire(first)
+    assert provider.load().seconds_since_promotion() < 60
+    # A key that still wraps data, or a count taken for another key, is refused; the file is unchanged.
+    with pytest.raises(
+        KeyringError, match=r"still wraps 2 job specs, 1 artifacts; run `carecanvas keys reencrypt`"
+    ):
+        provider.retire(
+            first, usage=KeyUsage(kid=first, counts={"job specs": 2, "artifacts": 1, "web sessions": 0})
+        )
+    with pytest.raises(KeyringError, match="usage count given is for"):
+        provider.retire(first, usage=KeyUsage(kid=second, counts={}))
+    assert set(provider.load().keks) == {first, second}
+    provider.retire(first, usage=KeyUsage(kid=first, counts={"job specs": 0}))
     material = provider.load()
     assert set(material.keks) == {second}
     assert material.retired[0]["kid"] == first
