@@ -42,9 +42,11 @@ def _serve(settings: Settings, *, host: str, port: int) -> None:
 
 
 def _refuse_without_keys(settings: Settings, *, may_create: bool) -> int | None:
+    from service.audit_cli import refuse_without_audit_key
     from service.keys_cli import refuse_without_keys
 
-    return refuse_without_keys(settings, may_create=may_create)
+    refused = refuse_without_keys(settings, may_create=may_create)
+    return refused if refused is not None else refuse_without_audit_key(settings)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -139,22 +141,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from service.app import build_services
+    # Needs neither the keyring nor the private key, and writes nothing (see service.audit_cli).
+    from service.audit_cli import cmd_verify
 
-    async def run() -> int:
-        services = await build_services(_settings())
-        try:
-            async with services.sessionmaker() as db:
-                result = await services.audit.verify(db)
-        finally:
-            await services.engine.dispose()
-        if result.ok:
-            print(f"audit chain OK: {result.count} records")
-            return 0
-        print(f"audit chain BROKEN at record {result.first_bad_seq}: {result.reason}", file=sys.stderr)
-        return 1
-
-    return asyncio.run(run())
+    return cmd_verify(args)
 
 
 def cmd_audit_export(args: argparse.Namespace) -> int:
@@ -276,9 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
     audit = commands.add_parser("audit", help="the audit log").add_subparsers(
         dest="audit_command", required=True
     )
-    audit.add_parser("verify", help="check the hash chain and checkpoints").set_defaults(
-        func=cmd_audit_verify
-    )
+    from service.audit_cli import add_audit_key_parsers, add_verify_arguments
+
+    verify = audit.add_parser("verify", help="check the hash chain and checkpoints")
+    add_verify_arguments(verify)
+    verify.set_defaults(func=cmd_audit_verify)
+    add_audit_key_parsers(audit)
     export = audit.add_parser("export", help="export as FHIR AuditEvent NDJSON")
     export.add_argument("--limit", type=int, default=10_000)
     export.set_defaults(func=cmd_audit_export)
