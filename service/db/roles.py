@@ -108,6 +108,14 @@ def check_app_role(connection: Connection, role: str) -> str:
         )
     if _has_privileges_of(connection, role, "'pg_write_all_data'"):
         raise AppRoleError(f"role {role!r} holds pg_write_all_data; REVOKE pg_write_all_data FROM {role}")
+    database, database_owner = connection.execute(
+        text("SELECT datname, pg_get_userbyid(datdba) FROM pg_database WHERE datname = current_database()")
+    ).one()
+    if _has_privileges_of(connection, role, "CAST(:owner AS name)", owner=database_owner):
+        raise AppRoleError(
+            f"role {role!r} owns database {database!r} (or is a member of its owner) and could drop it; "
+            f"as a superuser: ALTER DATABASE {quote_identifier(database)} OWNER TO <owner role>"
+        )
     schema_owner = connection.execute(
         text("SELECT pg_get_userbyid(nspowner) FROM pg_namespace WHERE nspname = :schema"), {"schema": schema}
     ).scalar_one()

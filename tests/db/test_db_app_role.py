@@ -364,6 +364,23 @@ async def test_unsafe_app_roles_are_refused_before_anything_is_created(roles):
     assert await tables() == 0
 
 
+async def test_an_app_role_that_owns_the_database_is_refused(roles):
+    database = f"cc_db_{roles.schema.removeprefix('cc_test_')}"
+    engine = make_engine(SERVER, isolation_level="AUTOCOMMIT")  # CREATE DATABASE runs outside a transaction
+    try:
+        async with engine.connect() as connection:
+            await connection.execute(text(f"CREATE DATABASE {database} OWNER {roles.app}"))
+        try:
+            owner_url = f"postgresql+psycopg://{roles.owner}@127.0.0.1:5432/{database}"
+            with pytest.raises(AppRoleError, match=f"owns database '{database}'"):
+                await migrate(owner_url, app_role=roles.app)
+        finally:
+            async with engine.connect() as connection:
+                await connection.execute(text(f"DROP DATABASE {database}"))
+    finally:
+        await engine.dispose()
+
+
 async def test_the_old_single_role_setup_is_refused_until_ownership_moves(roles):
     """The docs used to let the app role create (own) the tables; migrate as owner says how to fix that."""
     await admin(f"GRANT CREATE, USAGE ON SCHEMA {roles.schema} TO {roles.app}")
