@@ -136,8 +136,8 @@ def report_rule(kind: ReportKind, rules: ReportSettings) -> ReportRule:
         return ReportRule(
             kind,
             "Access with no encounter in the launch",
-            "Successful EHR launches into a patient's chart whose launch context named no encounter "
-            "(patient portal sign-ins are not counted).",
+            "Successful EHR launches into a patient's chart whose launch record names no encounter "
+            "(no encounter came with the launch context; patient portal sign-ins are not counted).",
         )
     if kind is ReportKind.FAILED_OR_DENIED:
         return ReportRule(

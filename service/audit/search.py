@@ -10,9 +10,10 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, time
 from enum import StrEnum
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -43,6 +44,7 @@ __all__ = [
     "entries_to_balp_ndjson",
     "entries_to_csv",
     "export_entries",
+    "parse_time",
     "patients_touched_by",
     "search_audit",
     "session_timeline",
@@ -96,6 +98,22 @@ def check_range(since: datetime | None, until: datetime | None) -> tuple[datetim
     if since is not None and until is not None and since >= until:
         raise AuditQueryError("since must be earlier than until")
     return since, until
+
+
+def parse_time(name: str, text: str, zone: ZoneInfo) -> datetime:
+    """Typed input (a form field, a CLI option) as an aware time.
+
+    ``2026-12-01`` is local midnight, ``2026-12-01T08:00`` local time, and an offset or ``Z`` is kept.
+    """
+    try:
+        value = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise AuditQueryError(
+            f"{name} {text!r} is not a date or time (use 2026-12-01, 2026-12-01T08:00 or 2026-12-01T08:00Z)"
+        ) from None
+    if len(text.strip()) == 10:  # a date alone means that day's local midnight
+        value = datetime.combine(value.date(), time(0))
+    return value if value.tzinfo is not None else value.replace(tzinfo=zone)
 
 
 @dataclass(frozen=True)

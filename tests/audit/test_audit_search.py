@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from itertools import pairwise
+from zoneinfo import ZoneInfo
 
 import pytest
 from sqlalchemy import event
@@ -18,6 +19,7 @@ from service.audit.search import (
     UserTouch,
     audit_access,
     export_entries,
+    parse_time,
     patients_touched_by,
     search_audit,
     session_timeline,
@@ -292,3 +294,13 @@ async def test_bad_drill_down_input_is_a_clear_error(filled, sessionmaker):
             await session_timeline(db, filled, "")
         with pytest.raises(AuditQueryError, match="export limit"):
             await export_entries(db, filled, AuditQuery(), max_records=0)
+
+
+def test_typed_times_are_read_in_the_report_zone_unless_they_say_otherwise():
+    berlin = ZoneInfo("Europe/Berlin")
+    assert parse_time("since", "2026-12-01", berlin) == datetime(2026, 11, 30, 23, 0, tzinfo=UTC)
+    assert parse_time("since", "2026-12-01T08:30", berlin) == datetime(2026, 12, 1, 7, 30, tzinfo=UTC)
+    assert parse_time("since", "2026-12-01T08:30Z", berlin) == datetime(2026, 12, 1, 8, 30, tzinfo=UTC)
+    assert parse_time("since", " 2026-12-01T08:30+05:00 ", berlin) == datetime(2026, 12, 1, 3, 30, tzinfo=UTC)
+    with pytest.raises(AuditQueryError, match="since 'last tuesday' is not a date or time"):
+        parse_time("since", "last tuesday", berlin)
