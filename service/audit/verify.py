@@ -9,10 +9,12 @@ not recognise (an odd timestamp, a malformed blob, a hash mismatch) is decided b
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import re
 from binascii import b2a_base64
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from json.encoder import encode_basestring  # the encoder json.dumps uses
@@ -46,10 +48,10 @@ _POSTGRES_QUERY = (
 )
 _SQLITE_TIME = re.compile(r"([1-9]\d{3}-\d\d-\d\d) (?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d\.\d{6}")
 _CANONICAL_TIME = re.compile(r"([1-9]\d{3}-\d\d-\d\d)T(?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d\.\d{6}Z")
-# chain.canonical_json of chain.HASHED_FIELDS (keys sorted); the two unquoted-safe values (time, base64) are
-# validated before they are put in.
+# The previous hash, "\n", then chain.canonical_json of chain.HASHED_FIELDS (keys sorted); the two values put
+# in unescaped (time, base64) are validated first.
 _TEMPLATE = (
-    '{"action":%s,"actor_digest":%s,"ehr":%s,"outcome":%s,"patient_digest":%s,"recorded_at":"%s",'
+    '%s\n{"action":%s,"actor_digest":%s,"ehr":%s,"outcome":%s,"patient_digest":%s,"recorded_at":"%s",'
     '"request_id":%s,"resource_type":%s,"sealed_body":"%s","seq":%d}'
 )
 _MAGIC_LEN = len(MAGIC)
@@ -101,11 +103,26 @@ class VerifyResult:
 
 @dataclass
 class _ChainWalk:
+    """Where the walk is: records verified so far, the hashes checkpoints need, and the first problem."""
+
+    wanted: set[int]
     count: int = 0
-    last_seq: int = 0
+    prev_hash: str = GENESIS_HASH
     hashes_at: dict[int, str] = field(default_factory=dict)
     first_bad_seq: int | None = None
     reason: str | None = None
+    good_dates: set[str] = field(default_factory=set)
+    good_kids: set[bytes] = field(default_factory=set)
+
+    @property
+    def last_seq(self) -> int:
+        return self.count  # records 1..count verified
+
+    def accept(self, seq: int, stored: str) -> None:
+        if seq in self.wanted:
+            self.hashes_at[seq] = stored
+        self.prev_hash = stored
+        self.count = seq
 
 
 async def verify_chain(
@@ -127,27 +144,49 @@ def _as_readout(checkpoints: CheckpointReadout | Sequence[SignedCheckpoint]) -> 
 
 
 async def _walk_chain(session: AsyncSession, wanted: set[int]) -> _ChainWalk:
-    walk = _ChainWalk()
-    prev_hash = GENESIS_HASH
-    expected = 1
-    good_dates: set[str] = set()
-    good_kids: set[bytes] = set()
-    encode = encode_basestring
-    sha256 = hashlib.sha256
-    async for rows, sqlite in _batches(session):
-        time_pattern = _SQLITE_TIME if sqlite else _CANONICAL_TIME
-        for seq, at, action, outcome, actor, patient, ehr, rtype, request, sealed, prev, stored in rows:
+    walk = _ChainWalk(wanted)
+    async with contextlib.aclosing(_batches(session)) as batches:
+        async for rows, sqlite in batches:
+            start = 0
+            while start < len(rows):
+                start = _scan(rows, start, walk, sqlite=sqlite)
+                if walk.first_bad_seq is not None:
+                    return walk
+                if start < len(rows):
+                    # The fast path could not vouch for this record: the reference decides.
+                    seq, stored = rows[start][0], rows[start][-1]
+                    verdict = await _reference_verdict(session, seq, walk.prev_hash)
+                    if verdict is not None:
+                        walk.first_bad_seq, walk.reason = seq, verdict
+                        return walk
+                    walk.accept(seq, stored)
+                    start += 1
+    return walk
+
+
+def _scan(rows: Sequence[tuple[Any, ...]], start: int, walk: _ChainWalk, *, sqlite: bool) -> int:
+    """Verify ``rows[start:]`` in one tight loop; return the index of the first row it cannot vouch for.
+
+    Gaps and broken links are final (``walk.first_bad_seq`` is set); other doubts go to the reference path.
+    """
+    time_pattern = _SQLITE_TIME if sqlite else _CANONICAL_TIME
+    encode, sha256 = encode_basestring, hashlib.sha256
+    good_dates, good_kids, wanted, hashes_at = walk.good_dates, walk.good_kids, walk.wanted, walk.hashes_at
+    expected, prev_hash = walk.count + 1, walk.prev_hash
+    index = start
+    try:
+        for index in range(start, len(rows)):
+            seq, at, action, outcome, actor, patient, ehr, rtype, request, sealed, prev, stored = rows[index]
             if seq != expected:
                 walk.first_bad_seq, walk.reason = expected, f"record {expected} is missing (gap in seq)"
-                return walk
+                return index
             if prev != prev_hash:
                 walk.first_bad_seq, walk.reason = seq, f"record {seq} does not link to record {seq - 1}"
-                return walk
+                return index
             try:
-                matched = time_pattern.fullmatch(at)
-                if matched is None or type(seq) is not int:
-                    raise ValueError
-                day = matched.group(1)
+                if time_pattern.fullmatch(at) is None or type(seq) is not int:
+                    return index
+                day = at[:10]
                 if day not in good_dates:
                     datetime.strptime(day, "%Y-%m-%d")  # a real calendar day, as the reference parses it
                     good_dates.add(day)
@@ -162,11 +201,12 @@ async def _walk_chain(session: AsyncSession, wanted: set[int]) -> _ChainWalk:
                     or sealed[_MAGIC_LEN + 1 + kid_len] != WRAPPED_KEY_BYTES
                     or len(sealed) - body_at < _MIN_BODY
                 ):
-                    raise ValueError
+                    return index
                 if kid not in good_kids:
                     kid.decode()
                     good_kids.add(kid)
-                canonical = _TEMPLATE % (
+                hashed = _TEMPLATE % (
+                    prev,
                     encode(action),
                     "null" if actor is None else encode(actor),
                     "null" if ehr is None else encode(ehr),
@@ -178,46 +218,57 @@ async def _walk_chain(session: AsyncSession, wanted: set[int]) -> _ChainWalk:
                     b2a_base64(memoryview(sealed)[body_at:], newline=False).decode(),
                     seq,
                 )
-                intact = sha256(f"{prev}\n{canonical}".encode()).hexdigest() == stored
+                if sha256(hashed.encode()).hexdigest() != stored:
+                    return index
             except (TypeError, ValueError, IndexError, AttributeError):
-                intact = False
-            if not intact:
-                verdict = await _reference_verdict(session, seq, prev_hash)
-                if verdict is not None:
-                    walk.first_bad_seq, walk.reason = seq, verdict
-                    return walk
+                return index
             if seq in wanted:
-                walk.hashes_at[seq] = stored
+                hashes_at[seq] = stored
             prev_hash = stored
             expected += 1
-            walk.count += 1
-            walk.last_seq = seq
-    return walk
+        return len(rows)
+    finally:
+        walk.count, walk.prev_hash = expected - 1, prev_hash
 
 
-async def _batches(session: AsyncSession) -> AsyncIterator[tuple[Sequence[tuple[Any, ...]], bool]]:
-    """Keyset batches of plain driver tuples, read inside the session's transaction."""
+async def _batches(session: AsyncSession) -> AsyncGenerator[tuple[Sequence[tuple[Any, ...]], bool]]:
+    """Keyset batches of plain driver tuples, read inside the session's transaction.
+
+    The next batch is fetched while the caller hashes the current one (the driver works in its own thread on
+    SQLite, in the server on PostgreSQL).
+    """
     connection = await session.connection()  # begins the session's transaction (BEGIN on SQLite too)
     sqlite = connection.dialect.name == "sqlite"
     driver = (await connection.get_raw_connection()).driver_connection
     if driver is None:
         raise RuntimeError("the database connection has no driver connection")
-    after = 1
-    while True:
+
+    async def fetch(after: int) -> Sequence[tuple[Any, ...]]:
         if sqlite:
             cursor = await driver.execute(_SQLITE_QUERY, (after, VERIFY_BATCH))
-            rows = await cursor.fetchall()
-            await cursor.close()
-        else:
-            async with driver.cursor() as cursor:
-                await cursor.execute(_POSTGRES_QUERY, (after, VERIFY_BATCH))
-                rows = await cursor.fetchall()
-        if not rows:
-            return
-        yield rows, sqlite
-        if len(rows) < VERIFY_BATCH:
-            return
-        after = rows[-1][0] + 1
+            try:
+                return list(await cursor.fetchall())
+            finally:
+                await cursor.close()
+        async with driver.cursor() as cursor:
+            await cursor.execute(_POSTGRES_QUERY, (after, VERIFY_BATCH))
+            return list(await cursor.fetchall())
+
+    pending = asyncio.ensure_future(fetch(1))
+    try:
+        while True:
+            rows = await pending
+            if len(rows) == VERIFY_BATCH:
+                pending = asyncio.ensure_future(fetch(rows[-1][0] + 1))
+            if rows:
+                yield rows, sqlite
+            if len(rows) < VERIFY_BATCH:
+                return
+    finally:
+        if not pending.done():
+            pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await pending
 
 
 async def _reference_verdict(session: AsyncSession, seq: int, prev_hash: str) -> str | None:
