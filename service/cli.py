@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from service.db.migrate_command import add_migrate_parser
-from service.settings import EhrSettings, Settings
+from service.settings import EhrSettings, Settings, StaffOidcSettings
 
 DEMO_CLIENT_ID = "carecanvas-demo"
 
@@ -106,6 +106,8 @@ def demo_settings(*, data_dir: Path, fhir_base: str, auth_base: str, ehr_origin:
                 organization_id="org-1",
             )
         ],
+        # The sandbox's staff identity provider, so the demo's compliance console can be signed in to.
+        staff_oidc=StaffOidcSettings(issuer=f"{auth_base}/staff", client_id="carecanvas-staff"),
         embedded_worker=True,
     )
 
@@ -130,6 +132,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             f"\nCareCanvas demo is running.\n"
             f"  Sandbox EHR:  {sandbox.ehr_url}   <- open this, pick a patient, press Launch\n"
             f"  CareCanvas:   {app_url}\n"
+            f"  Compliance:   {app_url}/compliance   <- staff sign-in at the sandbox identity provider\n"
             f"  FHIR server:  {sandbox.fhir_base}\n"
             f"  Data dir:     {settings.data_dir.resolve()}\n"
             f"The test model has random weights: its pictures are noise. Ctrl-C stops everything.\n",

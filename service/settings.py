@@ -66,6 +66,25 @@ class EhrSettings(BaseModel):
     )
 
 
+class StaffOidcSettings(BaseModel):
+    """The organisation's identity provider for staff sign-in (the compliance console), like an EHR's.
+
+    `role_claim` names the id_token claim holding the user's roles or groups (a dotted path such as
+    `realm_access.roles` reaches into nested claims); a user whose claim lacks `compliance_role` is refused.
+    """
+
+    name: str = "staff-idp"
+    issuer: str
+    client_id: str
+    client_auth: Literal["public", "client_secret_basic"] = "public"
+    client_secret: str | None = None
+    scopes: tuple[str, ...] = ("openid", "profile", "email", "groups")
+    role_claim: str = "groups"
+    compliance_role: str = "carecanvas-compliance"
+    # Origins the provider's endpoints may live on besides the issuer's own.
+    auth_origins: tuple[str, ...] = ()
+
+
 class Settings(BaseSettings):
     """Everything a process needs; nothing is read at import time."""
 
@@ -88,6 +107,8 @@ class Settings(BaseSettings):
     public_url: str = "http://127.0.0.1:8000"
     ehrs: list[EhrSettings] = Field(default_factory=list)
     ehrs_file: Path | None = None
+    # Staff sign-in (OIDC) for the compliance console; None = the console is switched off.
+    staff_oidc: StaffOidcSettings | None = None
     models: list[dict[str, Any]] = Field(default_factory=list)
     models_file: Path | None = None
     default_model: str = "carecanvas-tiny-test"

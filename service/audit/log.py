@@ -24,6 +24,7 @@ from service.audit.chain import GENESIS_HASH, hashed_fields, record_hash
 from service.audit.checkpoints import (
     Checkpointer,
     CheckpointError,
+    CheckpointReadout,
     CheckpointSink,
     SignedCheckpoint,
 )
@@ -233,6 +234,10 @@ class AuditLog:
     async def verify(self, session: AsyncSession) -> VerifyResult:
         """Walk the chain (links, hashes, gaps), then check every signed checkpoint against it."""
         return await verify_chain(session, await self._checkpointer.read(), self._verify_key)
+
+    async def checkpoint_readout(self) -> CheckpointReadout:
+        """What the checkpoint sink holds (unverified), and where it is, for status displays."""
+        return await self._checkpointer.read()
 
     async def search(
         self,

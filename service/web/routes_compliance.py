@@ -1,0 +1,388 @@
+"""The compliance console: staff sign-in (OIDC), audit search, drill-downs, reports, exports, verify.
+
+Thin routes: each parses its input, calls one workflow (service.workflows.compliance, service.staff_auth)
+and renders a page under templates/web/compliance/. Filters that may name a patient travel in POST bodies
+and are kept server-side under an opaque id (post/redirect/get), so no patient reference enters a URL.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Annotated, Any
+
+import structlog
+from fastapi import APIRouter, Form, Path, Query, Request
+from fastapi.responses import RedirectResponse, Response
+
+from service.audit import AuditAction, AuditOutcome
+from service.audit.reports import ReportKind
+from service.audit.search import AuditQueryError, SortOrder
+from service.services import Services
+from service.sessions import SessionData, SessionKind
+from service.staff_auth import (
+    SignInFailure,
+    StaffSignInError,
+    begin_sign_in,
+    check_pending,
+    complete_sign_in,
+    may_use_console,
+)
+from service.web.context import DbDep, RequestIdDep, ServicesDep
+from service.web.errors import AppError, ErrorCode
+from service.web.staff_context import (
+    CONSOLE_CSP,
+    StaffContext,
+    StaffRequest,
+    clear_staff_cookie,
+    console_settings,
+    load_staff_session,
+    set_staff_cookie,
+)
+from service.workflows import compliance
+from service.workflows.compliance import ExportFormat, SavedQuery, SavedView, StaffSessionData
+
+log = structlog.get_logger("carecanvas.compliance")
+router = APIRouter(prefix="/compliance")
+
+CALLBACK_PATH = "/compliance/callback"
+_QUERY_ID = Path(pattern=r"^[A-Za-z0-9_-]{8,32}$")
+_REQUEST_ID = Path(pattern=r"^[A-Za-z0-9_.:-]{1,128}$")
+FilterField = Annotated[str | None, Form(max_length=300)]
+
+
+def render(
+    services: Services, request: Request, template: str, context: dict[str, Any], *, status: int = 200
+) -> Response:
+    """A console page: never framed, never cached."""
+    response: Response = services.templates.TemplateResponse(
+        request, f"compliance/{template}", context, status_code=status
+    )
+    response.headers["Content-Security-Policy"] = CONSOLE_CSP
+    return response
+
+
+def page(
+    ctx: StaffRequest, request: Request, template: str, context: dict[str, Any], *, status: int = 200
+) -> Response:
+    """A page for a signed-in officer (navigation, sign-out form with the CSRF token)."""
+    base = {"identity": ctx.identity, "csrf_token": ctx.csrf_token, "actions": [a.value for a in AuditAction]}
+    return render(ctx.services, request, template, {**base, **context}, status=status)
+
+
+# ---- sign-in and sign-out ----------------------------------------------------------------------------
+
+
+@router.get("/login")
+async def login(services: ServicesDep, db: DbDep) -> Response:
+    oidc = console_settings(services)
+    try:
+        started = await begin_sign_in(
+            oidc, http=services.http, redirect_uri=f"{services.settings.public_url}{CALLBACK_PATH}"
+        )
+    except StaffSignInError as failure:
+        log.warning("staff identity provider unusable", reason=failure.reason.value)
+        raise AppError(
+            502,
+            "The staff sign-in is not available",
+            f"{failure} Please tell your CareCanvas administrator.",
+            code=ErrorCode.SIGN_IN_FAILED,
+        ) from None
+    data = SessionData(kind=SessionKind.STAFF, pending=started.pending.to_dict())
+    cookie_value, _ = await services.sessions.create(db, ehr_name=oidc.name, data=data)
+    await db.commit()
+    response = RedirectResponse(started.authorize_url, status_code=302)
+    set_staff_cookie(response, services.settings, cookie_value)
+    return response
+
+
+@router.get("/callback")
+async def callback(
+    request: Request,
+    services: ServicesDep,
+    db: DbDep,
+    rid: RequestIdDep,
+    code: Annotated[str | None, Query(max_length=4000)] = None,
+    state: Annotated[str | None, Query(max_length=500)] = None,
+    error: Annotated[str | None, Query(max_length=200)] = None,
+) -> Response:
+    oidc = console_settings(services)
+    # Spend the pending sign-in first, in a transaction of its own: its state is single use.
+    session = await load_staff_session(request, services)
+    pending_raw = None
+    if session is not None:
+        async with services.sessionmaker() as spend:
+            pending_raw = session.data.pending
+            session.data.pending = None
+            await services.sessions.save(spend, session)
+            await spend.commit()
+    try:
+        if error:
+            raise StaffSignInError(SignInFailure.PROVIDER_ERROR, "The identity provider did not sign you in.")
+        pending = check_pending(pending_raw, state)
+        identity = await complete_sign_in(oidc, pending=pending, code=code, http=services.http)
+    except StaffSignInError as failure:
+        await compliance.record_sign_in(
+            services,
+            db,
+            action=AuditAction.LOGIN,
+            outcome=AuditOutcome.FAILURE,
+            actor=None,
+            request_id=rid,
+            detail={"reason": failure.reason.value},
+        )
+        if session is not None:
+            await services.sessions.end(db, session)
+        await db.commit()
+        log.warning("staff sign-in failed", reason=failure.reason.value)
+        response = render(services, request, "sign_in_failed.html", {"message": str(failure)}, status=400)
+        clear_staff_cookie(response, services.settings)
+        return response
+    assert session is not None  # noqa: S101 - check_pending refuses a callback without a pending sign-in
+    if not may_use_console(identity, oidc):
+        await compliance.record_sign_in(
+            services,
+            db,
+            action=AuditAction.LOGIN,
+            outcome=AuditOutcome.DENIED,
+            actor=identity.actor,
+            request_id=rid,
+            detail={
+                "reason": "missing_role",
+                "role_claim": oidc.role_claim,
+                "required_role": oidc.compliance_role,
+            },
+        )
+        await services.sessions.end(db, session)
+        await db.commit()
+        context = {"who": identity.display, "role": oidc.compliance_role, "claim": oidc.role_claim}
+        response = render(services, request, "denied.html", context, status=403)
+        clear_staff_cookie(response, services.settings)
+        return response
+    # A new session id once signed in (no fixation of the pre-login id); the old row goes.
+    signed_in = SessionData(kind=SessionKind.STAFF, staff=StaffSessionData(identity).to_dict())
+    cookie_value, _ = await services.sessions.create(db, ehr_name=oidc.name, data=signed_in)
+    await services.sessions.end(db, session)
+    await compliance.record_sign_in(
+        services,
+        db,
+        action=AuditAction.LOGIN,
+        outcome=AuditOutcome.SUCCESS,
+        actor=identity.actor,
+        request_id=rid,
+        detail={"name": identity.display},
+    )
+    await db.commit()
+    response = RedirectResponse("/compliance", status_code=303)
+    response.headers["Referrer-Policy"] = "no-referrer"
+    set_staff_cookie(response, services.settings, cookie_value)
+    return response
+
+
+@router.post("/logout")
+async def logout(request: Request, ctx: StaffContext) -> Response:
+    await compliance.record_sign_in(
+        ctx.services,
+        ctx.db,
+        action=AuditAction.LOGOUT,
+        outcome=AuditOutcome.SUCCESS,
+        actor=ctx.identity.actor,
+        request_id=ctx.request_id,
+        detail={},
+    )
+    await ctx.services.sessions.end(ctx.db, ctx.session)
+    await ctx.db.commit()
+    response = render(ctx.services, request, "signed_out.html", {})
+    clear_staff_cookie(response, ctx.services.settings)
+    return response
+
+
+# ---- search and drill-downs --------------------------------------------------------------------------
+
+
+def _saved(ctx: StaffRequest, query_id: str, view: SavedView) -> SavedQuery:
+    saved = ctx.staff.queries.get(query_id)
+    if saved is None or saved.view is not view:
+        raise AppError(
+            404,
+            "This search is no longer available",
+            "Searches are kept for your signed-in session only. Please search again.",
+            code=ErrorCode.NOT_FOUND,
+        )
+    return saved
+
+
+async def _search_page(
+    ctx: StaffRequest,
+    request: Request,
+    saved: SavedQuery,
+    *,
+    query_id: str | None,
+    order: SortOrder,
+    offset: int,
+) -> Response:
+    try:
+        query = saved.audit_query(order=order, offset=offset)
+    except AuditQueryError as problem:
+        raise AppError(400, "This search cannot be shown", str(problem)) from None
+    result = await compliance.search(ctx.console(), query)
+    await ctx.db.commit()
+    context = {"result": result, "filters": saved.filters, "query_id": query_id, "order": order.value}
+    return page(ctx, request, "search.html", context)
+
+
+@router.get("")
+async def console_home(request: Request, ctx: StaffContext) -> Response:
+    """The newest records, unfiltered, with the search form."""
+    return await _search_page(
+        ctx, request, SavedQuery(SavedView.SEARCH, {}), query_id=None, order=SortOrder.NEWEST, offset=0
+    )
+
+
+@router.post("/search")
+async def submit_search(
+    request: Request,
+    ctx: StaffContext,
+    patient: FilterField = None,
+    actor: FilterField = None,
+    action: FilterField = None,
+    outcome: FilterField = None,
+    ehr: FilterField = None,
+    since: FilterField = None,
+    until: FilterField = None,
+    request_id: FilterField = None,
+    view: Annotated[SavedView, Form()] = SavedView.SEARCH,
+) -> Response:
+    form = {
+        "patient": patient,
+        "actor": actor,
+        "action": action,
+        "outcome": outcome,
+        "ehr": ehr,
+        "since": since,
+        "until": until,
+        "request_id": request_id,
+    }
+    try:
+        saved = compliance.saved_query(view, form)
+    except AuditQueryError as problem:
+        shown = {key: value for key, value in form.items() if value}
+        return page(
+            ctx,
+            request,
+            "search.html",
+            {"result": None, "filters": shown, "problem": str(problem)},
+            status=400,
+        )
+    query_id = ctx.staff.remember(saved)
+    await ctx.save()
+    await ctx.db.commit()
+    return RedirectResponse(f"/compliance/{saved.view.value}/{query_id}", status_code=303)
+
+
+@router.get("/search/{query_id}")
+async def search_results(
+    request: Request,
+    ctx: StaffContext,
+    query_id: Annotated[str, _QUERY_ID],
+    order: SortOrder = SortOrder.NEWEST,
+    offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
+) -> Response:
+    saved = _saved(ctx, query_id, SavedView.SEARCH)
+    return await _search_page(ctx, request, saved, query_id=query_id, order=order, offset=offset)
+
+
+@router.get("/search/{query_id}/export.{fmt}")
+async def export(
+    ctx: StaffContext, query_id: Annotated[str, _QUERY_ID], fmt: Annotated[ExportFormat, Path()]
+) -> Response:
+    saved = _saved(ctx, query_id, SavedView.SEARCH)
+    try:
+        query = saved.audit_query()
+    except AuditQueryError as problem:
+        raise AppError(400, "This search cannot be exported", str(problem)) from None
+    file = await compliance.export(ctx.console(), query, fmt)
+    await ctx.db.commit()
+    disposition = f'attachment; filename="{file.filename}"'
+    headers = {"Content-Disposition": disposition, "Content-Security-Policy": CONSOLE_CSP}
+    return Response(file.body, media_type=file.media_type, headers=headers)
+
+
+@router.get("/user/{query_id}")
+async def user_drilldown(
+    request: Request, ctx: StaffContext, query_id: Annotated[str, _QUERY_ID]
+) -> Response:
+    saved = _saved(ctx, query_id, SavedView.USER)
+    drill = await compliance.user_drilldown(ctx.console(), saved.audit_query())
+    await ctx.db.commit()
+    return page(ctx, request, "user.html", {"drill": drill, "filters": saved.filters})
+
+
+@router.get("/patient/{query_id}")
+async def patient_drilldown(
+    request: Request, ctx: StaffContext, query_id: Annotated[str, _QUERY_ID]
+) -> Response:
+    saved = _saved(ctx, query_id, SavedView.PATIENT)
+    drill = await compliance.patient_drilldown(ctx.console(), saved.audit_query())
+    await ctx.db.commit()
+    return page(ctx, request, "patient.html", {"drill": drill, "filters": saved.filters})
+
+
+@router.get("/timeline/{request_id}")
+async def timeline(request: Request, ctx: StaffContext, request_id: Annotated[str, _REQUEST_ID]) -> Response:
+    shown = await compliance.timeline(ctx.console(), request_id)
+    await ctx.db.commit()
+    return page(ctx, request, "timeline.html", {"timeline": shown})
+
+
+# ---- reports ---------------------------------------------------------------------------------------
+
+
+@router.get("/reports")
+async def reports(request: Request, ctx: StaffContext) -> Response:
+    return page(ctx, request, "reports.html", {"rules": compliance.report_rules(ctx.services)})
+
+
+def _day_start(day: date, services: Services) -> datetime:
+    return datetime.combine(day, time(0), tzinfo=compliance.report_settings(services).zone).astimezone(UTC)
+
+
+@router.get("/reports/{kind}")
+async def report(
+    request: Request,
+    ctx: StaffContext,
+    kind: ReportKind,
+    since: Annotated[date | None, Query()] = None,
+    until: Annotated[date | None, Query()] = None,
+) -> Response:
+    today = datetime.now(compliance.report_settings(ctx.services).zone).date()
+    first = since or today - timedelta(days=7)
+    last = until or today
+    try:
+        result = await compliance.report(
+            ctx.console(),
+            kind,
+            since=_day_start(first, ctx.services),
+            until=_day_start(last + timedelta(days=1), ctx.services),
+        )
+    except AuditQueryError as problem:
+        raise AppError(400, "This report cannot be run", str(problem)) from None
+    await ctx.db.commit()
+    context = {"result": result, "since": first.isoformat(), "until": last.isoformat(), "kind": kind.value}
+    return page(ctx, request, "report.html", context)
+
+
+# ---- integrity -------------------------------------------------------------------------------------
+
+
+@router.get("/integrity")
+async def integrity(request: Request, ctx: StaffContext) -> Response:
+    status = await compliance.integrity_status(ctx.console())
+    return page(ctx, request, "integrity.html", {"status": status, "verified": None})
+
+
+@router.post("/integrity/verify")
+async def verify_now(request: Request, ctx: StaffContext) -> Response:
+    verified = await compliance.verify_now(ctx.console())
+    await ctx.db.commit()
+    status = await compliance.integrity_status(ctx.console())
+    return page(ctx, request, "integrity.html", {"status": status, "verified": verified})
