@@ -1,0 +1,153 @@
+"""The fast verify path agrees with the reference hashing: every stored field is covered, across batches."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+from sqlalchemy import select, text, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from service.audit import AuditLog, VerifyResult
+from service.audit import verify as verify_module
+from service.audit.chain import hashed_fields, record_hash
+from service.crypto import Keyring
+from service.crypto.keyring import new_key_material
+from service.db.engine import make_engine
+from service.db.models import AuditRecord
+
+TRICKY: list[dict[str, str | None]] = [
+    {"ehr": 'quote " and backslash \\ ', "request_id": "tab\tnewline\ncontrol\x01"},
+    {"ehr": "Ünïcödé ✓ 漢字 🩺", "request_id": "\u2028line separator"},
+    {"ehr": None, "request_id": None, "patient": None, "actor": None, "resource": None},
+]
+
+
+@pytest.fixture
+def audit() -> AuditLog:
+    return AuditLog(Keyring(new_key_material()))
+
+
+async def append(
+    audit: AuditLog, sessionmaker: async_sessionmaker[AsyncSession], n: int, **overrides: object
+) -> None:
+    fields: dict[str, object] = {
+        "action": "fhir.read",
+        "outcome": "success",
+        "actor": "Practitioner/prac-1",
+        "patient": "pat-1",
+        "ehr": "sandbox",
+        "resource": "Condition/cond-1",
+        "request_id": "req-1",
+    }
+    fields.update(overrides)
+    for _ in range(n):
+        async with sessionmaker() as session, session.begin():
+            await audit.append(session, **fields)  # type: ignore[arg-type]
+
+
+async def verify(audit: AuditLog, sessionmaker: async_sessionmaker[AsyncSession]) -> VerifyResult:
+    async with sessionmaker() as session, session.begin():
+        return await audit.verify(session)
+
+
+async def tamper(db_url: str, *statements: object) -> None:
+    """Bypass the append-only guards the way a database owner could."""
+    engine = make_engine(db_url)
+    try:
+        async with engine.begin() as connection:
+            if engine.dialect.name == "postgresql":
+                await connection.execute(text("SET LOCAL session_replication_role = replica"))
+            else:
+                await connection.execute(text("DROP TRIGGER IF EXISTS audit_records_no_update"))
+            for statement in statements:
+                await connection.execute(statement)  # type: ignore[call-overload]
+    finally:
+        await engine.dispose()
+
+
+async def test_tricky_strings_and_nulls_verify_on_the_fast_path(audit, sessionmaker, monkeypatch):
+    for overrides in TRICKY:
+        await append(audit, sessionmaker, 2, **overrides)
+    # Any record the fast path could not vouch for would go to the reference path: here none may.
+    doubted: list[int] = []
+    reference = verify_module._reference_verdict
+
+    async def counting(session: AsyncSession, seq: int, prev_hash: str) -> str | None:
+        doubted.append(seq)
+        return await reference(session, seq, prev_hash)
+
+    monkeypatch.setattr(verify_module, "_reference_verdict", counting)
+    result = await verify(audit, sessionmaker)
+    assert (result.ok, result.count, doubted) == (True, 6, [])
+
+
+async def test_the_fast_hash_is_the_reference_hash(audit, sessionmaker):
+    for overrides in TRICKY:
+        await append(audit, sessionmaker, 1, **overrides)
+    async with sessionmaker() as session:
+        rows = (await session.execute(select(*AuditRecord.__table__.columns).order_by(AuditRecord.seq))).all()
+    for row in rows:
+        assert record_hash(row.prev_hash, hashed_fields(row)) == row.hash
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [
+        ("action", "login"),
+        ("outcome", "denied"),
+        ("actor_digest", "b" * 64),
+        ("patient_digest", None),
+        ("ehr", "other-ehr"),
+        ("resource_type", "Patient"),
+        ("request_id", "req-2"),
+    ],
+)
+async def test_every_hashed_column_is_covered(column, value, audit, sessionmaker, db_url, monkeypatch):
+    monkeypatch.setattr(verify_module, "VERIFY_BATCH", 3)  # the change lands in the third batch
+    await append(audit, sessionmaker, 9)
+    await tamper(db_url, update(AuditRecord).where(AuditRecord.seq == 8).values({column: value}))
+    result = await verify(audit, sessionmaker)
+    assert (result.ok, result.first_bad_seq, result.count) == (False, 8, 7)
+    assert "modified" in (result.reason or "")
+
+
+async def test_a_changed_time_or_body_is_caught(audit, sessionmaker, db_url):
+    await append(audit, sessionmaker, 4)
+    async with sessionmaker() as session:
+        record = (await session.execute(select(AuditRecord).where(AuditRecord.seq == 2))).scalar_one()
+        sealed, recorded_at = record.sealed, record.recorded_at
+    later = recorded_at.replace(microsecond=(recorded_at.microsecond + 1) % 1_000_000)
+    await tamper(db_url, update(AuditRecord).where(AuditRecord.seq == 2).values(recorded_at=later))
+    assert (await verify(audit, sessionmaker)).first_bad_seq == 2
+    await tamper(
+        db_url,
+        update(AuditRecord).where(AuditRecord.seq == 2).values(recorded_at=recorded_at),
+        update(AuditRecord).where(AuditRecord.seq == 3).values(sealed=b"CC1\x00garbage"),
+    )
+    result = await verify(audit, sessionmaker)
+    assert (result.first_bad_seq, result.reason) == (3, "record 3 has a malformed sealed payload")
+    assert sealed  # the untouched record 2 verified again
+
+
+async def test_an_equal_instant_spelled_otherwise_is_decided_by_the_reference(
+    sessionmaker, db_url, monkeypatch
+):
+    at = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    audit = AuditLog(Keyring(new_key_material()), clock=lambda: at)
+    await append(audit, sessionmaker, 3)
+    # SQLite keeps text: the same instant without its ".000000" is a spelling the fast path does not know.
+    # (PostgreSQL keeps a timestamptz, so the same statement changes nothing there.)
+    spelled = text("'2026-01-02 03:04:05'") if db_url.startswith("sqlite") else at
+    await tamper(db_url, update(AuditRecord).where(AuditRecord.seq == 2).values(recorded_at=spelled))
+    doubted: list[int] = []
+    reference = verify_module._reference_verdict
+
+    async def counting(session: AsyncSession, seq: int, prev_hash: str) -> str | None:
+        doubted.append(seq)
+        return await reference(session, seq, prev_hash)
+
+    monkeypatch.setattr(verify_module, "_reference_verdict", counting)
+    result = await verify(audit, sessionmaker)
+    assert (result.ok, result.count) == (True, 3)
+    assert doubted == ([2] if db_url.startswith("sqlite") else [])
