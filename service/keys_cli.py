@@ -34,7 +34,7 @@ from service.crypto.rotation import (
     reencrypt,
 )
 from service.settings import Settings
-from service.stores import existing_data, key_provider, missing_keys_problem, open_audit_log, open_database
+from service.stores import existing_data, key_provider, missing_keys_problem, open_database
 
 EXIT_REFUSED = 1
 EXIT_UNAVAILABLE = 2
@@ -148,7 +148,8 @@ async def _open_stores(settings: Settings) -> _Stores:
         engine, sessionmaker = await open_database(settings)
     except (SQLAlchemyError, OSError) as error:
         raise KeyCommandError(_database_problem(error), code=EXIT_UNAVAILABLE) from None
-    return _Stores(engine, sessionmaker, keyring, open_audit_log(settings, keyring=keyring))
+    # Key commands only append; checkpoints (and their signing key) stay with the running service.
+    return _Stores(engine, sessionmaker, keyring, AuditLog(keyring))
 
 
 def _database_problem(error: Exception) -> str:
