@@ -290,6 +290,10 @@ async def test_disable_trigger_and_delete_the_tail_is_refused_to_the_app_role(ro
     finally:
         await engine.dispose()
     assert await scalar(roles.owner_url, "SELECT count(*) FROM audit_records") == 7
+    # Key rotation's re-wrap (body unchanged) is the owner's to run; the trigger still refuses other changes.
+    await run_as(roles.owner_url, "UPDATE audit_records SET sealed = sealed")
+    assert "append-only" in await refused(roles.owner_url, "UPDATE audit_records SET action = 'view'")
+    assert "append-only" in await refused(roles.owner_url, "DELETE FROM audit_records WHERE seq > 4")
 
 
 async def test_rerun_revokes_older_grants_and_covers_new_tables(roles):
