@@ -291,7 +291,8 @@ def test_configuration_reaches_every_process_through_env_from(chart: helm.Chart)
     assert env["CARECANVAS_EMBEDDED_WORKER"] == "false"
     assert env["HF_HUB_OFFLINE"] == "1"
     assert env["CARECANVAS_PUBLIC_URL"] == "https://carecanvas.hospital.example"
-    assert env["CARECANVAS_KEK_FILE"] == "/etc/carecanvas/secrets/kek-keyring.json"
+    assert env["CARECANVAS_KEK_SECRET_FILE"] == "/etc/carecanvas/secrets/kek-keyring.json"
+    assert "CARECANVAS_KEK_FILE" not in env  # the mounted Secret is read-only: never the editable key file
     assert env["CARECANVAS_EHRS_FILE"] == "/etc/carecanvas/config/ehrs.json"
     assert (
         env["CARECANVAS_AUDIT_CHECKPOINT_PATH"] == "/var/lib/carecanvas/audit-checkpoints/checkpoints.jsonl"
@@ -582,8 +583,12 @@ def test_migrations_use_the_existing_secret_when_named(chart: helm.Chart) -> Non
     assert [o for o in objects if o["kind"] == "Secret"] == []
 
 
-def test_the_owner_url_reaches_only_the_migrations_job(chart: helm.Chart) -> None:
+def test_the_owner_url_reaches_only_the_migrations_job(
+    chart: helm.Chart, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The app's pods get the app role's URL; the owner's URL is only in the hook Secret the Job reads."""
+    from service.settings import Settings
+
     objects = render(chart, secret_values_full())
     owner_password = SECRET_MARKERS["migration database password"]
     holders = [
@@ -595,6 +600,12 @@ def test_the_owner_url_reaches_only_the_migrations_job(chart: helm.Chart) -> Non
     assert holders == [f"{RELEASE}-carecanvas-migrations"]
     hook_secret = find(objects, "Secret", f"{RELEASE}-carecanvas-migrations")
     assert set(hook_secret["data"]) == {"CARECANVAS_MIGRATION_DATABASE_URL"}
+    # What the Job's env gives `carecanvas migrate`: the owner's URL.
+    for key in [k for k in os.environ if k.startswith("CARECANVAS_")]:
+        monkeypatch.delenv(key)
+    owner_url = base64.b64decode(hook_secret["data"]["CARECANVAS_MIGRATION_DATABASE_URL"]).decode()
+    monkeypatch.setenv("CARECANVAS_MIGRATION_DATABASE_URL", owner_url)
+    assert Settings().resolved_migration_database_url.startswith("postgresql+psycopg://carecanvas_owner:")
     for name, spec in pod_specs(objects).items():
         if name.startswith("Job/"):
             continue
