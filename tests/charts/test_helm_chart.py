@@ -340,7 +340,8 @@ def test_rendered_files_are_read_by_the_service_settings(
     settings = Settings()
     assert settings.embedded_worker is False
     assert settings.resolved_database_url.startswith("postgresql+psycopg://carecanvas:")
-    assert SECRET_MARKERS["kek keyring"] in settings.resolved_kek_file.read_text(encoding="utf-8")
+    assert settings.kek_secret_file is not None
+    assert SECRET_MARKERS["kek keyring"] in settings.kek_secret_file.read_text(encoding="utf-8")
     ehrs = {ehr.name: ehr for ehr in settings.registered_ehrs()}
     assert set(ehrs) == {"epic-prod", "portal", "legacy"}
     assert ehrs["legacy"].client_secret == SECRET_MARKERS["ehr client secret"]
