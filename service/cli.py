@@ -113,7 +113,14 @@ def demo_settings(*, data_dir: Path, fhir_base: str, auth_base: str, ehr_origin:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from sandbox.auth.config import ClientRegistration
     from sandbox.run import SandboxEHR
+    from service.demo_ehr import (
+        DEMO_BACKEND_CLIENT_ID,
+        DEMO_BACKEND_SCOPES,
+        with_demo_backend,
+        write_demo_ehrs,
+    )
     from service.ehrs import origin_of
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -128,6 +135,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
             ehr_origin=origin_of(sandbox.ehr_url),
             port=port,
         )
+        # A backend client for `carecanvas audit push --ehr sandbox`, and the registration in the data dir
+        # so that command (another process) finds this EHR.
+        settings, backend_jwks = with_demo_backend(settings)
+        sandbox.register_client(
+            ClientRegistration(
+                DEMO_BACKEND_CLIENT_ID,
+                client_type="confidential-asymmetric",
+                jwks=backend_jwks,
+                scopes=list(DEMO_BACKEND_SCOPES),
+            )
+        )
+        write_demo_ehrs(settings)
         print(
             f"\nCareCanvas demo is running.\n"
             f"  Sandbox EHR:  {sandbox.ehr_url}   <- open this, pick a patient, press Launch\n"
@@ -151,38 +170,13 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_export(args: argparse.Namespace) -> int:
-    from service.app import build_services
-    from service.audit import AuditAction, export_ndjson
+    from service.audit_export import cmd_audit_export as export
+    from service.demo_ehr import with_demo_ehrs
 
     # Read-only commands never create keys (or anything else) when the key file is missing.
     if (refused := _refuse_without_keys(_settings(), may_create=False)) is not None:
         return refused
-
-    async def run() -> int:
-        settings = _settings()
-        services = await build_services(settings)
-        try:
-            async with services.sessionmaker() as db:
-                entries = await services.audit.search(db, limit=args.limit)
-                await services.audit.append(
-                    db,
-                    action=AuditAction.AUDIT_EXPORT,
-                    outcome="success",
-                    actor="cli",
-                    patient=None,
-                    ehr=None,
-                    resource="AuditEvent",
-                    request_id=None,
-                    detail={"count": len(entries)},
-                )
-                await db.commit()
-        finally:
-            await services.engine.dispose()
-        fhir_base = settings.registered_ehrs()[0].iss if settings.registered_ehrs() else ""
-        sys.stdout.write(export_ndjson(entries, site=settings.site_name, fhir_base=fhir_base))
-        return 0
-
-    return asyncio.run(run())
+    return export(args, with_demo_ehrs(_settings()))
 
 
 def cmd_audit_push(args: argparse.Namespace) -> int:
@@ -193,8 +187,11 @@ def cmd_audit_push(args: argparse.Namespace) -> int:
     if (refused := _refuse_without_keys(_settings(), may_create=False)) is not None:
         return refused
 
+    from service.demo_ehr import with_demo_ehrs
+
     async def run() -> int:
-        services = await build_services(_settings())
+        # The demo's sandbox EHR lives in the demo's process; its registration file tells us about it.
+        services = await build_services(with_demo_ehrs(_settings()))
         try:
             result = await push_audit_events(services, ehr_name=args.ehr, limit=args.limit)
         except AuditPushError as error:
@@ -275,8 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_verify_arguments(verify)
     verify.set_defaults(func=cmd_audit_verify)
     add_audit_key_parsers(audit)
-    export = audit.add_parser("export", help="export as FHIR AuditEvent NDJSON")
-    export.add_argument("--limit", type=int, default=10_000)
+    from service.audit_export import add_export_arguments
+
+    export = audit.add_parser("export", help="filtered records as BALP AuditEvents (NDJSON, Bundle) or CSV")
+    add_export_arguments(export)
     export.set_defaults(func=cmd_audit_export)
     push = audit.add_parser("push", help="send new records to an EHR as AuditEvents (SMART Backend Services)")
     push.add_argument("--ehr", required=True, help="the registration's name")

@@ -27,6 +27,7 @@ def add_migrate_parser(commands: Any) -> None:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
+    from alembic.util.exc import CommandError
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError, DBAPIError
 
@@ -52,6 +53,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         # The driver's own message (connection refused, permission denied …), not SQLAlchemy's wrapper.
         reason = str(error.orig).strip().splitlines()[0] if error.orig is not None else type(error).__name__
         print(f"migrate failed on {where}: {reason}", file=sys.stderr)
+        return 1
+    except CommandError as error:
+        # e.g. the database is at a revision this release does not know (a newer release migrated it).
+        print(f"migrate failed on {where}: {error}", file=sys.stderr)
         return 1
     print(f"database is at the latest revision ({report.revision}) on {where}")
     if report.app_role is not None:

@@ -27,8 +27,6 @@ from service.services import Services, build_services
 from service.sessions import SessionData
 from service.settings import Settings
 
-pytestmark = pytest.mark.postgres
-
 SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CARECANVAS = Path(sys.executable).with_name("carecanvas")
@@ -151,6 +149,7 @@ async def verify(services: Services) -> VerifyResult:
         return await services.audit.verify(db)
 
 
+@pytest.mark.postgres
 async def test_app_role_does_the_apps_work_but_cannot_change_the_audit_table(roles, services_factory):
     report = await migrate(roles.owner_url, app_role=roles.app)
     assert report.revision == "0001_initial"
@@ -256,6 +255,7 @@ async def test_app_role_does_the_apps_work_but_cannot_change_the_audit_table(rol
     assert await scalar(roles.owner_url, "SELECT count(*) FROM audit_records") == 3
 
 
+@pytest.mark.postgres
 async def test_disable_trigger_and_delete_the_tail_is_refused_to_the_app_role(roles, services_factory):
     """The issue's attack, as the app role: disable the guard, delete the unanchored tail, re-enable it."""
     await migrate(roles.owner_url, app_role=roles.app)
@@ -296,6 +296,7 @@ async def test_disable_trigger_and_delete_the_tail_is_refused_to_the_app_role(ro
     assert "append-only" in await refused(roles.owner_url, "DELETE FROM audit_records WHERE seq > 4")
 
 
+@pytest.mark.postgres
 async def test_rerun_revokes_older_grants_and_covers_new_tables(roles):
     await migrate(roles.owner_url, app_role=roles.app)
     # What the earlier migration granted (UPDATE of sealed) and a table added later by the owner.
@@ -339,6 +340,7 @@ async def test_rerun_revokes_older_grants_and_covers_new_tables(roles):
     await grant_app_role(roles.owner_url, roles.app)  # the same grants again: idempotent
 
 
+@pytest.mark.postgres
 async def test_unsafe_app_roles_are_refused_before_anything_is_created(roles):
     async def tables() -> object:
         return await scalar(
@@ -368,6 +370,7 @@ async def test_unsafe_app_roles_are_refused_before_anything_is_created(roles):
     assert await tables() == 0
 
 
+@pytest.mark.postgres
 async def test_an_app_role_that_owns_the_database_is_refused(roles):
     database = f"cc_db_{roles.schema.removeprefix('cc_test_')}"
     engine = make_engine(SERVER, isolation_level="AUTOCOMMIT")  # CREATE DATABASE runs outside a transaction
@@ -385,6 +388,7 @@ async def test_an_app_role_that_owns_the_database_is_refused(roles):
         await engine.dispose()
 
 
+@pytest.mark.postgres
 async def test_the_old_single_role_setup_is_refused_until_ownership_moves(roles):
     """The docs used to let the app role create (own) the tables; migrate as owner says how to fix that."""
     await admin(f"GRANT CREATE, USAGE ON SCHEMA {roles.schema} TO {roles.app}")
@@ -408,6 +412,7 @@ async def test_app_role_on_sqlite_is_a_clear_error(tmp_path):
     assert not (tmp_path / "x.db").exists() or (tmp_path / "x.db").stat().st_size == 0
 
 
+@pytest.mark.postgres
 def test_cli_migrate_with_app_role_in_a_subprocess(roles, tmp_path):
     """`carecanvas migrate --app-role` reads the owner URL from CARECANVAS_MIGRATION_DATABASE_URL."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CARECANVAS_")}
@@ -453,6 +458,23 @@ def asyncio_run_refused(url: str, statement: str) -> str:
     return asyncio.run(refused(url, statement))
 
 
+def test_cli_migrate_on_a_database_from_a_newer_release_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    import sqlite3
+
+    for key in [k for k in os.environ if k.startswith("CARECANVAS_")]:
+        monkeypatch.delenv(key)
+    database = tmp_path / "newer.db"
+    with sqlite3.connect(database) as connection:
+        connection.execute("CREATE TABLE alembic_version (version_num VARCHAR(32) PRIMARY KEY)")
+        connection.execute("INSERT INTO alembic_version VALUES ('0099_from_the_future')")
+    assert carecanvas(["migrate", "--database-url", f"sqlite:///{database}"]) == 1
+    err = capsys.readouterr().err
+    assert "migrate failed on sqlite+aiosqlite:///" in err
+    assert "0099_from_the_future" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.postgres
 def test_cli_migrate_failures_are_clear_messages(roles, tmp_path, monkeypatch, capsys):
     for key in [k for k in os.environ if k.startswith("CARECANVAS_")]:
         monkeypatch.delenv(key)
