@@ -38,6 +38,7 @@ from service.stores import existing_data, key_provider, missing_keys_problem, op
 
 EXIT_REFUSED = 1
 EXIT_UNAVAILABLE = 2
+EXIT_INTERRUPTED = 130
 
 
 class KeyCommandError(Exception):
@@ -86,6 +87,10 @@ def run(args: argparse.Namespace) -> int:
     except KeyringError as error:
         print(f"carecanvas keys {args.keys_command}: {error}", file=sys.stderr)
         return EXIT_REFUSED
+    except KeyboardInterrupt:
+        # Every committed batch stays re-wrapped; a new run selects only what is not on the primary yet.
+        print(f"carecanvas keys {args.keys_command}: interrupted; run it again to continue", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def _list(settings: Settings) -> int:

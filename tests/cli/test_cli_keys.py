@@ -397,3 +397,44 @@ async def test_rotate_while_a_worker_process_runs_loses_no_job(db_url: str, tmp_
     log = output.decode()
     assert "worker iteration failed" not in log, log[-3000:]
     assert worker.returncode == 0, log[-3000:]
+
+
+def test_an_interrupted_reencrypt_continues_where_it_stopped(
+    embedded: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    asyncio.run(enqueue_jobs(embedded, 150))
+    assert main(["keys", "add"]) == 0
+    new = capsys.readouterr().out.strip()
+    assert main(["keys", "promote", new]) == 0
+    env = clean_env(CARECANVAS_DATA_DIR=str(embedded.data_dir))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "keys", "reencrypt", "--batch-size", "1"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    for line in process.stdout:
+        if line.startswith("pass 1:"):
+            process.send_signal(signal.SIGINT)  # Ctrl-C after the first committed batch
+            break
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert "interrupted; run it again to continue" in err
+    assert "Traceback" not in err
+
+    async def left() -> int:
+        engine, sessionmaker = await open_database(embedded)
+        try:
+            return sum((await not_on_primary(sessionmaker, new)).values())
+        finally:
+            await engine.dispose()
+
+    remaining = asyncio.run(left())
+    # 152 job specs + 152 drafts + 4 audit payloads were on the old key; the committed batches stay done.
+    assert 0 < remaining < 308
+    capsys.readouterr()
+    assert main(["keys", "reencrypt", "--batch-size", "50"]) == 0
+    assert capsys.readouterr().out.startswith(f"{remaining} of ")
+    assert asyncio.run(left()) == 0
