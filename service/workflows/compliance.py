@@ -12,9 +12,10 @@ import json
 import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -33,6 +34,7 @@ from service.audit.search import (
     entries_to_balp_ndjson,
     entries_to_csv,
     export_entries,
+    parse_time,
     patients_touched_by,
     search_audit,
     session_timeline,
@@ -42,6 +44,7 @@ from service.services import Services
 from service.staff_auth import StaffIdentity
 
 PAGE_SIZE = 50
+UTC_ZONE = ZoneInfo("UTC")
 MAX_SAVED_QUERIES = 50
 # The filters an officer may set, as AuditQuery field names.
 FILTER_NAMES = ("patient", "actor", "action", "outcome", "ehr", "since", "until", "request_id")
@@ -92,24 +95,14 @@ def saved_query(view: SavedView, form: Mapping[str, str | None]) -> SavedQuery:
     values: dict[str, Any] = {name: value for name, value in raw.items() if value}
     for name in ("since", "until"):
         if name in values:
-            values[name] = parse_time(name, values[name])
+            # The form's times are UTC, like every time the console shows.
+            values[name] = parse_time(name, values[name], UTC_ZONE)
     query = AuditQuery(**values)  # raises AuditQueryError with a readable message
     if view is SavedView.USER and query.actor is None:
         raise AuditQueryError("choose a user to see the patients they touched")
     if view is SavedView.PATIENT and query.patient is None:
         raise AuditQueryError("choose a patient to see everyone who touched them")
     return SavedQuery(view=view, filters=query.filters())
-
-
-def parse_time(name: str, value: str) -> datetime:
-    """An ISO time; one without a zone (a datetime-local field) is read as UTC, as the form says."""
-    try:
-        moment = datetime.fromisoformat(value)
-    except ValueError:
-        raise AuditQueryError(f"{name} must be a date and time like 2026-12-01T08:00") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment
 
 
 @dataclass
