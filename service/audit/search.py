@@ -44,6 +44,7 @@ __all__ = [
     "entries_to_balp_ndjson",
     "entries_to_csv",
     "export_entries",
+    "launch_timeline",
     "parse_time",
     "patients_touched_by",
     "search_audit",
@@ -424,6 +425,42 @@ async def session_timeline(
                 .limit(limit)
             )
         )
+        .scalars()
+        .all()
+    )
+    return [audit.entry_of(row) for row in rows]
+
+
+async def launch_timeline(
+    db: AsyncSession, audit: AuditLog, launch_seq: int, *, limit: int = MAX_PAGE
+) -> list[AuditEntry]:
+    """One clinician session as the log shows it: a launch record and what its user did on that EHR after it.
+
+    The records have no session id, so a session is the launch and every later record of the same user
+    (actor digest) and EHR up to that user's next launch there. Two sessions of one user at the same time
+    on the same EHR (two browser tabs) therefore show as one.
+    """
+    if not 0 < limit <= MAX_PAGE:
+        raise AuditQueryError(f"limit must be between 1 and {MAX_PAGE}")
+    launch = await db.scalar(select(AuditRecord).where(AuditRecord.seq == launch_seq))
+    if launch is None or launch.action != AuditAction.LAUNCH.value:
+        raise AuditQueryError(f"record {launch_seq} is not a launch")
+    same_user = [
+        AuditRecord.actor_digest == launch.actor_digest
+        if launch.actor_digest is not None
+        else AuditRecord.actor_digest.is_(None),
+        AuditRecord.ehr == launch.ehr if launch.ehr is not None else AuditRecord.ehr.is_(None),
+    ]
+    next_launch = await db.scalar(
+        select(func.min(AuditRecord.seq)).where(
+            *same_user, AuditRecord.action == AuditAction.LAUNCH.value, AuditRecord.seq > launch_seq
+        )
+    )
+    clauses = [*same_user, AuditRecord.seq >= launch_seq]
+    if next_launch is not None:
+        clauses.append(AuditRecord.seq < next_launch)
+    rows = (
+        (await db.execute(select(AuditRecord).where(*clauses).order_by(AuditRecord.seq).limit(limit)))
         .scalars()
         .all()
     )

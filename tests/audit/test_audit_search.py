@@ -19,6 +19,7 @@ from service.audit.search import (
     UserTouch,
     audit_access,
     export_entries,
+    launch_timeline,
     parse_time,
     patients_touched_by,
     search_audit,
@@ -304,3 +305,36 @@ def test_typed_times_are_read_in_the_report_zone_unless_they_say_otherwise():
     assert parse_time("since", " 2026-12-01T08:30+05:00 ", berlin) == datetime(2026, 12, 1, 3, 30, tzinfo=UTC)
     with pytest.raises(AuditQueryError, match="since 'last tuesday' is not a date or time"):
         parse_time("since", "last tuesday", berlin)
+
+
+async def test_launch_timeline_is_that_users_records_on_that_ehr_until_their_next_launch(audit, sessionmaker):
+    steps = [
+        ("launch", "Practitioner/prac-1", "sandbox"),
+        ("fhir.read", "Practitioner/prac-1", "sandbox"),
+        ("fhir.read", "Practitioner/prac-2", "sandbox"),  # another user
+        ("view", "Practitioner/prac-1", "other"),  # the same user on another EHR
+        ("approve", "Practitioner/prac-1", "sandbox"),
+        ("launch", "Practitioner/prac-1", "sandbox"),  # the next session
+        ("view", "Practitioner/prac-1", "sandbox"),
+    ]
+    for action, actor, ehr in steps:
+        async with sessionmaker() as db, db.begin():
+            await audit.append(
+                db,
+                action=action,
+                outcome="success",
+                actor=actor,
+                patient="pat-1",
+                ehr=ehr,
+                resource=None,
+                request_id=None,
+            )
+    async with sessionmaker() as db:
+        first = await launch_timeline(db, audit, 1)
+        second = await launch_timeline(db, audit, 6)
+        with pytest.raises(AuditQueryError, match="record 2 is not a launch"):
+            await launch_timeline(db, audit, 2)
+        with pytest.raises(AuditQueryError, match="record 99 is not a launch"):
+            await launch_timeline(db, audit, 99)
+    assert [e.seq for e in first] == [1, 2, 5]
+    assert [e.seq for e in second] == [6, 7]
