@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from sqlalchemy import Connection, text
 
+from service.db.models import Base
+
 # Tables the application may only INSERT into and SELECT from (the hash-chained audit log).
 APPEND_ONLY_TABLES = ("audit_records",)
 # Alembic's bookkeeping: the app reads it (a no-op `migrate_on_start`), only the owner writes it.
@@ -150,13 +152,18 @@ def _has_privileges_of(connection: Connection, role: str, other: str, **params: 
 
 
 def apply_app_role_grants(connection: Connection, role: str) -> AppRoleGrants:
-    """Check ``role`` and grant it the application's privileges on every table of the current schema."""
+    """Check ``role`` and grant it the application's privileges on CareCanvas's tables in the current schema.
+
+    Only tables of our models (and Alembic's) are granted: another application's tables sharing the schema
+    stay out of the app role's reach.
+    """
     schema = check_app_role(connection, role)
     tables = connection.execute(
         text("SELECT tablename FROM pg_tables WHERE schemaname = :schema ORDER BY tablename"),
         {"schema": schema},
     ).scalars()
-    names = list(tables)
+    ours = set(Base.metadata.tables) | set(READ_ONLY_TABLES)
+    names = [name for name in tables if name in ours]
     grants = AppRoleGrants(
         role=role,
         schema=schema,
