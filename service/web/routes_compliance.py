@@ -334,6 +334,18 @@ async def timeline(request: Request, ctx: StaffContext, request_id: Annotated[st
     return page(ctx, request, "timeline.html", {"timeline": shown})
 
 
+@router.get("/session/{launch_seq}")
+async def launch_session(
+    request: Request, ctx: StaffContext, launch_seq: Annotated[int, Path(ge=1, le=2**62)]
+) -> Response:
+    try:
+        shown = await compliance.launch_session_timeline(ctx.console(), launch_seq)
+    except AuditQueryError as problem:
+        raise AppError(404, "No such session", f"{problem}.", code=ErrorCode.NOT_FOUND) from None
+    await ctx.db.commit()
+    return page(ctx, request, "timeline.html", {"timeline": shown})
+
+
 # ---- reports ---------------------------------------------------------------------------------------
 
 

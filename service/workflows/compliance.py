@@ -34,6 +34,7 @@ from service.audit.search import (
     entries_to_balp_ndjson,
     entries_to_csv,
     export_entries,
+    launch_timeline,
     parse_time,
     patients_touched_by,
     search_audit,
@@ -224,7 +225,8 @@ class PatientDrilldown(Named):
 
 @dataclass(frozen=True)
 class Timeline(Named):
-    request_id: str
+    heading: str
+    explanation: str
     entries: list[AuditEntry]
 
 
@@ -279,7 +281,33 @@ async def timeline(ctx: ConsoleContext, request_id: str) -> Timeline:
     query = AuditQuery(request_id=request_id)
     await ctx.record(AuditAction.AUDIT_SEARCH, query=query, count=len(entries), detail={"view": "timeline"})
     names = await patient_names(ctx.services, ctx.db, (entry.patient for entry in entries))
-    return Timeline(names=names, request_id=request_id, entries=entries)
+    return Timeline(
+        names=names,
+        heading=f"Timeline of request {request_id}",
+        explanation="Every record this request left, in the order they were written.",
+        entries=entries,
+    )
+
+
+async def launch_session_timeline(ctx: ConsoleContext, launch_seq: int) -> Timeline:
+    """One clinician session: its launch record and what that user did on that EHR until their next launch."""
+    entries = await launch_timeline(ctx.db, ctx.services.audit, launch_seq)
+    await ctx.record(
+        AuditAction.AUDIT_SEARCH,
+        query=None,
+        count=len(entries),
+        detail={"view": "launch_timeline", "launch_seq": launch_seq},
+    )
+    names = await patient_names(ctx.services, ctx.db, (entry.patient for entry in entries))
+    return Timeline(
+        names=names,
+        heading=f"Session from launch record {launch_seq}",
+        explanation=(
+            "The launch and everything the same user did at the same EHR until their next launch there. "
+            "Records carry no session id, so two tabs of one user at one EHR show as one session."
+        ),
+        entries=entries,
+    )
 
 
 def report_settings(services: Services) -> ReportSettings:

@@ -485,6 +485,41 @@ def test_timeline_of_one_request_in_chain_order(sandbox: SandboxEHR, carecanvas:
         assert client.get("/compliance/timeline/bad%20id").status_code == 422
 
 
+def test_session_timeline_from_a_launch_until_the_next(sandbox: SandboxEHR, carecanvas: RunningApp) -> None:
+    t = tag()
+    user, ehr = f"Practitioner/u-{t}", f"ehr-{t}"
+    seed(
+        carecanvas,
+        [
+            {"actor": user, "ehr": ehr, "action": "launch"},
+            {"actor": user, "ehr": ehr, "action": "fhir.read", "patient": f"Patient/p-{t}"},
+            {"actor": f"Practitioner/other-{t}", "ehr": ehr, "action": "fhir.read"},
+            {"actor": user, "ehr": ehr, "action": "generate"},
+            {"actor": user, "ehr": ehr, "action": "launch"},
+            {"actor": user, "ehr": ehr, "action": "view"},
+        ],
+    )
+    mine = sorted(records(carecanvas, ehr=ehr), key=lambda entry: entry.seq)
+    first_launch = mine[0].seq
+    with officer(carecanvas.url, sandbox) as client:
+        listed = search(client, ehr=ehr)
+        assert f'href="/compliance/session/{first_launch}"' in listed.text
+        shown = client.get(f"/compliance/session/{first_launch}")
+        assert shown.status_code == 200
+        assert seqs_on_page(shown.text) == [mine[0].seq, mine[1].seq, mine[3].seq]
+        not_a_launch = client.get(f"/compliance/session/{mine[1].seq}")
+        assert not_a_launch.status_code == 404
+        assert "is not a launch" in not_a_launch.text
+        assert client.get("/compliance/session/0").status_code == 422
+    viewed = [
+        e
+        for e in records(carecanvas, actor=OFFICER_ACTOR, action="audit.search")
+        if e.detail.get("view") == "launch_timeline"
+    ]
+    assert viewed[0].detail["launch_seq"] == first_launch
+    assert viewed[0].detail["count"] == 3
+
+
 def test_patient_names_come_from_stored_sessions_or_the_reference(
     sandbox: SandboxEHR, carecanvas: RunningApp
 ) -> None:
