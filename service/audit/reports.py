@@ -18,7 +18,13 @@ from sqlalchemy import ColumnElement, and_, case, false, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.audit.log import AuditAction, AuditEntry, AuditLog, AuditOutcome
-from service.audit.search import AuditQueryError, check_range, count_where, time_conditions
+from service.audit.search import (
+    AuditQueryError,
+    check_range,
+    count_where,
+    launch_session_conditions,
+    time_conditions,
+)
 from service.db.models import AuditRecord
 from service.settings import Settings
 
@@ -136,8 +142,9 @@ def report_rule(kind: ReportKind, rules: ReportSettings) -> ReportRule:
         return ReportRule(
             kind,
             "Access with no encounter in the launch",
-            "Successful EHR launches into a patient's chart whose launch record names no encounter "
-            "(no encounter came with the launch context; patient portal sign-ins are not counted).",
+            "Successful EHR launches into a patient's chart with no encounter: the launch record names "
+            "none and the user read no Encounter of that patient before their next launch "
+            "(patient portal sign-ins are not counted).",
         )
     if kind is ReportKind.FAILED_OR_DENIED:
         return ReportRule(
@@ -328,6 +335,20 @@ def _names_an_encounter(entry: AuditEntry) -> bool:
     return any("Encounter/" in str(getattr(item, "reference", item)) for item in entities)
 
 
+async def _encounter_read_in_session(db: AsyncSession, launch: AuditRecord) -> bool:
+    # The workspace reads the launch's Encounter (and audits it) only when the launch named one.
+    found = await db.scalar(
+        select(AuditRecord.seq)
+        .where(
+            *launch_session_conditions(launch),
+            AuditRecord.patient_digest == launch.patient_digest,
+            AuditRecord.resource_type == "Encounter",
+        )
+        .limit(1)
+    )
+    return found is not None
+
+
 async def _no_encounter(
     db: AsyncSession, audit: AuditLog, since: datetime, until: datetime, rules: ReportSettings
 ) -> tuple[list[ReportRow], int]:
@@ -357,6 +378,8 @@ async def _no_encounter(
         for record in batch:
             entry = audit.entry_of(record)
             if entry.detail.get("kind") == "portal" or _names_an_encounter(entry):
+                continue
+            if await _encounter_read_in_session(db, record):
                 continue
             total += 1
             if len(rows) < rules.max_rows:

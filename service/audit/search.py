@@ -15,8 +15,9 @@ from enum import StrEnum
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import ColumnElement, func, select
+from sqlalchemy import ColumnElement, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import aliased
 
 from service.audit.export import entries_to_balp_bundle, entries_to_balp_ndjson, entries_to_csv
 from service.audit.log import AuditAction, AuditEntry, AuditLog, AuditOutcome, AuditRecordRef
@@ -431,6 +432,36 @@ async def session_timeline(
     return [audit.entry_of(row) for row in rows]
 
 
+def _same_user_and_ehr(model: Any, launch: AuditRecord) -> list[ColumnElement[bool]]:
+    # ``model`` is AuditRecord or an alias of it (for the subquery).
+    return [
+        model.actor_digest == launch.actor_digest
+        if launch.actor_digest is not None
+        else model.actor_digest.is_(None),
+        model.ehr == launch.ehr if launch.ehr is not None else model.ehr.is_(None),
+    ]
+
+
+def launch_session_conditions(launch: AuditRecord) -> list[ColumnElement[bool]]:
+    """SQL clauses for the records of a launch's session: the launch itself and its user's later records
+    on that EHR, up to that user's next launch there (one query: the bound is a scalar subquery)."""
+    later = aliased(AuditRecord)
+    next_launch = (
+        select(func.min(later.seq))
+        .where(
+            *_same_user_and_ehr(later, launch),
+            later.action == AuditAction.LAUNCH.value,
+            later.seq > launch.seq,
+        )
+        .scalar_subquery()
+    )
+    return [
+        *_same_user_and_ehr(AuditRecord, launch),
+        AuditRecord.seq >= launch.seq,
+        or_(next_launch.is_(None), AuditRecord.seq < next_launch),
+    ]
+
+
 async def launch_timeline(
     db: AsyncSession, audit: AuditLog, launch_seq: int, *, limit: int = MAX_PAGE
 ) -> list[AuditEntry]:
@@ -445,20 +476,7 @@ async def launch_timeline(
     launch = await db.scalar(select(AuditRecord).where(AuditRecord.seq == launch_seq))
     if launch is None or launch.action != AuditAction.LAUNCH.value:
         raise AuditQueryError(f"record {launch_seq} is not a launch")
-    same_user = [
-        AuditRecord.actor_digest == launch.actor_digest
-        if launch.actor_digest is not None
-        else AuditRecord.actor_digest.is_(None),
-        AuditRecord.ehr == launch.ehr if launch.ehr is not None else AuditRecord.ehr.is_(None),
-    ]
-    next_launch = await db.scalar(
-        select(func.min(AuditRecord.seq)).where(
-            *same_user, AuditRecord.action == AuditAction.LAUNCH.value, AuditRecord.seq > launch_seq
-        )
-    )
-    clauses = [*same_user, AuditRecord.seq >= launch_seq]
-    if next_launch is not None:
-        clauses.append(AuditRecord.seq < next_launch)
+    clauses = launch_session_conditions(launch)
     rows = (
         (await db.execute(select(AuditRecord).where(*clauses).order_by(AuditRecord.seq).limit(limit)))
         .scalars()

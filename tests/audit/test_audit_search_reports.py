@@ -47,7 +47,14 @@ def audit(clock: Clock) -> AuditLog:
 @pytest.fixture
 def add(audit, sessionmaker, clock):
     async def add(
-        at, *, action="fhir.read", outcome="success", actor="Practitioner/prac-1", patient="pat-1", **detail
+        at,
+        *,
+        action="fhir.read",
+        outcome="success",
+        actor="Practitioner/prac-1",
+        patient="pat-1",
+        resource=None,
+        **detail,
     ):
         clock.now = at
         async with sessionmaker() as db, db.begin():
@@ -58,7 +65,7 @@ def add(audit, sessionmaker, clock):
                 actor=actor,
                 patient=patient,
                 ehr="sandbox",
-                resource=None,
+                resource=resource,
                 request_id=None,
                 detail=detail,
             )
@@ -260,3 +267,25 @@ async def test_bad_report_input_is_a_clear_error(audit, sessionmaker):
         ReportSettings(timezone="Mars/Olympus")
     with pytest.raises(AuditQueryError, match="threshold must be 1 or more"):
         ReportSettings(many_patients_per_day=0)
+
+
+async def test_no_encounter_counts_an_encounter_read_in_that_launchs_session(audit, sessionmaker, add):
+    # Launch records from before the audit vocabulary name no encounter; the workspace's audited read of
+    # the launch's Encounter shows one came with it.
+    read_one = await add(hours(9), action="launch", kind="ehr")
+    await add(hours(9.1), resource="Encounter")
+    # Someone else's Encounter read, or a read of another patient's, does not count for this launch.
+    others = await add(hours(10), action="launch", kind="ehr", patient="pat-2")
+    await add(hours(10.1), actor="Practitioner/prac-9", patient="pat-2", resource="Encounter")
+    await add(hours(10.2), resource="Encounter")  # pat-1's, in prac-1's pat-2 session
+    # A read after the user's next launch belongs to that next session.
+    late = await add(hours(11), action="launch", kind="ehr", patient="pat-3")
+    later = await add(hours(12), action="launch", kind="ehr", patient="pat-3")
+    await add(hours(12.1), patient="pat-3", resource="Encounter")
+
+    result = await report(sessionmaker, audit, ReportKind.NO_ENCOUNTER)
+
+    flagged = [row.seqs[0] for row in result.rows]
+    assert read_one not in flagged
+    assert later not in flagged
+    assert flagged == [others, late]
