@@ -28,6 +28,7 @@ from service.audit.checkpoints import (
     CheckpointSink,
     SignedCheckpoint,
 )
+from service.audit.linking import insert_if_head
 from service.audit.verify import VerifyResult, verify_chain
 from service.crypto.envelope import aad_for
 from service.crypto.keyring import Keyring
@@ -102,6 +103,10 @@ class AuditEntry:
     hash: str
 
 
+def _column_values(row: AuditRecord) -> dict[str, Any]:
+    return {column.key: getattr(row, column.key) for column in AuditRecord.__table__.columns}
+
+
 def resource_type_of(resource: str | None) -> str | None:
     """``Condition/cond-1`` or ``https://x/fhir/Condition/c/_history/2`` → ``Condition``; ids stay out."""
     if not resource:
@@ -136,6 +141,7 @@ class AuditLog:
         self._verify_key = verify_key or (None if signing_key is None else signing_key.public_key())
         self._clock = clock
         self._checkpointer = Checkpointer(sink, signing_key, clock=clock)
+        self._head: tuple[int, str] | None = None  # the head this instance last wrote (a hint, rechecked)
 
     def patient_digest(self, patient: str) -> str:
         return self._keyring.keyed_digest("patient:" + _patient_key(patient))
@@ -173,31 +179,33 @@ class AuditLog:
         except (TypeError, ValueError):
             raise AuditError("audit detail must be JSON-serialisable") from None
         await self._lock_chain(session)
-        head = (
-            await session.execute(
-                select(AuditRecord.seq, AuditRecord.hash).order_by(AuditRecord.seq.desc()).limit(1)
-            )
-        ).first()
-        seq, prev_hash = (1, GENESIS_HASH) if head is None else (head.seq + 1, head.hash)
         recorded_at = self._clock().astimezone(UTC)
-        sealed = self._keyring.encrypt(sealed_plain, aad=aad_for("audit_records", seq, "sealed"))
-        row = AuditRecord(
-            seq=seq,
-            recorded_at=recorded_at,
-            action=action,
-            outcome=outcome,
-            actor_digest=None if actor is None else self.actor_digest(actor),
-            patient_digest=None if patient is None else self.patient_digest(patient),
-            ehr=ehr,
-            resource_type=resource_type_of(resource),
-            request_id=request_id,
-            sealed=sealed,
-            prev_hash=prev_hash,
-        )
-        row.hash = record_hash(prev_hash, hashed_fields(row))
-        session.add(row)
-        await session.flush()
-        return AuditRecordRef(seq=seq, hash=row.hash, recorded_at=recorded_at)
+        for fresh in (False, True):
+            if fresh or self._head is None:
+                self._head = await self.head(session)
+            prev_seq, prev_hash = self._head
+            seq = prev_seq + 1
+            sealed = self._keyring.encrypt(sealed_plain, aad=aad_for("audit_records", seq, "sealed"))
+            row = AuditRecord(
+                seq=seq,
+                recorded_at=recorded_at,
+                action=action,
+                outcome=outcome,
+                actor_digest=None if actor is None else self.actor_digest(actor),
+                patient_digest=None if patient is None else self.patient_digest(patient),
+                ehr=ehr,
+                resource_type=resource_type_of(resource),
+                request_id=request_id,
+                sealed=sealed,
+                prev_hash=prev_hash,
+            )
+            row.hash = record_hash(prev_hash, hashed_fields(row))
+            # One statement, linked only onto the head we expect (service.audit.linking).
+            if await insert_if_head(session, _column_values(row), prev_seq=prev_seq, prev_hash=prev_hash):
+                self._head = (seq, row.hash)
+                return AuditRecordRef(seq=seq, hash=row.hash, recorded_at=recorded_at)
+            self._head = None
+        raise AuditError("the audit chain head changed during the append although the chain was locked")
 
     async def _lock_chain(self, session: AsyncSession) -> None:
         if session.get_bind().dialect.name == "postgresql":

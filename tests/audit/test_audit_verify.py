@@ -151,3 +151,32 @@ async def test_an_equal_instant_spelled_otherwise_is_decided_by_the_reference(
     result = await verify(audit, sessionmaker)
     assert (result.ok, result.count) == (True, 3)
     assert doubted == ([2] if db_url.startswith("sqlite") else [])
+
+
+async def test_appends_relink_after_another_writer_or_a_rollback(sessionmaker):
+    """Each AuditLog remembers the head it wrote; a stale memory costs a retry, never a broken link."""
+    keyring = Keyring(new_key_material())
+    first, second = AuditLog(keyring), AuditLog(keyring)
+    await append(first, sessionmaker, 2)
+    await append(second, sessionmaker, 1)  # first's remembered head is now stale
+    await append(first, sessionmaker, 1)
+    async with sessionmaker() as session:
+        await session.begin()
+        await second.append(
+            session,
+            action="view",
+            outcome="success",
+            actor=None,
+            patient=None,
+            ehr=None,
+            resource=None,
+            request_id=None,
+        )
+        await session.rollback()  # the caller's transaction fails: its record goes with it
+    await append(second, sessionmaker, 1)
+    await append(first, sessionmaker, 1)
+    result = await verify(first, sessionmaker)
+    assert (result.ok, result.count) == (True, 6)
+    async with sessionmaker() as session:
+        seqs = (await session.execute(select(AuditRecord.seq).order_by(AuditRecord.seq))).scalars().all()
+    assert seqs == [1, 2, 3, 4, 5, 6]
