@@ -297,6 +297,15 @@ def test_configuration_reaches_every_process_through_env_from(chart: helm.Chart)
     assert (
         env["CARECANVAS_AUDIT_CHECKPOINT_PATH"] == "/var/lib/carecanvas/audit-checkpoints/checkpoints.jsonl"
     )
+    # The checkpoint signing key file the service reads, inside the files Secret's mount.
+    assert env["CARECANVAS_AUDIT_SIGNING_KEY_FILE"] == "/etc/carecanvas/secrets/audit-signing-key.pem"
+    assert "CARECANVAS_AUDIT_CHECKPOINT_URL" not in env
+    with_url = merged(
+        load_values("full-values.yaml"),
+        {"audit": {"checkpoints": {"url": "https://logs.hospital.example/cp"}}},
+    )
+    env = find(render(chart, with_url), "ConfigMap", f"{RELEASE}-carecanvas-env")["data"]
+    assert env["CARECANVAS_AUDIT_CHECKPOINT_URL"] == "https://logs.hospital.example/cp"
     assert env["CARECANVAS_WORKER_BATCH_SIZE"] == "8"
     for name, spec in pod_specs(objects).items():
         if name.startswith("Job/"):
@@ -381,6 +390,11 @@ def test_no_secret_value_appears_in_a_config_map(chart: helm.Chart) -> None:
         (
             {"secrets": {"existingEnvSecret": "env", "auditSigningKey": "a"}},
             "secrets.kekKeyring is required",
+        ),
+        (
+            # The service refuses to start without its checkpoint signing key: so does the chart.
+            {"secrets": {"existingEnvSecret": "env", "kekKeyring": "k"}},
+            "secrets.auditSigningKey is required",
         ),
         (
             {"secrets": {"databaseUrl": "sqlite+aiosqlite:///x.db", "existingFilesSecret": "f"}},

@@ -109,6 +109,9 @@ app.kubernetes.io/component: {{ .component }}
 {{- if not .Values.secrets.kekKeyring }}
 {{- fail "secrets.kekKeyring is required (the keyring JSON from `carecanvas keys generate`), or set secrets.existingFilesSecret" }}
 {{- end }}
+{{- if not .Values.secrets.auditSigningKey }}
+{{- fail "secrets.auditSigningKey is required (the Ed25519 PEM from `carecanvas audit keygen`; it signs audit checkpoints and is never in the keyring), or set secrets.existingFilesSecret" }}
+{{- end }}
 {{- range .Values.ehrs }}
 {{- if and (eq (default "public" .client_auth) "private_key_jwt") (not (hasKey $.Values.secrets.ehrPrivateKeys .name)) }}
 {{- fail (printf "EHR %q uses private_key_jwt: add its PEM key as secrets.ehrPrivateKeys.%s, or set secrets.existingFilesSecret" .name .name) }}
