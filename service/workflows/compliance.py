@@ -42,6 +42,7 @@ from service.audit.search import (
     users_who_touched,
 )
 from service.services import Services
+from service.sessions import SessionStore
 from service.staff_auth import StaffIdentity
 
 PAGE_SIZE = 50
@@ -165,7 +166,7 @@ class ConsoleContext:
 
 
 async def patient_names(
-    services: Services, db: AsyncSession, patients: Iterable[str | None]
+    sessions: SessionStore, db: AsyncSession, patients: Iterable[str | None]
 ) -> dict[str, str]:
     """Display names for the given patients from the banners stored (encrypted) in live sessions."""
     wanted: set[str] = set()
@@ -178,7 +179,7 @@ async def patient_names(
     if not wanted:
         return {}
     names: dict[str, str] = {}
-    for data in await services.sessions.live_data(db):
+    for data in await sessions.live_data(db):
         if not data.patient or not data.banner:
             continue
         try:
@@ -246,7 +247,7 @@ class ExportFile:
 async def search(ctx: ConsoleContext, query: AuditQuery) -> SearchResult:
     page = await search_audit(ctx.db, ctx.services.audit, query)
     await ctx.record(AuditAction.AUDIT_SEARCH, query=query, count=page.total, detail={"view": "search"})
-    names = await patient_names(ctx.services, ctx.db, (entry.patient for entry in page.entries))
+    names = await patient_names(ctx.services.sessions, ctx.db, (entry.patient for entry in page.entries))
     return SearchResult(names=names, page=page)
 
 
@@ -259,7 +260,7 @@ async def user_drilldown(ctx: ConsoleContext, query: AuditQuery) -> UserDrilldow
     await ctx.record(
         AuditAction.AUDIT_SEARCH, query=query, count=len(touches), detail={"view": "patients_touched_by"}
     )
-    names = await patient_names(ctx.services, ctx.db, (touch.patient for touch in touches))
+    names = await patient_names(ctx.services.sessions, ctx.db, (touch.patient for touch in touches))
     return UserDrilldown(names=names, actor=query.actor, patients=touches)
 
 
@@ -272,7 +273,7 @@ async def patient_drilldown(ctx: ConsoleContext, query: AuditQuery) -> PatientDr
     await ctx.record(
         AuditAction.AUDIT_SEARCH, query=query, count=len(touches), detail={"view": "users_who_touched"}
     )
-    names = await patient_names(ctx.services, ctx.db, [query.patient])
+    names = await patient_names(ctx.services.sessions, ctx.db, [query.patient])
     return PatientDrilldown(names=names, patient=query.patient, users=touches)
 
 
@@ -280,7 +281,7 @@ async def timeline(ctx: ConsoleContext, request_id: str) -> Timeline:
     entries = await session_timeline(ctx.db, ctx.services.audit, request_id)
     query = AuditQuery(request_id=request_id)
     await ctx.record(AuditAction.AUDIT_SEARCH, query=query, count=len(entries), detail={"view": "timeline"})
-    names = await patient_names(ctx.services, ctx.db, (entry.patient for entry in entries))
+    names = await patient_names(ctx.services.sessions, ctx.db, (entry.patient for entry in entries))
     return Timeline(
         names=names,
         heading=f"Timeline of request {request_id}",
@@ -298,7 +299,7 @@ async def launch_session_timeline(ctx: ConsoleContext, launch_seq: int) -> Timel
         count=len(entries),
         detail={"view": "launch_timeline", "launch_seq": launch_seq},
     )
-    names = await patient_names(ctx.services, ctx.db, (entry.patient for entry in entries))
+    names = await patient_names(ctx.services.sessions, ctx.db, (entry.patient for entry in entries))
     return Timeline(
         names=names,
         heading=f"Session from launch record {launch_seq}",
@@ -326,7 +327,7 @@ async def report(ctx: ConsoleContext, kind: ReportKind, *, since: datetime, unti
     )
     query = AuditQuery(since=result.since, until=result.until)
     await ctx.record(AuditAction.AUDIT_SEARCH, query=query, count=result.total, detail={"report": kind.value})
-    names = await patient_names(ctx.services, ctx.db, (row.patient for row in result.rows))
+    names = await patient_names(ctx.services.sessions, ctx.db, (row.patient for row in result.rows))
     return ReportResult(names=names, report=result)
 
 
