@@ -7,7 +7,7 @@ Key material document (JSON; the same shape in a key file and in the ``CARECANVA
       "primary": "kek-20261121-1a2b3c4d",
       "keks": {"kek-20261121-1a2b3c4d": "<base64 of 32 random bytes>", ...},
       "digest_key": "<base64 of 32 random bytes>",          # HMAC key for searchable digests; never rotated
-      "audit_signing_key": "<base64 of a 32-byte Ed25519 seed>",  # optional: signs audit checkpoints
+      "audit_signing_key": "<base64 of a 32-byte Ed25519 seed>",  # legacy: unused (service.audit.signing_key)
       "promoted_at": "2026-11-21T10:00:00+00:00",           # when "primary" became primary (optional)
       "retired": [{"kid": "...", "retired_at": "..."}]      # bookkeeping only, no key material
     }
@@ -48,7 +48,6 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import structlog
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from service.crypto.envelope import KEY_BYTES, EnvelopeCipher, parse_blob
 
@@ -417,11 +416,8 @@ class Keyring:
         self._digest_key = material.digest_key
         self._state = self._make_state(material, fingerprint)
         self._checked_at = clock()
-        self._signing_key = (
-            None
-            if material.audit_signing_seed is None
-            else Ed25519PrivateKey.from_private_bytes(material.audit_signing_seed)
-        )
+        # No audit signing here: checkpoints are signed by a key file of their own
+        # (service.audit.signing_key), so whoever holds the database and this keyring cannot sign one.
 
     @classmethod
     def from_provider(
@@ -519,11 +515,3 @@ class Keyring:
     def keyed_digest(self, value: str) -> str:
         """HMAC-SHA256 (hex) of ``value`` under the digest key: searchable without storing the value."""
         return hmac.new(self._digest_key, value.encode(), hashlib.sha256).hexdigest()
-
-    @property
-    def audit_signing_key(self) -> Ed25519PrivateKey | None:
-        return self._signing_key
-
-    @property
-    def audit_verify_key(self) -> Ed25519PublicKey | None:
-        return None if self._signing_key is None else self._signing_key.public_key()
