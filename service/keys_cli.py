@@ -57,10 +57,10 @@ def refuse_without_keys(settings: Settings, *, may_create: bool) -> int | None:
     """
     try:
         problem = missing_keys_problem(settings, may_create=may_create)
-        if problem is None and not may_create:
-            key_provider(
-                settings
-            ).load()  # a malformed or unsafe key file is reported here, not as a traceback
+        provider = key_provider(settings)
+        about_to_create = isinstance(provider, LocalKeyFileProvider) and not provider.path.exists()
+        if problem is None and not about_to_create:
+            provider.load()  # a missing Secret, a malformed or unsafe key file: reported here, no traceback
     except KeyringError as error:
         problem = str(error)
     if problem is None:

@@ -423,7 +423,11 @@ class Keyring:
     def from_provider(
         cls, provider: KeyProvider, *, refresh_seconds: float = DEFAULT_REFRESH_SECONDS
     ) -> Keyring:
-        fingerprint = provider.fingerprint()
+        try:
+            fingerprint = provider.fingerprint()  # taken first: a change while loading is seen later
+        except KeyringError:
+            provider.load()  # raises the precise reason (missing, mode, not JSON) when there is one
+            raise
         return cls(
             provider.load(), provider=provider, fingerprint=fingerprint, refresh_seconds=refresh_seconds
         )

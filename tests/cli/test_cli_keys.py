@@ -28,7 +28,7 @@ from service.generation.engine import ImageRequest, bucket_key
 from service.generation.tiny import TINY_MODEL_NAME
 from service.jobs import JobQueue
 from service.settings import Settings
-from service.stores import open_database, open_keyring
+from service.stores import open_audit_log, open_database, open_keyring
 
 KEY_ACTIONS = ("keys.generate", "keys.add", "keys.promote", "keys.reencrypt", "keys.retire", "keys.rotate")
 
@@ -66,7 +66,7 @@ async def enqueue_jobs(settings: Settings, count: int, *, audit_records: int = 0
     engine, sessionmaker = await open_database(settings)
     keyring = open_keyring(settings)
     queue = JobQueue(sessionmaker, keyring)
-    audit = AuditLog(keyring)
+    audit = open_audit_log(settings, keyring=keyring)  # a first start makes its signing key too
     try:
         ids = []
         async with sessionmaker() as db, db.begin():
@@ -438,3 +438,23 @@ def test_an_interrupted_reencrypt_continues_where_it_stopped(
     assert main(["keys", "reencrypt", "--batch-size", "50"]) == 0
     assert capsys.readouterr().out.startswith(f"{remaining} of ")
     assert asyncio.run(left()) == 0
+
+
+def test_serve_and_worker_refuse_a_missing_or_unsafe_mounted_secret(tmp_path: Path) -> None:
+    secret = tmp_path / "secrets" / "kek-keyring.json"
+    for problem, prepare in (
+        ("does not exist", lambda: None),
+        ("mode 644", lambda: (LocalKeyFileProvider.generate(secret), secret.chmod(0o644))),
+    ):
+        prepare()
+        env = clean_env(
+            CARECANVAS_DATA_DIR=str(tmp_path / "data"),
+            CARECANVAS_KEK_SECRET_FILE=str(secret),
+            CARECANVAS_WORKER_METRICS_PORT=str(free_port()),
+        )
+        for args in (["serve", "--port", str(free_port())], ["worker", "--metrics-host", "127.0.0.1"]):
+            result = cli_process(args, env)
+            assert result.returncode == 2, result.stderr[-2000:]
+            assert problem in result.stderr
+            assert "Traceback" not in result.stderr
+    assert not (tmp_path / "data" / "keys.json").exists()

@@ -116,7 +116,7 @@ def test_settings_choose_the_secret_provider_and_never_generate_keys(tmp_path: P
     with pytest.raises(KeyringError, match="not both"):
         key_provider(Settings(data_dir=tmp_path / "data", kek_secret_file=path, kek_file=tmp_path / "k.json"))
     missing = Settings(data_dir=tmp_path / "empty", kek_secret_file=tmp_path / "nothing" / "kek-keyring.json")
-    with pytest.raises(KeyringError, match="cannot be read"):
+    with pytest.raises(KeyringError, match="does not exist"):
         open_keyring(missing)
     assert not (tmp_path / "nothing").exists()
     assert not (tmp_path / "empty" / "keys.json").exists()
