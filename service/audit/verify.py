@@ -16,7 +16,7 @@ import re
 from binascii import b2a_base64
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from json.encoder import encode_basestring  # the encoder json.dumps uses
 from typing import Any
 
@@ -35,16 +35,15 @@ from service.crypto.envelope import MAGIC, NONCE_BYTES, TAG_BYTES, WRAPPED_KEY_B
 from service.db.models import AuditRecord
 
 VERIFY_BATCH = 10_000
-# recorded_at as text: SQLite stores "YYYY-MM-DD HH:MM:SS.ffffff" (naive UTC); PostgreSQL formats its
-# timestamptz in UTC as the canonical text itself.
+# recorded_at: SQLite stores the text "YYYY-MM-DD HH:MM:SS.ffffff" (naive UTC); PostgreSQL's timestamptz
+# arrives as an aware datetime over psycopg's binary protocol.
 _SQLITE_QUERY = (
     "SELECT seq, recorded_at, action, outcome, actor_digest, patient_digest, ehr, resource_type, request_id, "
     "sealed, prev_hash, hash FROM audit_records WHERE seq >= ? ORDER BY seq LIMIT ?"
 )
 _POSTGRES_QUERY = (
-    "SELECT seq, to_char(recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), "
-    "action, outcome, actor_digest, patient_digest, ehr, resource_type, request_id, sealed, prev_hash, hash "
-    "FROM audit_records WHERE seq >= %s ORDER BY seq LIMIT %s"
+    "SELECT seq, recorded_at, action, outcome, actor_digest, patient_digest, ehr, resource_type, request_id, "
+    "sealed, prev_hash, hash FROM audit_records WHERE seq >= %s ORDER BY seq LIMIT %s"
 )
 _SQLITE_TIME = re.compile(r"([1-9]\d{3}-\d\d-\d\d) (?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d\.\d{6}")
 _CANONICAL_TIME = re.compile(r"([1-9]\d{3}-\d\d-\d\d)T(?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d\.\d{6}Z")
@@ -184,6 +183,14 @@ def _scan(rows: Sequence[tuple[Any, ...]], start: int, walk: _ChainWalk, *, sqli
                 walk.first_bad_seq, walk.reason = seq, f"record {seq} does not link to record {seq - 1}"
                 return index
             try:
+                if not sqlite:
+                    # psycopg's aware datetime (binary, parsed in C); isoformat is C too, unlike strftime.
+                    if at.utcoffset():
+                        at = at.astimezone(UTC)
+                    at = at.isoformat(timespec="microseconds")
+                    if not at.endswith("+00:00"):
+                        return index
+                    at = at[:-6] + "Z"
                 if time_pattern.fullmatch(at) is None or type(seq) is not int:
                     return index
                 day = at[:10]
@@ -250,7 +257,7 @@ async def _batches(session: AsyncSession) -> AsyncGenerator[tuple[Sequence[tuple
                 return list(await cursor.fetchall())
             finally:
                 await cursor.close()
-        async with driver.cursor() as cursor:
+        async with driver.cursor(binary=True) as cursor:  # bytea and timestamptz without text parsing
             await cursor.execute(_POSTGRES_QUERY, (after, VERIFY_BATCH))
             return list(await cursor.fetchall())
 

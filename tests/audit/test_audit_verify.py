@@ -180,3 +180,23 @@ async def test_appends_relink_after_another_writer_or_a_rollback(sessionmaker):
     async with sessionmaker() as session:
         seqs = (await session.execute(select(AuditRecord.seq).order_by(AuditRecord.seq))).scalars().all()
     assert seqs == [1, 2, 3, 4, 5, 6]
+
+
+async def test_a_session_in_another_time_zone_verifies_on_the_fast_path(
+    audit, sessionmaker, db_url, monkeypatch
+):
+    await append(audit, sessionmaker, 3)
+    doubted: list[int] = []
+    reference = verify_module._reference_verdict
+
+    async def counting(session: AsyncSession, seq: int, prev_hash: str) -> str | None:
+        doubted.append(seq)
+        return await reference(session, seq, prev_hash)
+
+    monkeypatch.setattr(verify_module, "_reference_verdict", counting)
+    async with sessionmaker() as session, session.begin():
+        if db_url.startswith("postgresql"):
+            # The driver then hands out timestamps at +01:00/+02:00; the hash covers their UTC spelling.
+            await session.execute(text("SET LOCAL TIME ZONE 'Europe/Berlin'"))
+        result = await audit.verify(session)
+    assert (result.ok, result.count, doubted) == (True, 3, [])
