@@ -19,7 +19,7 @@ Exception hierarchy::
     ResourceValidationError        a resource we built is invalid: our bug, nothing was sent
 """
 
-from fhir_adapters.client import FhirClient, TokenSource, WriteResult
+from fhir_adapters.client import FhirClient, TokenSource, WriteResult, fhir_pool
 from fhir_adapters.conditions import (
     Coding,
     ConditionSummary,
@@ -33,6 +33,7 @@ from fhir_adapters.conditions import (
 )
 from fhir_adapters.errors import (
     DiscoveryError,
+    DiscoveryProblem,
     FatalFhirError,
     FhirError,
     ForbiddenError,
@@ -87,6 +88,7 @@ __all__ = [
     "Coding",
     "ConditionSummary",
     "DiscoveryError",
+    "DiscoveryProblem",
     "EhrRegistration",
     "EncounterSummary",
     "FatalFhirError",
@@ -125,6 +127,7 @@ __all__ = [
     "clean_text",
     "discover",
     "exchange_code",
+    "fhir_pool",
     "mark_entered_in_error",
     "refresh",
     "requested_scopes",

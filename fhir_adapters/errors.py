@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Any
 
 
@@ -84,8 +85,22 @@ class SmartError(FhirError):
         self.temporary = temporary
 
 
+class DiscoveryProblem(StrEnum):
+    """Why a SMART configuration was refused: callers branch on this, never on the message text."""
+
+    UNREADABLE = "unreadable"
+    ORIGIN_NOT_ALLOWED = "origin_not_allowed"
+    NO_PKCE = "no_pkce"
+
+
 class DiscoveryError(SmartError):
     """The SMART configuration could not be fetched or does not match the registration."""
+
+    def __init__(
+        self, message: str, *, problem: DiscoveryProblem = DiscoveryProblem.UNREADABLE, **details: Any
+    ) -> None:
+        super().__init__(message, **details)
+        self.problem = problem
 
 
 class TokenError(SmartError):

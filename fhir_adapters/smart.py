@@ -20,7 +20,14 @@ from joserfc import jwk, jwt
 from joserfc.errors import JoseError
 
 from fhir_adapters.client import origin_of
-from fhir_adapters.errors import DiscoveryError, IdTokenError, SmartError, StateError, TokenError
+from fhir_adapters.errors import (
+    DiscoveryError,
+    DiscoveryProblem,
+    IdTokenError,
+    SmartError,
+    StateError,
+    TokenError,
+)
 from fhir_adapters.pkce import code_challenge_s256, new_code_verifier, new_nonce, new_state
 from fhir_adapters.scopes import GrantedScopes
 
@@ -299,7 +306,10 @@ async def discover(
             detail = str(exc) if str(exc).startswith(name) else f"{name} is not a usable URL"
             raise DiscoveryError(f"SMART discovery: {detail}") from None
         if not in_allowed:
-            raise DiscoveryError(f"SMART discovery: {name} is on an origin the registration does not allow")
+            raise DiscoveryError(
+                f"SMART discovery: {name} is on an origin the registration does not allow",
+                problem=DiscoveryProblem.ORIGIN_NOT_ALLOWED,
+            )
         return str(value)
 
     authorization_endpoint = endpoint("authorization_endpoint", required=True)
@@ -308,7 +318,9 @@ async def discover(
     jwks_uri = endpoint("jwks_uri", required=False)
     methods = _strings(body.get("code_challenge_methods_supported"))
     if "S256" not in methods:
-        raise DiscoveryError("SMART discovery: the server does not offer PKCE S256")
+        raise DiscoveryError(
+            "SMART discovery: the server does not offer PKCE S256", problem=DiscoveryProblem.NO_PKCE
+        )
     capabilities = _strings(body.get("capabilities"))
     if "sso-openid-connect" in capabilities and (issuer is None or jwks_uri is None):
         raise DiscoveryError("SMART discovery: sso-openid-connect needs issuer and jwks_uri")

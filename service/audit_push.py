@@ -17,8 +17,8 @@ import httpx
 
 from fhir_adapters import EhrRegistration, FhirClient, FhirError, SmartError
 from fhir_adapters.smart import SmartConfiguration, TokenSet, backend_services_token, discover
-from service.app import Services
 from service.audit import AuditAction, AuditEntry, to_audit_event
+from service.services import Services
 from service.settings import EhrSettings
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -211,9 +211,10 @@ async def _send(
 ) -> int:
     pushed = 0
     try:
-        config = await discover(ehr.iss, http=services.http, registration=registration)
+        http = services.connections.smart(ehr.name)
+        config = await discover(ehr.iss, http=http, registration=registration)
         tokens = BackendTokenSource(
-            registration=registration, config=config, scopes=ehr.backend_scopes, http=services.http
+            registration=registration, config=config, scopes=ehr.backend_scopes, http=http
         )
         # Fetched before the first POST so a refused token means nothing was sent.
         await tokens.fetch()
@@ -222,7 +223,8 @@ async def _send(
             f"backend-services token from EHR {ehr.name!r} failed: {error}"
             + (f" ({error.error})" if isinstance(error, SmartError) and error.error else "")
         ) from None
-    async with FhirClient(ehr.iss, auth=tokens, transport=services.fhir_transport) as fhir:
+    pool = None if services.fhir_transport else services.connections.fhir(ehr.name)
+    async with FhirClient(ehr.iss, auth=tokens, transport=services.fhir_transport, http=pool) as fhir:
         for entry in entries:
             event = to_audit_event(entry, site=services.settings.site_name, fhir_base=ehr.iss)
             event.pop("id")  # the EHR assigns ids on create

@@ -58,9 +58,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from service.app import build_services
     from service.logging import configure_logging
     from service.runtime import make_worker
+    from service.services import build_services
 
     settings = _settings()
     if (refused := _refuse_without_keys(settings, may_create=True)) is not None:
@@ -82,7 +82,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         try:
             await make_worker(services).run(stop)
         finally:
-            await services.engine.dispose()
+            await services.aclose()
 
     asyncio.run(run())
     return 0
@@ -180,8 +180,8 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_push(args: argparse.Namespace) -> int:
-    from service.app import build_services
     from service.audit_push import AuditPushError, push_audit_events
+    from service.services import build_services
 
     # Read-only commands never create keys (or anything else) when the key file is missing.
     if (refused := _refuse_without_keys(_settings(), may_create=False)) is not None:
@@ -198,8 +198,7 @@ def cmd_audit_push(args: argparse.Namespace) -> int:
             print(f"audit push failed: {error}", file=sys.stderr)
             return 1
         finally:
-            await services.http.aclose()
-            await services.engine.dispose()
+            await services.aclose()
         print(
             f"pushed {result.pushed} AuditEvents to EHR {args.ehr!r}; cursor at record {result.through_seq}"
         )

@@ -8,12 +8,12 @@ from typing import Any
 
 import structlog
 
-from service.app import Services
 from service.documents import load_document, save_content
 from service.generation.engine import DiffusionEngine, select_device_and_dtype
 from service.generation.models import ModelSpec
 from service.generation.safety import SafetyClassifier, load_safety_classifier
 from service.generation.tiny import build_tiny_pipeline
+from service.services import Services
 from service.worker import Worker
 
 log = structlog.get_logger("carecanvas.runtime")

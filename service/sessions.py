@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import secrets
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from enum import StrEnum
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, ValidationError
 from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from fhir_adapters import GrantedScopes, TokenSet
 from service.crypto import Keyring, aad_for
 from service.db.models import WebSession as WebSessionRow
 
@@ -24,24 +26,69 @@ def hash_session_id(cookie_value: str) -> str:
     return hashlib.sha256(cookie_value.encode("ascii", "replace")).hexdigest()
 
 
+class SessionKind(StrEnum):
+    """Who a session belongs to: a clinician's EHR launch, a patient's portal launch, a staff sign-in."""
+
+    EHR = "ehr"
+    PORTAL = "portal"
+    STAFF = "staff"
+
+
+class SessionData(BaseModel):
+    """What a server-side session holds (encrypted at rest); the browser only ever sees the opaque id."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: SessionKind = SessionKind.EHR
+    # The authorization in flight (PendingAuthorization.to_dict), removed when the callback spends it.
+    pending: dict[str, Any] | None = None
+    smart_config: dict[str, Any] | None = None
+    token_set: dict[str, Any] | None = None
+    patient: str | None = None
+    encounter: str | None = None
+    fhir_user: str | None = None
+    role: str | None = None
+    style: dict[str, str] = {}
+    # The patient banner from the workspace's Patient read, so later pages need no second read.
+    banner: dict[str, Any] | None = None
+    # A staff (compliance) sign-in's identity; see service.staff_auth.
+    staff: dict[str, Any] | None = None
+
+    def tokens(self) -> TokenSet:
+        if self.token_set is None:
+            raise LookupError("this session has no tokens")
+        return TokenSet.from_dict(self.token_set)
+
+    @property
+    def scopes(self) -> GrantedScopes:
+        return GrantedScopes.parse(str((self.token_set or {}).get("scope", "")))
+
+    @property
+    def need_patient_banner(self) -> bool:
+        return bool((self.token_set or {}).get("need_patient_banner", True))
+
+
 @dataclass
 class WebSession:
     id_hash: str
     ehr_name: str
     csrf_token: str
     expires_at: datetime
-    data: dict[str, Any] = field(default_factory=dict)
+    data: SessionData = field(default_factory=SessionData)
 
     @property
     def patient_id(self) -> str | None:
-        return self.data.get("patient")
+        return self.data.patient
 
     @property
     def authenticated(self) -> bool:
-        return bool(self.data.get("token_set"))
+        return bool(self.data.token_set) or self.data.staff is not None
 
     def csrf_matches(self, candidate: str | None) -> bool:
-        return candidate is not None and hmac.compare_digest(self.csrf_token, candidate)
+        # As bytes: compare_digest raises on non-ASCII str, which would turn a forged token into a 500.
+        if candidate is None:
+            return False
+        return hmac.compare_digest(self.csrf_token.encode(), candidate.encode("utf-8", "replace"))
 
 
 class SessionStore:
@@ -54,9 +101,7 @@ class SessionStore:
     def _aad(self, id_hash: str) -> bytes:
         return aad_for(_TABLE, id_hash, "data")
 
-    async def create(
-        self, db: AsyncSession, *, ehr_name: str, data: dict[str, Any]
-    ) -> tuple[str, WebSession]:
+    async def create(self, db: AsyncSession, *, ehr_name: str, data: SessionData) -> tuple[str, WebSession]:
         cookie_value = secrets.token_urlsafe(32)
         now = datetime.now(UTC)
         session = WebSession(
@@ -93,12 +138,18 @@ class SessionStore:
             await db.delete(row)
             return None
         plaintext = self._keyring.decrypt(row.data, aad=self._aad(id_hash))
+        try:
+            data = SessionData.model_validate_json(plaintext)
+        except ValidationError:
+            # A session written by an older release: treated as ended (the user launches again).
+            await db.delete(row)
+            return None
         return WebSession(
             id_hash=id_hash,
             ehr_name=row.ehr_name or "",
             csrf_token=row.csrf_token,
             expires_at=expires_at,
-            data=json.loads(plaintext),
+            data=data,
         )
 
     async def save(self, db: AsyncSession, session: WebSession) -> None:
@@ -112,8 +163,28 @@ class SessionStore:
     async def end(self, db: AsyncSession, session: WebSession) -> None:
         await db.execute(delete(WebSessionRow).where(WebSessionRow.id_hash == session.id_hash))
 
+    async def live_data(self, db: AsyncSession, *, limit: int = 10_000) -> list[SessionData]:
+        """The data of every unexpired session, newest first (e.g. to find a patient's stored banner)."""
+        rows = (
+            await db.execute(
+                select(WebSessionRow.id_hash, WebSessionRow.data)
+                .where(WebSessionRow.expires_at > datetime.now(UTC))
+                .order_by(WebSessionRow.created_at.desc())
+                .limit(limit)
+            )
+        ).all()
+        found: list[SessionData] = []
+        for id_hash, ciphertext in rows:
+            try:
+                found.append(
+                    SessionData.model_validate_json(self._keyring.decrypt(ciphertext, aad=self._aad(id_hash)))
+                )
+            except ValidationError:
+                continue  # a session of an older release: nothing to read from it
+        return found
+
     def _encrypt(self, session: WebSession) -> bytes:
-        plaintext = json.dumps(session.data, separators=(",", ":")).encode()
+        plaintext = session.data.model_dump_json(exclude_defaults=True).encode()
         return self._keyring.encrypt(plaintext, aad=self._aad(session.id_hash))
 
 

@@ -45,6 +45,10 @@ class EhrSettings(BaseModel):
     organization_id: str | None = None
     accept_images: bool | None = None
     max_inline_bytes: int = 5_000_000
+    # This EHR's own connection pool (SMART and FHIR alike): a slow EHR fills only its own pool, and a
+    # request that waits longer than `pool_wait_seconds` for a connection fails instead of queueing forever.
+    max_connections: int = Field(default=8, ge=1, le=100)
+    pool_wait_seconds: float = Field(default=5.0, gt=0, le=60)
     # Paper the hospital prints handouts on: US Letter, or A4 outside North America.
     handout_page_size: Literal["letter", "a4"] = "letter"
     # private_key_jwt key rotation: PEM files, oldest first. All are published at /.well-known/jwks.json;
@@ -92,7 +96,8 @@ class Settings(BaseSettings):
 
     data_dir: Path = Path(".carecanvas")
     database_url: str | None = None
-    # The owner role's URL, read only by `carecanvas migrate` (serve and worker use database_url, the app role).
+    # The owner role's URL, read only by `carecanvas migrate` (serve and worker use database_url:
+    # the app role).
     migration_database_url: str | None = None
     kek_file: Path | None = None
     # A keyring file in a mounted Kubernetes Secret (read-only; reloaded when the Secret changes).

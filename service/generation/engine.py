@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from service.generation.models import ModelSpec, ensure_hub_offline, resolve_pipeline_class
+from service.jobs.types import bucket_of
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
@@ -118,8 +119,13 @@ _BUCKET_FIELDS = ("width", "height", "steps", "guidance")
 
 def bucket_key(request: ImageRequest, model_name: str) -> str:
     """The batching bucket: requests with the same key can share one pipeline call."""
-    size = f"{request.width}x{request.height}"
-    return f"{model_name}|{size}|steps={request.steps}|guidance={float(request.guidance)!r}"
+    return bucket_of(
+        model=model_name,
+        width=request.width,
+        height=request.height,
+        steps=request.steps,
+        guidance=request.guidance,
+    )
 
 
 def latents_to_preview(latents: torch.Tensor) -> list[Image.Image]:

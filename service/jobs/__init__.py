@@ -1,5 +1,24 @@
 """Durable job queue (claim batch, lease, heartbeat, sweep, quarantine) on SQLite and PostgreSQL."""
 
-from service.jobs.queue import TERMINAL_STATUSES, ClaimedJob, JobNotFoundError, JobQueue, JobView
+from service.jobs.queue import ClaimedJob, JobNotFoundError, JobQueue, JobView
+from service.jobs.types import (
+    TERMINAL_STATUSES,
+    ImageJobSpec,
+    JobKind,
+    JobSpecError,
+    JobStatus,
+    bucket_of,
+)
 
-__all__ = ["TERMINAL_STATUSES", "ClaimedJob", "JobNotFoundError", "JobQueue", "JobView"]
+__all__ = [
+    "TERMINAL_STATUSES",
+    "ClaimedJob",
+    "ImageJobSpec",
+    "JobKind",
+    "JobNotFoundError",
+    "JobQueue",
+    "JobSpecError",
+    "JobStatus",
+    "JobView",
+    "bucket_of",
+]

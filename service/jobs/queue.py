@@ -23,8 +23,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from service.crypto.envelope import aad_for
 from service.crypto.keyring import Keyring
 from service.db.models import ARTIFACT_KINDS, Artifact, Job
+from service.jobs.types import TERMINAL_STATUSES, JobStatus
 
-TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled", "quarantined"})
 _MAX_REASON = 300
 
 
@@ -48,7 +48,7 @@ class JobView:
     id: str
     kind: str
     bucket: str
-    status: str
+    status: JobStatus
     attempts: int
     max_attempts: int
     progress_step: int
@@ -126,7 +126,7 @@ class JobQueue:
                 id=job_id,
                 kind=kind,
                 bucket=bucket,
-                status="queued",
+                status=JobStatus.QUEUED,
                 priority=priority,
                 attempts=0,
                 max_attempts=self._max_attempts,
@@ -149,7 +149,7 @@ class JobQueue:
         if max_jobs < 1:
             return []
         now = self._now()
-        queued = (Job.status == "queued") & Job.cancel_requested.is_(False)
+        queued = (Job.status == JobStatus.QUEUED) & Job.cancel_requested.is_(False)
         order = (Job.priority.desc(), Job.created_at, Job.id)
         if bucket is None:
             chosen_bucket: Any = (
@@ -168,7 +168,7 @@ class JobQueue:
             update(Job)
             .where(Job.id.in_(picked))
             .values(
-                status="running",
+                status=JobStatus.RUNNING,
                 lease_owner=worker_id,
                 lease_expires_at=now + self._lease,
                 attempts=Job.attempts + 1,
@@ -201,7 +201,7 @@ class JobQueue:
         now = self._now()
         statement = (
             update(Job)
-            .where(Job.id.in_(ids), Job.status == "running", Job.lease_owner == worker_id)
+            .where(Job.id.in_(ids), Job.status == JobStatus.RUNNING, Job.lease_owner == worker_id)
             .values(lease_expires_at=now + self._lease, updated_at=now)
             .returning(Job.id)
             .execution_options(synchronize_session=False)
@@ -213,7 +213,7 @@ class JobQueue:
         """Record step ``step`` of ``total`` for a running job; returns whether cancellation was requested."""
         statement = (
             update(Job)
-            .where(Job.id == job_id, Job.status == "running")
+            .where(Job.id == job_id, Job.status == JobStatus.RUNNING)
             .values(progress_step=max(0, step), progress_total=max(0, total), updated_at=self._now())
             .returning(Job.cancel_requested)
             .execution_options(synchronize_session=False)
@@ -228,7 +228,7 @@ class JobQueue:
         if not ids:
             return set()
         query = select(Job.id).where(
-            Job.id.in_(ids), Job.cancel_requested.is_(True) | (Job.status == "cancelled")
+            Job.id.in_(ids), Job.cancel_requested.is_(True) | (Job.status == JobStatus.CANCELLED)
         )
         async with self._sessionmaker() as session, session.begin():
             return set((await session.execute(query)).scalars().all())
@@ -263,7 +263,7 @@ class JobQueue:
                 await session.execute(
                     insert.values(**values).on_conflict_do_nothing(index_elements=["job_id", "kind"])
                 )
-            job.status = "succeeded"
+            job.status = JobStatus.SUCCEEDED
             job.lease_owner = None
             job.lease_expires_at = None
             job.error = None
@@ -283,7 +283,7 @@ class JobQueue:
         now = self._now()
         async with self._sessionmaker() as session, session.begin():
             job = await self._locked_job(session, job_id)
-            if job.status != "running" or job.lease_owner != worker_id:
+            if job.status != JobStatus.RUNNING or job.lease_owner != worker_id:
                 return job.status
             job.error = _short_reason(reason)
             self._release(job, now)
@@ -294,11 +294,11 @@ class JobQueue:
         now = self._now()
         async with self._sessionmaker() as session, session.begin():
             job = await self._locked_job(session, job_id)
-            if job.status == "cancelled":
+            if job.status == JobStatus.CANCELLED:
                 return True
-            if job.status != "running" or job.lease_owner != worker_id or not job.cancel_requested:
+            if job.status != JobStatus.RUNNING or job.lease_owner != worker_id or not job.cancel_requested:
                 return False
-            self._finish(job, "cancelled", now)
+            self._finish(job, JobStatus.CANCELLED, now)
             return True
 
     async def request_cancel(self, job_id: str) -> str:
@@ -306,10 +306,10 @@ class JobQueue:
         now = self._now()
         async with self._sessionmaker() as session, session.begin():
             job = await self._locked_job(session, job_id)
-            if job.status == "queued":
+            if job.status == JobStatus.QUEUED:
                 job.cancel_requested = True
-                self._finish(job, "cancelled", now)
-            elif job.status == "running":
+                self._finish(job, JobStatus.CANCELLED, now)
+            elif job.status == JobStatus.RUNNING:
                 job.cancel_requested = True
                 job.updated_at = now
             return job.status
@@ -320,7 +320,7 @@ class JobQueue:
         async with self._sessionmaker() as session, session.begin():
             query = (
                 select(Job)
-                .where(Job.status == "running", Job.lease_expires_at < now)
+                .where(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now)
                 .order_by(Job.created_at)
             )
             if session.get_bind().dialect.name == "postgresql":
@@ -341,7 +341,7 @@ class JobQueue:
         now = self._now()
         async with self._sessionmaker() as session, session.begin():
             job = await self._locked_job(session, job_id)
-            if job.status != "running":
+            if job.status != JobStatus.RUNNING:
                 return False
             await session.execute(
                 delete(Artifact).where(Artifact.job_id == job_id, Artifact.kind == "preview")
@@ -374,7 +374,7 @@ class JobQueue:
 
     async def queue_depth(self, bucket: str | None = None) -> int:
         """Queued jobs (for autoscaling on queue depth)."""
-        query = select(func.count()).select_from(Job).where(Job.status == "queued")
+        query = select(func.count()).select_from(Job).where(Job.status == JobStatus.QUEUED)
         if bucket is not None:
             query = query.where(Job.bucket == bucket)
         async with self._sessionmaker() as session, session.begin():
@@ -408,11 +408,11 @@ class JobQueue:
 
     def _release(self, job: Job, now: datetime) -> None:
         if job.cancel_requested:
-            self._finish(job, "cancelled", now)
+            self._finish(job, JobStatus.CANCELLED, now)
         elif job.attempts >= job.max_attempts:
-            self._finish(job, "quarantined", now)
+            self._finish(job, JobStatus.QUARANTINED, now)
         else:
-            job.status = "queued"
+            job.status = JobStatus.QUEUED
             job.lease_owner = None
             job.lease_expires_at = None
             job.updated_at = now
@@ -431,7 +431,7 @@ def _view(job: Job) -> JobView:
         id=job.id,
         kind=job.kind,
         bucket=job.bucket,
-        status=job.status,
+        status=JobStatus(job.status),
         attempts=job.attempts,
         max_attempts=job.max_attempts,
         progress_step=job.progress_step,

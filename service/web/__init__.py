@@ -4,29 +4,39 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
+from service.ehrs import EhrRegistry
 from service.settings import Settings
+from service.web import (
+    routes_compliance,
+    routes_jobs,
+    routes_jwks,
+    routes_launch,
+    routes_ops,
+    routes_portal,
+    routes_portrait,
+    routes_review,
+    routes_workspace,
+)
 from service.web.errors import install_error_pages
 from service.web.security import SecurityHeadersMiddleware, log_cookie_mode
 
+ROUTERS = (
+    routes_launch,
+    routes_jwks,
+    routes_portal,
+    routes_workspace,
+    routes_jobs,
+    routes_review,
+    routes_portrait,
+    routes_ops,
+    routes_compliance,
+)
 
-def install_routes(app: FastAPI, settings: Settings) -> None:
-    from service.ehrs import EhrRegistry
-    from service.web import (
-        routes_jobs,
-        routes_jwks,
-        routes_launch,
-        routes_ops,
-        routes_portal,
-        routes_review,
-        routes_workspace,
-    )
 
-    registry = EhrRegistry.from_settings(settings)
+def install_routes(app: FastAPI, settings: Settings, registry: EhrRegistry) -> None:
     frame_origins = registry.frame_origins()
     app.add_middleware(SecurityHeadersMiddleware, frame_origins=lambda: frame_origins)
     install_error_pages(app)
-    routers = (routes_launch, routes_jwks, routes_portal, routes_workspace, routes_jobs, routes_review)
-    for module in (*routers, routes_ops):
+    for module in ROUTERS:
         app.include_router(module.router)
-    app.include_router(__import__("service.web.routes_portrait", fromlist=["router"]).router)
     log_cookie_mode(settings)

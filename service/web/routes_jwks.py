@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 
-from service.web.deps import ServicesDep
+from service.web.context import ServicesDep
 
 router = APIRouter()
 

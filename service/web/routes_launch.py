@@ -10,13 +10,13 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import RedirectResponse, Response
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from fhir_adapters import EhrRegistration, FhirError, SmartError
-from service.app import Services
-from service.audit import AuditAction
+from fhir_adapters import DiscoveryError, DiscoveryProblem, EhrRegistration, FhirError, SmartError
+from service.audit import AuditAction, AuditOutcome
 from service.ehrs import UnregisteredIssuerError
-from service.sessions import SessionStore
+from service.services import Services
+from service.sessions import SessionKind
 from service.settings import EhrSettings
-from service.web.deps import DbDep, RequestIdDep, ServicesDep, SessionStoreDep
+from service.web.context import DbDep, RequestIdDep, ServicesDep
 from service.web.errors import PageError
 from service.web.security import cookie_name, set_session_cookie
 from service.workflows.launch import (
@@ -50,13 +50,14 @@ def not_registered() -> PageError:
 
 
 def discovery_failure_page(error: SmartError | FhirError) -> PageError:
-    """Readable, without echoing what the EHR sent (it may be hostile)."""
-    if "origin the registration does not allow" in str(error):
+    """Readable, without echoing what the EHR sent (it may be hostile); decided on the problem code."""
+    problem = error.problem if isinstance(error, DiscoveryError) else DiscoveryProblem.UNREADABLE
+    if problem is DiscoveryProblem.ORIGIN_NOT_ALLOWED:
         reason = (
             "Its SMART configuration names a sign-in server that is not one of the addresses registered "
             "for this EHR, so CareCanvas did not send anyone there."
         )
-    elif "PKCE" in str(error):
+    elif problem is DiscoveryProblem.NO_PKCE:
         reason = "Its SMART configuration does not offer PKCE (S256), which CareCanvas requires."
     else:
         reason = "Its SMART configuration could not be read or trusted."
@@ -70,7 +71,6 @@ def discovery_failure_page(error: SmartError | FhirError) -> PageError:
 async def start_launch(
     *,
     services: Services,
-    store: SessionStore,
     db: AsyncSession,
     ehr: EhrSettings,
     registration: EhrRegistration,
@@ -81,12 +81,16 @@ async def start_launch(
     """Discovery first (no database transaction open), then the new session row, then the redirect."""
     try:
         started: StartedLaunch = await begin_launch(
-            registration=registration, launch=launch, http=services.http, scopes=scopes, kind=kind
+            registration=registration,
+            launch=launch,
+            http=services.connections.smart(ehr.name),
+            scopes=scopes,
+            kind=kind,
         )
     except (SmartError, FhirError) as error:
         log.warning("smart discovery refused", ehr=ehr.name, error_type=type(error).__name__)
         raise discovery_failure_page(error) from error
-    cookie_value, _ = await store.create(db, ehr_name=ehr.name, data=started.session_data)
+    cookie_value, _ = await services.sessions.create(db, ehr_name=ehr.name, data=started.session_data)
     await db.commit()
     response = RedirectResponse(started.authorize_url, status_code=302)
     set_session_cookie(response, services.settings, cookie_value)
@@ -97,7 +101,6 @@ async def start_launch(
 async def launch(
     services: ServicesDep,
     db: DbDep,
-    store: SessionStoreDep,
     iss: Annotated[str | None, Query(max_length=2000)] = None,
     launch: Annotated[str | None, Query(max_length=2000)] = None,
 ) -> Response:
@@ -110,7 +113,6 @@ async def launch(
         raise PageError(400, "Missing launch context", "Open CareCanvas from a patient's chart in your EHR.")
     return await start_launch(
         services=services,
-        store=store,
         db=db,
         ehr=ehr,
         registration=services.ehrs.registration(ehr),
@@ -131,7 +133,6 @@ async def callback(
     request: Request,
     services: ServicesDep,
     db: DbDep,
-    store: SessionStoreDep,
     request_id: RequestIdDep,
     code: Annotated[str | None, Query(max_length=4000)] = None,
     state: Annotated[str | None, Query(max_length=500)] = None,
@@ -141,14 +142,14 @@ async def callback(
     # Spend the pending authorization in a short transaction of its own, before any EHR call: the state
     # is single use even if two callbacks race, and no write lock is held during the token request.
     async with services.sessionmaker() as spend:
-        session = await store.load(spend, request.cookies.get(cookie_name(services.settings)))
+        session = await services.sessions.load(spend, request.cookies.get(cookie_name(services.settings)))
         if session is None:
             await spend.commit()
             raise PageError(
                 400, "Sign-in could not be completed", "Please launch CareCanvas again from the EHR."
             )
-        pending_raw = session.data.pop("pending", None)
-        await store.save(spend, session)
+        pending_raw, session.data.pending = session.data.pending, None
+        await services.sessions.save(spend, session)
         await spend.commit()
     if error:
         raise PageError(
@@ -157,17 +158,17 @@ async def callback(
             f"The EHR answered: {_readable_oauth_error(error, error_description)}. "
             "Please launch CareCanvas again or ask your EHR team.",
         )
-    kind: LaunchKind = "portal" if session.data.get("kind") == "portal" else "ehr"
+    kind: LaunchKind = "portal" if session.data.kind is SessionKind.PORTAL else "ehr"
     ehr = services.ehrs.by_name(session.ehr_name)
     registration = services.ehrs.registration(ehr)
     try:
         token_set, config = await complete_launch(
             registration=registration,
             pending_raw=pending_raw,
-            smart_config=session.data["smart_config"],
+            smart_config=session.data.smart_config or {},
             code=code,
             state=state,
-            http=services.http,
+            http=services.connections.smart(ehr.name),
         )
     except LaunchStateError as failure:
         raise PageError(400, "Sign-in could not be completed", str(failure)) from failure
@@ -185,7 +186,7 @@ async def callback(
         await services.audit.append(
             db,
             action=AuditAction.LAUNCH,
-            outcome="denied",
+            outcome=AuditOutcome.DENIED,
             actor=token_set.fhir_user,
             patient=token_set.patient,
             ehr=ehr.name,
@@ -196,19 +197,15 @@ async def callback(
         await db.commit()
         raise PageError(403, "CareCanvas cannot be used with this sign-in", str(refused)) from refused
     style = await fetch_smart_style(
-        token_set.smart_style_url, registration=registration, config=config, http=services.http
+        token_set.smart_style_url,
+        registration=registration,
+        config=config,
+        http=services.connections.smart(ehr.name),
     )
-    session.data.update(
-        {
-            "token_set": token_set.to_dict(),
-            "patient": token_set.patient,
-            "encounter": token_set.encounter,
-            "fhir_user": token_set.fhir_user,
-            "role": role,
-            "style": style,
-        }
-    )
-    await store.save(db, session)
+    data = session.data
+    data.token_set, data.patient, data.encounter = token_set.to_dict(), token_set.patient, token_set.encounter
+    data.fhir_user, data.role, data.style = token_set.fhir_user, role, style
+    await services.sessions.save(db, session)
     await services.audit.append(
         db,
         action=AuditAction.LAUNCH,
@@ -228,11 +225,10 @@ async def callback(
 
 
 @router.get("/style.css")
-async def session_style(request: Request, services: ServicesDep, store: SessionStoreDep) -> Response:
+async def session_style(request: Request, services: ServicesDep) -> Response:
     """The EHR's smart_style_url values for this session as CSS custom properties (CSP: style-src 'self')."""
     async with services.sessionmaker() as db:
-        session = await store.load(db, request.cookies.get(cookie_name(services.settings)))
+        session = await services.sessions.load(db, request.cookies.get(cookie_name(services.settings)))
         await db.commit()
-    style = session.data.get("style") if session is not None else None
-    css = style_css(style if isinstance(style, dict) else {})
+    css = style_css(session.data.style if session is not None else {})
     return Response(css, media_type="text/css", headers={"Cache-Control": "private, no-store"})

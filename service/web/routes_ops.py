@@ -7,7 +7,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
-from service.web.deps import ServicesDep
+from service.web.context import ServicesDep
 
 router = APIRouter()
 

@@ -31,10 +31,17 @@ from service.audit import AuditAction, AuditLog
 from service.crypto import Keyring
 from service.documents import DocumentView, load_document, save_content, transition
 from service.generation.handout import render_handout_pdf
-from service.generation.models import ModelRegistry, ModelSpec
+from service.generation.models import ModelSpec
 from service.generation.text import normalise_free_text
-from service.jobs import JobQueue
 from service.settings import EhrSettings
+from service.workflows.context import WorkflowContext
+from service.workflows.errors import (
+    ApprovalInProgressError,
+    BinaryScopeMissingError,
+    NotAllowedError,
+    NotReadyError,
+    WriteBackFailedError,
+)
 from service.workflows.regenerate import SupersedeOutcome, supersede_document
 
 log = structlog.get_logger("carecanvas.approve")
@@ -49,26 +56,6 @@ APPROVAL_LEASE = timedelta(seconds=120)
 # A second approval of the same picture waits this long for the first one's answer before giving up.
 WAIT_FOR_OTHER_APPROVAL_SECONDS = 45.0
 _CONTENT_TYPE_WORDS = ("contenttype", "content type", "content-type", "image/", "mime")
-
-
-class NotReadyError(RuntimeError):
-    """The image is not finished (or the job failed), so there is nothing to approve yet."""
-
-
-class ApprovalInProgressError(RuntimeError):
-    """Someone else is saving this picture right now and has not finished within the wait."""
-
-
-class BinaryScopeMissingError(RuntimeError):
-    """The attachments must go into Binaries, but the launch was not granted Binary create."""
-
-
-class WriteBackFailedError(RuntimeError):
-    """The EHR refused or failed the write-back; the message is safe to show, the draft is kept."""
-
-    def __init__(self, message: str, *, retryable: bool) -> None:
-        super().__init__(message)
-        self.retryable = retryable
 
 
 @dataclass(frozen=True)
@@ -236,31 +223,33 @@ async def _claim(
         return document
 
 
+@dataclass(frozen=True)
+class Approval:
+    """What the clinician approved: the job and the caption and alt text as they stood on the form."""
+
+    job_id: str
+    caption: str
+    alt_text: str
+
+
 async def approve_and_write_back(
-    *,
-    db: AsyncSession,
-    fhir: FhirClient,
-    queue: JobQueue,
-    audit: AuditLog,
-    keyring: Keyring,
-    models: ModelRegistry,
-    job_id: str,
-    caption: str,
-    alt_text: str,
-    practitioner_id: str,
-    organization_id: str | None,
-    attachment_overrides: AttachmentOverrides,
-    may_update_documents: bool,
-    may_create_binaries: bool,
-    ehr_name: str,
-    request_id: str | None,
-    page_size: Literal["letter", "a4"] = "letter",
+    ctx: WorkflowContext, fhir: FhirClient, approval: Approval
 ) -> WriteBackResult:
     """Approve, then write Device, (Binaries,) DocumentReference and Provenance exactly once.
 
     Order matters on SQLite: queue reads and the CapabilityStatement first, then the claim in one short
     transaction, then the EHR writes with no transaction open, then the outcome and its audit record.
     """
+    practitioner_id = practitioner_id_from(ctx.actor)
+    if practitioner_id is None:
+        raise NotAllowedError("Approval needs a practitioner's launch.")
+    db, queue, audit, keyring = ctx.db, ctx.services.queue, ctx.services.audit, ctx.services.keyring
+    job_id, caption, alt_text = approval.job_id, approval.caption, approval.alt_text
+    ehr_name, request_id, organization_id = ctx.ehr.name, ctx.request_id, ctx.ehr.organization_id
+    may_create_binaries = ctx.scopes.allows("Binary", "create")
+    may_update_documents = ctx.scopes.allows("DocumentReference", "update")
+    attachment_overrides = AttachmentOverrides.from_registration(ctx.ehr)
+    page_size = ctx.ehr.handout_page_size
     job = await queue.get(job_id)
     if job is None or job.status != "succeeded":
         raise NotReadyError("The illustration is not finished yet.")
@@ -281,7 +270,7 @@ async def approve_and_write_back(
         return claimed
     document = claimed
     content = document.content
-    model = models.get(content["model"])
+    model = ctx.services.models.get(content["model"])
     replaces = (content.get("replaces") or {}).get("fhir_document_id")
     notes: list[str] = []
     try:

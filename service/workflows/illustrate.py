@@ -6,24 +6,14 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncSession
-
 from fhir_adapters import FhirClient, NotFoundError, summarize_condition
-from service.audit import AuditAction, AuditLog
-from service.crypto import Keyring
+from service.audit import AuditAction
 from service.documents import create_draft
-from service.generation.models import ModelSpec
-from service.generation.prompts import Depiction, PromptLibrary, build_education_prompt
-from service.jobs import JobQueue
+from service.generation.prompts import Depiction, build_education_prompt
+from service.jobs import JobKind
+from service.workflows.context import WorkflowContext
+from service.workflows.errors import ConditionNotFoundError, WrongPatientError
 from service.workflows.image_jobs import enqueue_image_job
-
-
-class ConditionNotFoundError(LookupError):
-    """The condition id is unknown to the EHR (or not visible with this launch)."""
-
-
-class WrongPatientError(PermissionError):
-    """The request names a resource that belongs to another patient than the launch's."""
 
 
 @dataclass(frozen=True)
@@ -39,24 +29,10 @@ def subject_patient_id(resource: dict[str, Any]) -> str | None:
     return reference.removeprefix("Patient/") if reference.startswith("Patient/") else None
 
 
-async def start_illustration(
-    *,
-    db: AsyncSession,
-    fhir: FhirClient,
-    queue: JobQueue,
-    audit: AuditLog,
-    keyring: Keyring,
-    library: PromptLibrary,
-    model: ModelSpec,
-    choice: IllustrationChoice,
-    patient_id: str,
-    encounter_id: str | None,
-    actor: str | None,
-    ehr_name: str,
-    session_id_hash: str,
-    request_id: str | None,
-) -> str:
+async def start_illustration(ctx: WorkflowContext, fhir: FhirClient, choice: IllustrationChoice) -> str:
     """Read the condition, build the prompt from its concept only, enqueue; returns the job id."""
+    db, keyring, patient_id = ctx.db, ctx.services.keyring, ctx.patient_id
+    model = ctx.services.models.get(ctx.services.settings.default_model)
     try:
         condition = await fhir.read("Condition", choice.condition_id)
     except NotFoundError as error:
@@ -65,7 +41,7 @@ async def start_illustration(
         raise WrongPatientError("That condition belongs to another patient than the one you launched with.")
     summary = summarize_condition(condition)
     prompt = build_education_prompt(
-        library=library,
+        library=ctx.services.prompts,
         condition_text=summary.text,
         codes=[(coding.system, coding.code) for coding in summary.codes if coding.system and coding.code],
         style=choice.style,
@@ -73,22 +49,22 @@ async def start_illustration(
         depiction=choice.depiction,
         tokenizer=None,  # the worker fits the prompt to its own pipeline's tokenizer before the call
     )
-    request = await enqueue_image_job(
+    seed = secrets.randbelow(2**31)
+    job_id = await enqueue_image_job(
         db,
-        queue=queue,
+        queue=ctx.services.queue,
         model=model,
-        kind="illustration",
+        kind=JobKind.ILLUSTRATION,
         prompt=prompt.positive,
         negative_prompt=prompt.negative,
-        seed=secrets.randbelow(2**31),
-        session_id_hash=session_id_hash,
+        seed=seed,
+        session_id_hash=ctx.session_id_hash,
     )
-    job_id = request.job_id
     await create_draft(
         db,
         keyring=keyring,
         job_id=job_id,
-        ehr_name=ehr_name,
+        ehr_name=ctx.ehr.name,
         content={
             "title": prompt.title,
             "caption": prompt.caption,
@@ -100,22 +76,16 @@ async def start_illustration(
             "condition_id": choice.condition_id,
             "condition_text": summary.text,
             "patient_id": patient_id,
-            "encounter_id": encounter_id,
+            "encounter_id": ctx.encounter_id,
             "prompt": prompt.positive,
             "negative_prompt": prompt.negative,
             "model": model.name,
-            "seed": request.seed,
+            "seed": seed,
         },
     )
-    await audit.append(
-        db,
-        action=AuditAction.GENERATE,
-        outcome="success",
-        actor=actor,
-        patient=patient_id,
-        ehr=ehr_name,
+    await ctx.audit(
+        AuditAction.GENERATE,
         resource=f"Condition/{choice.condition_id}",
-        request_id=request_id,
         detail={"job_id": job_id, "topic": prompt.topic_id, "style": choice.style},
     )
     return job_id

@@ -6,9 +6,8 @@ import uuid
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service.generation.engine import ImageRequest, bucket_key
 from service.generation.models import ModelSpec
-from service.jobs import JobQueue
+from service.jobs import ImageJobSpec, JobKind, JobQueue
 
 
 async def enqueue_image_job(
@@ -16,15 +15,18 @@ async def enqueue_image_job(
     *,
     queue: JobQueue,
     model: ModelSpec,
-    kind: str,
+    kind: JobKind,
     prompt: str,
     negative_prompt: str | None,
     seed: int,
     session_id_hash: str,
-) -> ImageRequest:
-    """In the caller's transaction, so the draft and the audit record commit with the job or not at all."""
-    request = ImageRequest(
-        job_id=str(uuid.uuid4()),
+) -> str:
+    """In the caller's transaction, so the draft and the audit record commit with the job or not at all.
+
+    Returns the new job's id.
+    """
+    spec = ImageJobSpec(
+        model=model.name,
         prompt=prompt,
         negative_prompt=negative_prompt,
         seed=seed,
@@ -33,21 +35,13 @@ async def enqueue_image_job(
         steps=model.default_steps,
         guidance=model.default_guidance,
     )
+    job_id = str(uuid.uuid4())
     await queue.enqueue(
         db,
         kind=kind,
-        bucket=bucket_key(request, model.name),
-        spec={
-            "model": model.name,
-            "prompt": request.prompt,
-            "negative_prompt": request.negative_prompt,
-            "seed": request.seed,
-            "width": request.width,
-            "height": request.height,
-            "steps": request.steps,
-            "guidance": request.guidance,
-        },
+        bucket=spec.bucket,
+        spec=spec.to_dict(),
         session_id_hash=session_id_hash,
-        job_id=request.job_id,
+        job_id=job_id,
     )
-    return request
+    return job_id

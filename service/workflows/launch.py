@@ -24,6 +24,7 @@ from fhir_adapters import (
     exchange_code,
 )
 from fhir_adapters.scopes import scope_syntax_from_capabilities, scopes_in_syntax
+from service.sessions import SessionData, SessionKind
 
 # A pending authorization older than this is refused: the user must launch again.
 PENDING_MAX_AGE = timedelta(minutes=10)
@@ -72,7 +73,7 @@ class LaunchUserError(PermissionError):
 @dataclass(frozen=True)
 class StartedLaunch:
     authorize_url: str
-    session_data: dict[str, Any]
+    session_data: SessionData
 
 
 async def begin_launch(
@@ -98,11 +99,9 @@ async def begin_launch(
     )
     return StartedLaunch(
         authorize_url=pending.url,
-        session_data={
-            "kind": kind,
-            "pending": pending.to_dict(),
-            "smart_config": config_to_dict(config),
-        },
+        session_data=SessionData(
+            kind=SessionKind(kind), pending=pending.to_dict(), smart_config=config_to_dict(config)
+        ),
     )
 
 

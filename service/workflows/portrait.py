@@ -5,29 +5,24 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass
 
-from sqlalchemy.ext.asyncio import AsyncSession
-
-from fhir_adapters import FhirClient, summarize_story
-from service.audit import AuditAction, AuditLog
-from service.crypto import Keyring
+from fhir_adapters import FhirClient, FhirError, summarize_story
+from service.audit import AuditAction, AuditOutcome
 from service.documents import create_draft
 from service.generation.models import ModelSpec
 from service.generation.prompts import (
     Depiction,
+    PortraitPrompt,
     PortraitStoryFields,
-    PromptLibrary,
     build_portrait_prompt,
 )
-from service.jobs import JobQueue
+from service.jobs import JobKind
+from service.workflows.context import WorkflowContext
+from service.workflows.errors import NoStoryError
 from service.workflows.illustrate import subject_patient_id
 from service.workflows.image_jobs import enqueue_image_job
 
 MAX_VARIANTS = 8
 _STORY_STATUSES = frozenset({"completed", "amended"})
-
-
-class NoStoryError(LookupError):
-    """The patient has no completed portrait story (QuestionnaireResponse) in the record."""
 
 
 @dataclass(frozen=True)
@@ -67,86 +62,53 @@ async def read_patient_story(*, fhir: FhirClient, patient_id: str) -> PatientSto
     raise NoStoryError("This patient has no completed portrait story in the record yet.")
 
 
+async def read_story_audited(ctx: WorkflowContext, fhir: FhirClient) -> PatientStory | None:
+    """The patient's story (None when there is none), read over FHIR first and then audited."""
+    try:
+        story: PatientStory | None = await read_patient_story(fhir=fhir, patient_id=ctx.patient_id or "")
+    except NoStoryError:
+        story = None
+    except FhirError as error:
+        await ctx.db.rollback()
+        await ctx.audit(
+            AuditAction.FHIR_SEARCH,
+            AuditOutcome.FAILURE,
+            resource="QuestionnaireResponse",
+            detail={"status": error.status},
+        )
+        await ctx.db.commit()
+        raise
+    await ctx.audit(
+        AuditAction.FHIR_SEARCH, resource="QuestionnaireResponse", detail={"found": story is not None}
+    )
+    return story
+
+
 async def start_portrait_variants(
-    *,
-    db: AsyncSession,
-    queue: JobQueue,
-    audit: AuditLog,
-    keyring: Keyring,
-    library: PromptLibrary,
-    model: ModelSpec,
-    story: PatientStory,
-    choice: PortraitChoice,
-    patient_id: str,
-    encounter_id: str | None,
-    actor: str | None,
-    ehr_name: str,
-    session_id_hash: str,
-    request_id: str | None,
+    ctx: WorkflowContext, story: PatientStory, choice: PortraitChoice
 ) -> list[str]:
     """Build one prompt from the story, enqueue `choice.variants` seeds in one bucket; returns the job ids.
 
     The caller commits: jobs, drafts and the audit record land in one transaction or not at all.
     """
     prompt = build_portrait_prompt(
-        library=library,
+        library=ctx.services.prompts,
         story=story.story,
         style=choice.style,
         depiction=choice.depiction,
         tokenizer=None,  # the worker fits the prompt to its own pipeline's tokenizer before the call
         language=choice.language,
     )
+    model = ctx.services.models.get(ctx.services.settings.default_model)
     first_seed = secrets.randbelow(2**31)
-    job_ids: list[str] = []
-    for index in range(choice.variants):
-        request = await enqueue_image_job(
-            db,
-            queue=queue,
-            model=model,
-            kind="portrait",
-            prompt=prompt.positive,
-            negative_prompt=prompt.negative,
-            seed=first_seed + index,  # distinct seeds, one bucket: the worker runs the variants as one batch
-            session_id_hash=session_id_hash,
-        )
-        job_id = request.job_id
-        await create_draft(
-            db,
-            keyring=keyring,
-            job_id=job_id,
-            ehr_name=ehr_name,
-            content={
-                "kind": "portrait",
-                "title": prompt.title,
-                "caption": prompt.alt_text,
-                "alt_text": prompt.alt_text,
-                "language": prompt.language,
-                "style": prompt.style,
-                "symbolic": prompt.symbolic,
-                "story_id": story.resource_id,
-                "variant": index + 1,
-                "variants": choice.variants,
-                # Portraits have no condition; write-back must cite the story as the source instead.
-                "condition_id": None,
-                "condition_text": "portrait from the patient's story",
-                "patient_id": patient_id,
-                "encounter_id": encounter_id,
-                "prompt": prompt.positive,
-                "negative_prompt": prompt.negative,
-                "model": model.name,
-                "seed": request.seed,
-            },
-        )
-        job_ids.append(job_id)
-    await audit.append(
-        db,
-        action=AuditAction.GENERATE,
-        outcome="success",
-        actor=actor,
-        patient=patient_id,
-        ehr=ehr_name,
+    # Distinct seeds, one bucket: the worker runs the variants as one batch.
+    job_ids = [
+        await _enqueue_variant(ctx, story, choice, prompt, model, index=index, seed=first_seed + index)
+        for index in range(choice.variants)
+    ]
+    await ctx.audit(
+        AuditAction.GENERATE,
         resource=f"QuestionnaireResponse/{story.resource_id}",
-        request_id=request_id,
         detail={
             "kind": "portrait",
             "job_ids": job_ids,
@@ -156,3 +118,53 @@ async def start_portrait_variants(
         },
     )
     return job_ids
+
+
+async def _enqueue_variant(
+    ctx: WorkflowContext,
+    story: PatientStory,
+    choice: PortraitChoice,
+    prompt: PortraitPrompt,
+    model: ModelSpec,
+    *,
+    index: int,
+    seed: int,
+) -> str:
+    job_id = await enqueue_image_job(
+        ctx.db,
+        queue=ctx.services.queue,
+        model=model,
+        kind=JobKind.PORTRAIT,
+        prompt=prompt.positive,
+        negative_prompt=prompt.negative,
+        seed=seed,
+        session_id_hash=ctx.session_id_hash,
+    )
+    await create_draft(
+        ctx.db,
+        keyring=ctx.services.keyring,
+        job_id=job_id,
+        ehr_name=ctx.ehr.name,
+        content={
+            "kind": "portrait",
+            "title": prompt.title,
+            "caption": prompt.alt_text,
+            "alt_text": prompt.alt_text,
+            "language": prompt.language,
+            "style": prompt.style,
+            "symbolic": prompt.symbolic,
+            "story_id": story.resource_id,
+            "variant": index + 1,
+            "variants": choice.variants,
+            # Portraits have no condition; write-back must cite the story as the source instead.
+            "condition_id": None,
+            "condition_text": "portrait from the patient's story",
+            "patient_id": ctx.patient_id,
+            "encounter_id": ctx.encounter_id,
+            "prompt": prompt.positive,
+            "negative_prompt": prompt.negative,
+            "model": model.name,
+            "seed": seed,
+        },
+    )
+    return job_id

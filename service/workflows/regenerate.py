@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import structlog
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from fhir_adapters import FhirClient, FhirError, PreconditionFailedError, validate_resource
-from service.audit import AuditLog
 from service.crypto import Keyring
 from service.documents import DocumentView, load_document, save_content
-from service.generation.models import ModelSpec
-from service.generation.prompts import Depiction, PromptLibrary
-from service.jobs import JobQueue
+from service.generation.prompts import Depiction
+from service.workflows.context import WorkflowContext
+from service.workflows.errors import NotReplaceableError
 from service.workflows.illustrate import IllustrationChoice, start_illustration
 
 log = structlog.get_logger("carecanvas.regenerate")
@@ -26,10 +26,6 @@ log = structlog.get_logger("carecanvas.regenerate")
 #   not-supported    the server's CapabilityStatement offers no DocumentReference update: left current
 #   refused          the server refused the update: left current
 SupersedeOutcome = Literal["superseded", "not-current", "not-allowed", "not-supported", "refused"]
-
-
-class NotReplaceableError(LookupError):
-    """The document is unknown here, not this patient's, or was never written to the chart."""
 
 
 def offers_interaction(capabilities: Mapping[str, Any], resource_type: str, interaction: str) -> bool:
@@ -73,73 +69,55 @@ async def supersede_document(fhir: FhirClient, document_id: str, *, may_update: 
     return "refused"
 
 
-async def start_regeneration(
-    *,
-    db: AsyncSession,
-    fhir: FhirClient,
-    queue: JobQueue,
-    audit: AuditLog,
-    keyring: Keyring,
-    library: PromptLibrary,
-    model: ModelSpec,
-    previous_job_id: str,
-    style: str | None,
-    language: str | None,
-    depiction: Depiction,
-    patient_id: str,
-    encounter_id: str | None,
-    actor: str | None,
-    ehr_name: str,
-    session_id_hash: str,
-    request_id: str | None,
-) -> str:
+@dataclass(frozen=True)
+class RegenerationChoice:
+    """What may change in a new version; None keeps the old document's value."""
+
+    previous_job_id: str
+    style: str | None
+    language: str | None
+    depiction: Depiction
+
+
+async def start_regeneration(ctx: WorkflowContext, fhir: FhirClient, choice: RegenerationChoice) -> str:
     """A new job for the same condition whose draft remembers the document it will replace; returns its id.
 
     The previous document is read and the transaction closed before the EHR is asked for the Condition,
     so no database writer lock is held across the EHR call.
     """
+    db, keyring = ctx.db, ctx.services.keyring
     previous = await load_replaceable(
-        db, keyring=keyring, job_id=previous_job_id, patient_id=patient_id, ehr_name=ehr_name
+        db, keyring=keyring, job_id=choice.previous_job_id, patient_id=ctx.patient_id, ehr_name=ctx.ehr.name
     )
     await db.commit()
     job_id = await start_illustration(
-        db=db,
-        fhir=fhir,
-        queue=queue,
-        audit=audit,
-        keyring=keyring,
-        library=library,
-        model=model,
-        choice=IllustrationChoice(
+        ctx,
+        fhir,
+        IllustrationChoice(
             condition_id=previous.content["condition_id"],
-            style=style or previous.content["style"],
-            language=language or previous.content["language"],
-            depiction=depiction,
+            style=choice.style or previous.content["style"],
+            language=choice.language or previous.content["language"],
+            depiction=choice.depiction,
         ),
-        patient_id=patient_id,
-        encounter_id=encounter_id,
-        actor=actor,
-        ehr_name=ehr_name,
-        session_id_hash=session_id_hash,
-        request_id=request_id,
     )
     draft = await load_document(db, keyring=keyring, job_id=job_id)
     if draft is None:  # start_illustration always creates one; a missing draft is a bug
         raise RuntimeError("the new draft was not created")
     content = dict(draft.content)
-    content["replaces"] = {"fhir_document_id": previous.fhir_document_id, "job_id": previous_job_id}
+    content["replaces"] = {"fhir_document_id": previous.fhir_document_id, "job_id": choice.previous_job_id}
     await save_content(db, keyring=keyring, document=draft, content=content)
     return job_id
 
 
 async def load_replaceable(
-    db: AsyncSession, *, keyring: Keyring, job_id: str, patient_id: str, ehr_name: str
+    db: AsyncSession, *, keyring: Keyring, job_id: str, patient_id: str | None, ehr_name: str
 ) -> DocumentView:
     """A document this EHR and patient have in the chart (written or withdrawn), else NotReplaceableError."""
     document = await load_document(db, keyring=keyring, job_id=job_id)
     if (
         document is None
         or document.ehr_name != ehr_name
+        or patient_id is None
         or document.content.get("patient_id") != patient_id
         or document.status not in ("written", "retracted")
         or not document.fhir_document_id

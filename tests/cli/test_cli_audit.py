@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from service.app import build_services
 from service.audit import AuditAction
 from service.audit.signing_key import SigningKeyError
 from service.cli import main
+from service.services import build_services
 from service.settings import Settings
 from service.stores import open_audit_signing_key
 

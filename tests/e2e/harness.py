@@ -15,7 +15,8 @@ from typing import Any
 import httpx
 import uvicorn
 
-from service.app import Services, create_app
+from service.app import create_app
+from service.services import Services
 from service.settings import Settings
 
 

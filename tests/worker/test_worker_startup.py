@@ -19,11 +19,11 @@ import pytest
 import torch
 from PIL import Image
 
-from service.app import build_services
 from service.documents import create_draft, load_document
 from service.generation.engine import DiffusionEngine, ImageRequest, bucket_key
 from service.generation.models import ModelSpec
 from service.generation.tiny import TINY_MODEL_NAME, build_tiny_pipeline
+from service.services import build_services
 from service.settings import Settings
 
 SECOND_MODEL = "tiny-seed-1"

@@ -4,7 +4,8 @@
   var section = document.getElementById("job");
   if (!section || !window.EventSource) { return; }
   var jobId = section.getAttribute("data-job-id");
-  var finished = ["succeeded", "failed", "cancelled", "quarantined"];
+  // The final statuses come from the server's JobStatus enum (data-final-statuses), not a copy here.
+  var finished = (section.getAttribute("data-final-statuses") || "").split(" ");
   if (finished.indexOf(section.getAttribute("data-status")) >= 0) { return; }
   var statusText = document.getElementById("job-status");
   var bar = document.getElementById("job-progress");

@@ -1,0 +1,52 @@
+"""The choices a clinician may send (condition, style, language, depiction), checked once for both faces."""
+
+from __future__ import annotations
+
+import re
+
+from service.generation.prompts import Depiction, PromptLibrary
+from service.web.errors import AppError, ErrorCode
+from service.workflows.illustrate import IllustrationChoice
+
+LANGUAGES = {"en": "English", "es": "Español"}
+FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+
+
+def _invalid(title: str, message: str) -> AppError:
+    return AppError(400, title, message, code=ErrorCode.INVALID_INPUT)
+
+
+def checked_fhir_id(value: str, what: str = "condition") -> str:
+    if not FHIR_ID.fullmatch(value):
+        raise _invalid(f"Not a valid {what} id", f"Pick a {what} from the list on the page.")
+    return value
+
+
+def checked_language(language: str) -> str:
+    if language not in LANGUAGES:
+        raise _invalid("Unknown language", f"Choose one of: {', '.join(LANGUAGES.values())}.")
+    return language
+
+
+def checked_style(library: PromptLibrary, style: str) -> str:
+    if style not in {preset.name for preset in library.styles}:
+        raise _invalid("Unknown style", "Choose one of the styles offered on the page.")
+    return style
+
+
+def checked_depiction(depiction: str) -> Depiction:
+    try:
+        return Depiction.from_choice(depiction)
+    except ValueError as error:
+        raise _invalid("Unknown depiction", str(error)) from error
+
+
+def checked_illustration_choice(
+    library: PromptLibrary, *, condition_id: str, style: str, language: str, depiction: str
+) -> IllustrationChoice:
+    return IllustrationChoice(
+        condition_id=checked_fhir_id(condition_id),
+        style=checked_style(library, style),
+        language=checked_language(language),
+        depiction=checked_depiction(depiction),
+    )

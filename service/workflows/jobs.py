@@ -1,0 +1,58 @@
+"""A session's own jobs: ownership, progress as both faces show it, cancellation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from service.jobs import JobQueue, JobStatus, JobView
+from service.workflows.errors import JobNotOwnedError
+
+_NOT_OWNED = "It may belong to another session. Start from the workspace."
+
+
+@dataclass(frozen=True)
+class JobProgress:
+    """What the job's owner sees: status and step k of n, the reason when it failed; never the spec."""
+
+    job_id: str
+    status: JobStatus
+    step: int
+    total: int
+    error: str | None
+
+    @property
+    def final(self) -> bool:
+        return self.status.final
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id,
+            "status": self.status.value,
+            "step": self.step,
+            "total": self.total,
+            "error": self.error,
+        }
+
+
+def progress_of(job: JobView) -> JobProgress:
+    failed = job.status in (JobStatus.FAILED, JobStatus.QUARANTINED)
+    return JobProgress(
+        job_id=job.id,
+        status=job.status,
+        step=job.progress_step or 0,
+        total=job.progress_total or 0,
+        error=job.error if failed else None,
+    )
+
+
+async def owned_job(queue: JobQueue, *, session_id_hash: str, job_id: str) -> JobView:
+    """A job is visible only to the session that started it."""
+    job = await queue.get(job_id)
+    if job is None or job.session_id_hash != session_id_hash:
+        raise JobNotOwnedError(_NOT_OWNED)
+    return job
+
+
+async def owned_progress(queue: JobQueue, *, session_id_hash: str, job_id: str) -> JobProgress:
+    return progress_of(await owned_job(queue, session_id_hash=session_id_hash, job_id=job_id))

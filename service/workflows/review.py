@@ -1,0 +1,63 @@
+"""What the reviewer sees of a finished job: the draft with its measured reading grade, and the image."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from service.audit import AuditAction
+from service.documents import DocumentView, load_document
+from service.generation.models import ModelSpec
+from service.generation.readability import caption_grade
+from service.jobs import JobNotFoundError, JobStatus
+from service.workflows.context import WorkflowContext
+from service.workflows.errors import ArtifactNotReadyError, JobNotOwnedError
+from service.workflows.jobs import JobProgress
+
+# Plain language for patients: captions above this grade are flagged to the reviewer.
+MAX_CAPTION_GRADE = 6.0
+
+
+class ArtifactKind(StrEnum):
+    PNG = "png"
+    PREVIEW = "preview"
+
+
+@dataclass(frozen=True)
+class ReviewDraft:
+    document: DocumentView
+    caption_grade: float
+    model: ModelSpec
+
+    @property
+    def caption_too_hard(self) -> bool:
+        return self.caption_grade > MAX_CAPTION_GRADE
+
+
+async def review_draft(ctx: WorkflowContext, job_id: str) -> ReviewDraft:
+    """The draft of this session's job, audited as viewed (in the caller's transaction)."""
+    document = await load_document(ctx.db, keyring=ctx.services.keyring, job_id=job_id)
+    if document is None:
+        raise JobNotOwnedError("There is no draft for this picture. Start again from the workspace.")
+    content = document.content
+    await ctx.audit(
+        AuditAction.VIEW, resource="DocumentDraft", detail={"job_id": job_id}, patient=content["patient_id"]
+    )
+    return ReviewDraft(
+        document=document,
+        caption_grade=caption_grade(content["caption"], content["language"]),
+        model=ctx.services.models.get(content["model"]),
+    )
+
+
+async def read_owned_artifact(ctx: WorkflowContext, job: JobProgress, kind: ArtifactKind) -> bytes:
+    """The finished image (or the running job's preview) of a job the caller owns, audited as viewed."""
+    if kind is ArtifactKind.PNG and job.status is not JobStatus.SUCCEEDED:
+        raise ArtifactNotReadyError("The image is not finished yet.")
+    try:
+        png = await ctx.services.queue.read_artifact(job.job_id, kind.value)
+    except JobNotFoundError:
+        raise ArtifactNotReadyError("There is no preview yet.") from None
+    resource = "Image" if kind is ArtifactKind.PNG else "Preview"
+    await ctx.audit(AuditAction.VIEW, resource=resource, detail={"job_id": job.job_id})
+    return png

@@ -1,0 +1,159 @@
+"""What the clinician's workspace shows: banner, visit, active conditions and earlier documents, audited."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from fhir_adapters import (
+    ConditionSummary,
+    EncounterSummary,
+    FhirClient,
+    FhirError,
+    ForbiddenError,
+    NotFoundError,
+    PatientBanner,
+    summarize_condition,
+    summarize_encounter,
+    summarize_patient,
+)
+from service.audit import AuditAction, AuditOutcome
+from service.documents import HistoryEntry, documents_by_identifier, history_from_search
+from service.workflows.approve import IDENTIFIER_SYSTEM
+from service.workflows.context import WorkflowContext
+
+CONDITIONS_PAGE_SIZE = "100"
+
+
+@dataclass
+class Workspace:
+    banner: PatientBanner | None
+    encounter: EncounterSummary | None
+    conditions: list[ConditionSummary]
+    history: list[HistoryEntry] = field(default_factory=list)
+    history_unavailable: bool = False
+
+
+@dataclass
+class _Reads:
+    patient: dict[str, Any] | None = None
+    encounter: dict[str, Any] | None = None
+    conditions: list[dict[str, Any]] = field(default_factory=list)
+    history: list[dict[str, Any]] | None = None
+    history_error: FhirError | None = None
+
+
+async def active_conditions(fhir: FhirClient, patient_id: str) -> list[dict[str, Any]]:
+    return await fhir.search(
+        "Condition", {"patient": patient_id, "clinical-status": "active", "_count": CONDITIONS_PAGE_SIZE}
+    )
+
+
+async def _read_encounter(fhir: FhirClient, encounter_id: str | None) -> dict[str, Any] | None:
+    if not encounter_id:
+        return None
+    # The visit from the launch, shown beside the banner; a missing one costs nothing else.
+    with contextlib.suppress(NotFoundError, ForbiddenError):
+        return await fhir.read("Encounter", encounter_id)
+    return None
+
+
+async def _read_history(fhir: FhirClient, patient_id: str, reads: _Reads) -> None:
+    # A failed history search must not cost the clinician the workspace: say so instead.
+    try:
+        reads.history = await fhir.search(
+            "DocumentReference",
+            {"patient": patient_id, "identifier": f"{IDENTIFIER_SYSTEM}|", "_count": "50"},
+        )
+    except FhirError as error:
+        reads.history_error = error
+
+
+async def _read_all(ctx: WorkflowContext, fhir: FhirClient, patient_id: str, *, banner: bool) -> _Reads:
+    """The EHR reads run side by side: the page waits for the slowest, not for their sum."""
+    reads = _Reads()
+
+    async def patient() -> None:
+        if banner:
+            reads.patient = await fhir.read("Patient", patient_id)
+
+    async def conditions() -> None:
+        reads.conditions = await active_conditions(fhir, patient_id)
+
+    async def encounter() -> None:
+        reads.encounter = await _read_encounter(fhir, ctx.encounter_id)
+
+    async def history() -> None:
+        if ctx.scopes.allows("DocumentReference", "search"):
+            await _read_history(fhir, patient_id, reads)
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            for step in (patient, conditions, encounter, history):
+                group.create_task(step())
+    except ExceptionGroup as failed:
+        # The first failure stands for the page (an ended session, the EHR's error): callers and the
+        # error pages handle plain exceptions, not groups.
+        raise failed.exceptions[0] from None
+    return reads
+
+
+async def load_workspace(ctx: WorkflowContext, fhir: FhirClient, *, banner: bool) -> Workspace:
+    """Reads the EHR (no database transaction open), then audits each read before anything is shown."""
+    patient_id = ctx.patient_id or ""
+    try:
+        reads = await _read_all(ctx, fhir, patient_id, banner=banner)
+    except FhirError as error:
+        await ctx.db.rollback()
+        await ctx.audit(
+            AuditAction.FHIR_SEARCH,
+            AuditOutcome.FAILURE,
+            resource="Condition",
+            detail={"status": error.status},
+        )
+        await ctx.db.commit()
+        raise
+    await _audit_reads(ctx, reads)
+    return Workspace(
+        banner=summarize_patient(reads.patient) if reads.patient is not None else None,
+        encounter=summarize_encounter(reads.encounter) if reads.encounter is not None else None,
+        conditions=[c for c in (summarize_condition(r) for r in reads.conditions) if c.is_active],
+        history=await _history(ctx, reads),
+        history_unavailable=reads.history_error is not None,
+    )
+
+
+async def _audit_reads(ctx: WorkflowContext, reads: _Reads) -> None:
+    if reads.patient is not None:
+        await ctx.audit(AuditAction.FHIR_READ, resource="Patient")
+    if reads.encounter is not None:
+        await ctx.audit(AuditAction.FHIR_READ, resource="Encounter")
+    await ctx.audit(AuditAction.FHIR_SEARCH, resource="Condition", detail={"count": len(reads.conditions)})
+    if reads.history is not None:
+        await ctx.audit(
+            AuditAction.FHIR_SEARCH, resource="DocumentReference", detail={"count": len(reads.history)}
+        )
+    elif reads.history_error is not None:
+        await ctx.audit(
+            AuditAction.FHIR_SEARCH,
+            AuditOutcome.FAILURE,
+            resource="DocumentReference",
+            detail={"status": reads.history_error.status},
+        )
+
+
+async def _history(ctx: WorkflowContext, reads: _Reads) -> list[HistoryEntry]:
+    if reads.history is None:
+        return []
+    identifiers = [
+        str(item.get("value"))
+        for resource in reads.history
+        for item in resource.get("identifier") or []
+        if isinstance(item, dict) and item.get("system") == IDENTIFIER_SYSTEM
+    ]
+    local = await documents_by_identifier(
+        ctx.db, keyring=ctx.services.keyring, ehr_name=ctx.ehr.name, identifiers=identifiers
+    )
+    return history_from_search(reads.history, identifier_system=IDENTIFIER_SYSTEM, local=local)
