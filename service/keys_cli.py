@@ -157,8 +157,17 @@ async def _open_stores(settings: Settings) -> _Stores:
     return _Stores(engine, sessionmaker, keyring, AuditLog(keyring))
 
 
+INSUFFICIENT_PRIVILEGE = "42501"  # PostgreSQL SQLSTATE
+
+
 def _database_problem(error: Exception) -> str:
     # The driver's text may quote SQL parameters (ciphertexts); the class name and a hint are enough.
+    if getattr(getattr(error, "orig", None), "sqlstate", None) == INSUFFICIENT_PRIVILEGE:
+        return (
+            "the database role may not do this: re-wrapping audit records is an UPDATE only the owner role "
+            "may make. Set CARECANVAS_DATABASE_URL to the owner role's URL and run it again (what was "
+            "committed stays done)"
+        )
     return (
         f"cannot use the database ({type(error).__name__}); check CARECANVAS_DATABASE_URL and that "
         "`carecanvas migrate` has run"
@@ -267,6 +276,12 @@ async def _run_reencrypt(stores: _Stores, *, batch_size: int, settle_seconds: fl
             AuditAction.KEY_REENCRYPT, AuditOutcome.FAILURE, {"kid": primary, "reason": str(error)}
         )
         raise
+    except SQLAlchemyError as error:
+        reason = _database_problem(error)
+        await stores.record(
+            AuditAction.KEY_REENCRYPT, AuditOutcome.FAILURE, {"kid": primary, "reason": reason}
+        )
+        raise KeyCommandError(reason, code=EXIT_UNAVAILABLE) from None
     outcome = AuditOutcome.SUCCESS if report.complete else AuditOutcome.FAILURE
     await stores.record(AuditAction.KEY_REENCRYPT, outcome, _report_detail(report))
     print(f"re-wrapped {report.total_rewrapped} ciphertexts onto {primary} in {report.passes} passes")

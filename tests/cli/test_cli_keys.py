@@ -6,16 +6,18 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 import structlog
+from sqlalchemy import text
 
 from service.audit import AuditLog
 from service.cli import main
@@ -30,6 +32,7 @@ from service.jobs import JobQueue
 from service.settings import Settings
 from service.stores import open_audit_log, open_database, open_keyring
 
+POSTGRES_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 KEY_ACTIONS = ("keys.generate", "keys.add", "keys.promote", "keys.reencrypt", "keys.retire", "keys.rotate")
 
 
@@ -458,3 +461,86 @@ def test_serve_and_worker_refuse_a_missing_or_unsafe_mounted_secret(tmp_path: Pa
             assert problem in result.stderr
             assert "Traceback" not in result.stderr
     assert not (tmp_path / "data" / "keys.json").exists()
+
+
+@pytest.fixture
+async def split_roles() -> AsyncIterator[tuple[str, str]]:
+    """An owner role (owns the schema) and an app role, random suffixes, dropped afterwards: (owner URL, app
+    URL) after `migrate --app-role`."""
+    suffix = secrets.token_hex(5)
+    owner, app, schema = f"cc_owner_{suffix}", f"cc_app_{suffix}", f"cc_test_{suffix}"
+
+    async def admin(*statements: str) -> None:
+        engine = make_engine(POSTGRES_SERVER)
+        try:
+            async with engine.begin() as connection:
+                for statement in statements:
+                    await connection.execute(text(statement))
+        finally:
+            await engine.dispose()
+
+    def url(role: str) -> str:
+        return f"postgresql+psycopg://{role}@127.0.0.1:5432/test?options=-csearch_path%3D{schema}"
+
+    await admin(
+        f"CREATE ROLE {owner} LOGIN",
+        f"CREATE ROLE {app} LOGIN",
+        f"CREATE SCHEMA {schema} AUTHORIZATION {owner}",
+    )
+    try:
+        await migrate(url(owner), app_role=app)
+        yield url(owner), url(app)
+    finally:
+        await admin(
+            f"DROP SCHEMA IF EXISTS {schema} CASCADE",
+            f"DROP OWNED BY {owner}, {app}",
+            f"DROP ROLE {app}",
+            f"DROP ROLE {owner}",
+        )
+
+
+@pytest.mark.postgres
+async def test_reencrypt_as_the_app_role_stops_with_a_message_and_the_owner_finishes_it(
+    split_roles: tuple[str, str], tmp_path: Path
+) -> None:
+    owner_url, app_url = split_roles
+    env = clean_env(
+        CARECANVAS_DATA_DIR=str(tmp_path / "data"),
+        CARECANVAS_DATABASE_URL=app_url,
+        CARECANVAS_KEK_FILE=str(tmp_path / "keys.json"),
+    )
+    for command in (["keys", "generate"], ["audit", "keygen"]):
+        made = await asyncio.to_thread(cli_process, command, env)
+        assert made.returncode == 0, made.stdout + made.stderr
+    settings = Settings(data_dir=tmp_path / "data", database_url=app_url, kek_file=tmp_path / "keys.json")
+    await enqueue_jobs(settings, 3, audit_records=2)
+    added = await asyncio.to_thread(cli_process, ["keys", "add"], env)
+    new = added.stdout.strip()
+    assert (await asyncio.to_thread(cli_process, ["keys", "promote", new], env)).returncode == 0
+
+    as_app = await asyncio.to_thread(cli_process, ["keys", "reencrypt"], env)
+    assert as_app.returncode == 2, as_app.stdout + as_app.stderr
+    assert "re-wrapping audit records is an UPDATE only the owner role may make" in as_app.stderr
+    assert "Traceback" not in as_app.stderr
+    owner_settings = Settings(
+        data_dir=tmp_path / "data", database_url=owner_url, kek_file=tmp_path / "keys.json"
+    )
+    engine, sessionmaker = await open_database(owner_settings)
+    try:
+        left = await not_on_primary(sessionmaker, new)
+    finally:
+        await engine.dispose()
+    assert left["job specs"] == 0  # done before the audit table, and kept
+    assert left["audit payloads"] > 0
+
+    as_owner = await asyncio.to_thread(
+        cli_process, ["keys", "reencrypt"], {**env, "CARECANVAS_DATABASE_URL": owner_url}
+    )
+    assert as_owner.returncode == 0, as_owner.stdout + as_owner.stderr
+    assert as_owner.stdout.startswith(f"{sum(left.values())} of ")  # it carried on where the app role stopped
+    records = await key_records(owner_settings)
+    assert [(action, outcome) for action, outcome, _ in records][-2:] == [
+        ("keys.reencrypt", "failure"),
+        ("keys.reencrypt", "success"),
+    ]
+    assert "owner role" in records[-2][2]["reason"]
