@@ -210,5 +210,17 @@ async def portal_context(
     return await _context(request, services, db, rid, SessionKind.PORTAL)
 
 
+async def any_launch_context(
+    request: Request, services: ServicesDep, db: DbDep, rid: RequestIdDep
+) -> RequestContext:
+    """A clinician's or a patient's session: for what both may do (sign out)."""
+    session = await _load_session(request, services)
+    if session is None or not session.authenticated or session.data.kind is SessionKind.STAFF:
+        raise session_ended(SESSION_ENDED_MESSAGE)
+    await check_csrf(request, session)
+    return RequestContext(services=services, db=db, session=session, request_id=rid)
+
+
 ClinicianContext = Annotated[RequestContext, Depends(clinician_context)]
+LaunchContext = Annotated[RequestContext, Depends(any_launch_context)]
 PortalContext = Annotated[RequestContext, Depends(portal_context)]

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import structlog
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import RedirectResponse, Response
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from fhir_adapters import DiscoveryError, DiscoveryProblem, EhrRegistration, FhirError, SmartError
@@ -16,9 +16,9 @@ from service.ehrs import UnregisteredIssuerError
 from service.services import Services
 from service.sessions import SessionKind
 from service.settings import EhrSettings
-from service.web.context import DbDep, RequestIdDep, ServicesDep
+from service.web.context import DbDep, LaunchContext, RequestIdDep, ServicesDep
 from service.web.errors import PageError
-from service.web.security import cookie_name, set_session_cookie
+from service.web.security import clear_session_cookie, cookie_name, set_session_cookie
 from service.workflows.launch import (
     LaunchKind,
     LaunchStateError,
@@ -232,3 +232,15 @@ async def session_style(request: Request, services: ServicesDep) -> Response:
         await db.commit()
     css = style_css(session.data.style if session is not None else {})
     return Response(css, media_type="text/css", headers={"Cache-Control": "private, no-store"})
+
+
+@router.post("/logout", response_class=HTMLResponse)
+async def logout(request: Request, ctx: LaunchContext) -> Response:
+    """End the server-side session (its tokens go with it) and forget the cookie; audited."""
+    await ctx.audit(AuditAction.LOGOUT, detail={"kind": ctx.session.data.kind.value})
+    await ctx.services.sessions.end(ctx.db, ctx.session)
+    await ctx.db.commit()
+    response = ctx.services.templates.TemplateResponse(request, "signed_out.html", {})
+    clear_session_cookie(response, ctx.services.settings)
+    response.headers["Cache-Control"] = "no-store"
+    return response

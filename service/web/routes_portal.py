@@ -48,7 +48,7 @@ async def portal_home(request: Request, ctx: PortalContext) -> Response:
         documents = await list_portal_documents(ctx.workflow(), fhir)
     await ctx.db.commit()
     return ctx.services.templates.TemplateResponse(
-        request, "portal.html", {"documents": documents, "page_lang": "en"}
+        request, "portal.html", {"documents": documents, "page_lang": "en", "csrf_token": ctx.csrf_token}
     )
 
 

@@ -16,7 +16,7 @@ from service.web.workflow_errors import workflow_errors
 from service.workflows.approve import Approval, approve_and_write_back
 from service.workflows.regenerate import RegenerationChoice, start_regeneration
 from service.workflows.retract import retract_document
-from service.workflows.review import ArtifactKind, read_owned_artifact, review_draft
+from service.workflows.review import ArtifactKind, GradedCaption, read_owned_artifact, review_draft
 
 router = APIRouter()
 
@@ -45,13 +45,25 @@ async def review_page(request: Request, job: OwnedJob, ctx: ClinicianContext) ->
             "banner": ctx.session.data.banner,
             "document": draft.document,
             "content": draft.document.content,
-            "caption_grade": draft.caption_grade,
-            "caption_too_hard": draft.caption_too_hard,
+            "grade": GradedCaption(draft.caption_grade),
             "model": draft.model,
             "csrf_token": ctx.csrf_token,
             "can_write": ctx.allows("DocumentReference", "create"),
         },
     )
+
+
+@router.post("/review/{job_id}/grade", response_class=HTMLResponse)
+async def live_grade(
+    request: Request,
+    job: OwnedJob,
+    ctx: ClinicianContext,
+    caption: Annotated[str, Form(max_length=2000)],
+    language: Annotated[str, Form(max_length=5)],
+) -> Response:
+    """The reading grade of the caption as it is being typed (an htmx fragment; nothing is stored)."""
+    grade = GradedCaption.of(caption, checked_language(language))
+    return ctx.services.templates.TemplateResponse(request, "_grade.html", {"grade": grade})
 
 
 @router.get("/artifacts/{job_id}/{kind}")

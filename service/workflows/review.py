@@ -24,6 +24,21 @@ class ArtifactKind(StrEnum):
 
 
 @dataclass(frozen=True)
+class GradedCaption:
+    """A caption's measured reading grade and whether it is above what patients should get."""
+
+    grade: float
+
+    @property
+    def too_hard(self) -> bool:
+        return self.grade > MAX_CAPTION_GRADE
+
+    @classmethod
+    def of(cls, caption: str, language: str) -> GradedCaption:
+        return cls(caption_grade(caption, language))
+
+
+@dataclass(frozen=True)
 class ReviewDraft:
     document: DocumentView
     caption_grade: float
