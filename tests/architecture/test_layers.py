@@ -133,7 +133,7 @@ print(json.dumps({"healthz": ok, "heavy": heavy}))
 
 def test_the_api_process_never_imports_torch_diffusers_or_transformers() -> None:
     """`carecanvas serve` builds the app without the embedded worker: only the worker loads the ML stack."""
-    result = subprocess.run(  # noqa: S603 - our own interpreter and probe
+    result = subprocess.run(
         [sys.executable, "-c", SERVE_MODE_PROBE],
         cwd=ROOT,
         capture_output=True,
