@@ -77,20 +77,20 @@ def test_a_silent_ehr_fills_only_its_own_pool(
         name="silent", iss=silent_iss, client_id="x", max_connections=2, pool_wait_seconds=1.0
     )
     settings = settings.model_copy(update={"ehrs": [*settings.ehrs, silent], "embedded_worker": False})
-    with running_app(settings, port=port) as app:
-        with concurrent.futures.ThreadPoolExecutor(max_workers=12) as pool:
-            stuck = [
-                pool.submit(
-                    httpx.get, f"{app.url}/launch", params={"iss": silent_iss, "launch": "x"}, timeout=60
-                )
-                for _ in range(8)
-            ]
-            time.sleep(0.5)  # the silent EHR's pool is full now
-            started = time.monotonic()
-            healthy = [pool.submit(_launch_status, app, sandbox) for _ in range(4)]
-            assert [future.result(timeout=60) for future in healthy] == [302] * 4
-            healthy_seconds = time.monotonic() - started
-            answers = [future.result(timeout=60) for future in stuck]
+    with (
+        running_app(settings, port=port) as app,
+        concurrent.futures.ThreadPoolExecutor(max_workers=12) as pool,
+    ):
+        stuck = [
+            pool.submit(httpx.get, f"{app.url}/launch", params={"iss": silent_iss, "launch": "x"}, timeout=60)
+            for _ in range(8)
+        ]
+        time.sleep(0.5)  # the silent EHR's pool is full now
+        started = time.monotonic()
+        healthy = [pool.submit(_launch_status, app, sandbox) for _ in range(4)]
+        assert [future.result(timeout=60) for future in healthy] == [302] * 4
+        healthy_seconds = time.monotonic() - started
+        answers = [future.result(timeout=60) for future in stuck]
     # The dead EHR never got more connections than its own limit, and every launch there got a page.
     assert silent_ehr.connections <= 2
     assert {answer.status_code for answer in answers} == {502}
