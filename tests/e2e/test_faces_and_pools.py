@@ -79,7 +79,7 @@ def test_a_silent_ehr_fills_only_its_own_pool(
     settings = settings.model_copy(update={"ehrs": [*settings.ehrs, silent], "embedded_worker": False})
     with (
         running_app(settings, port=port) as app,
-        concurrent.futures.ThreadPoolExecutor(max_workers=12) as pool,
+        concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool,
     ):
         stuck = [
             pool.submit(httpx.get, f"{app.url}/launch", params={"iss": silent_iss, "launch": "x"}, timeout=60)
