@@ -83,7 +83,7 @@ def test_a_silent_ehr_fills_only_its_own_pool(
     ):
         stuck = [
             pool.submit(httpx.get, f"{app.url}/launch", params={"iss": silent_iss, "launch": "x"}, timeout=60)
-            for _ in range(8)
+            for _ in range(12)
         ]
         time.sleep(0.5)  # the silent EHR's pool is full now
         started = time.monotonic()
