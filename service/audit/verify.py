@@ -272,10 +272,10 @@ async def _batches(session: AsyncSession) -> AsyncGenerator[tuple[Sequence[tuple
             if len(rows) < VERIFY_BATCH:
                 return
     finally:
-        if not pending.done():
-            pending.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await pending
+        # Let a prefetch in flight finish rather than cancel it: a query cancelled half-way could leave the
+        # caller's connection mid-command. Its rows are simply dropped.
+        with contextlib.suppress(Exception):
+            await pending
 
 
 async def _reference_verdict(session: AsyncSession, seq: int, prev_hash: str) -> str | None:
