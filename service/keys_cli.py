@@ -395,6 +395,8 @@ async def _generate(settings: Settings) -> int:
     stores = await _open_stores(settings)
     try:
         await stores.record(AuditAction.KEY_GENERATE, AuditOutcome.SUCCESS, {"kid": kid})
+    except SQLAlchemyError as error:
+        raise KeyCommandError(_database_problem(error), code=EXIT_UNAVAILABLE) from None
     finally:
         await stores.engine.dispose()
     return 0

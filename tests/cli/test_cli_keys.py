@@ -25,7 +25,7 @@ from service.crypto import Keyring, LocalKeyFileProvider, SecretFileKeyProvider
 from service.crypto.keyring import KeyringError
 from service.crypto.rotation import key_usage, not_on_primary
 from service.db.engine import make_engine, make_sessionmaker, migrate
-from service.documents import create_draft
+from service.documents import DraftContent, create_draft
 from service.generation.engine import ImageRequest, bucket_key
 from service.generation.tiny import TINY_MODEL_NAME
 from service.jobs import JobQueue
@@ -77,7 +77,13 @@ async def enqueue_jobs(settings: Settings, count: int, *, audit_records: int = 0
                 job_id = await queue.enqueue(
                     db, kind="illustration", bucket=BUCKET, spec=spec(n), session_id_hash=None
                 )
-                await create_draft(db, keyring=keyring, job_id=job_id, ehr_name="sandbox", content={"n": n})
+                await create_draft(
+                    db,
+                    keyring=keyring,
+                    job_id=job_id,
+                    ehr_name="sandbox",
+                    content=DraftContent(title=f"draft {n}"),
+                )
                 ids.append(job_id)
             for n in range(audit_records):
                 await audit.append(
@@ -368,19 +374,21 @@ async def test_rotate_while_a_worker_process_runs_loses_no_job(db_url: str, tmp_
         finally:
             stop.set()
             await producer
-        assert rotated.returncode == 0, rotated.stdout + rotated.stderr
+        said = f"rotate said:\n{rotated.stdout}{rotated.stderr}"
+        assert rotated.returncode == 0, said
         await _wait_all_finished(queue, job_ids, worker)
         statuses = {job_id: (await queue.get(job_id)).status for job_id in job_ids}
-        assert set(statuses.values()) == {"succeeded"}, statuses
-        assert len(job_ids) > 20  # jobs were queued and run throughout the rotation
+        assert set(statuses.values()) == {"succeeded"}, (statuses, said)
+        assert len(job_ids) > 20, said  # jobs were queued and run throughout the rotation
         material = LocalKeyFileProvider(settings.resolved_kek_file).load()
         assert old not in material.keks
         assert len(material.keks) == 1
         fresh = Keyring(material)
         sessionmaker = api_sessions
-        assert (await key_usage(sessionmaker, old)).total == 0
+        assert (await key_usage(sessionmaker, old)).total == 0, said
         # Worker results written after the promotion are on the new key too; all of it reads back.
-        assert sum((await not_on_primary(sessionmaker, material.primary_kek_id)).values()) == 0
+        left = await not_on_primary(sessionmaker, material.primary_kek_id)
+        assert sum(left.values()) == 0, (left, said)
         readback = JobQueue(sessionmaker, fresh)
         for job_id in job_ids[:3] + job_ids[-3:]:
             assert (await readback.read_artifact(job_id, "png")).startswith(b"\x89PNG")
@@ -392,7 +400,7 @@ async def test_rotate_while_a_worker_process_runs_loses_no_job(db_url: str, tmp_
             ("keys.reencrypt", "success"),
             ("keys.retire", "success"),
             ("keys.rotate", "success"),
-        ]
+        ], (records, said)
     finally:
         worker.send_signal(signal.SIGTERM)
         output, _ = await asyncio.to_thread(worker.communicate, timeout=60)
