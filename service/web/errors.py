@@ -159,9 +159,10 @@ def install_error_pages(app: FastAPI) -> None:
         if services is None:
             page = f"<h1>{html.escape(error.title)}</h1><p>{html.escape(error.message)}</p>"
             return HTMLResponse(page, status_code=error.status)
-        return services.templates.TemplateResponse(
+        page_response: Response = services.templates.TemplateResponse(
             request,
             "error.html",
             {"title": error.title, "message": error.message, "status": error.status, "code": error.code},
             status_code=error.status,
         )
+        return page_response
