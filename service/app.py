@@ -11,6 +11,7 @@ import structlog
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
+from service.api import install_api
 from service.ehrs import EhrRegistry
 from service.services import Services, build_services
 from service.settings import Settings
@@ -71,4 +72,5 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     install_routes(app, settings, registry)
+    install_api(app, settings)
     return app
