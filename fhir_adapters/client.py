@@ -186,6 +186,7 @@ class FhirClient:
         transport: httpx.AsyncBaseTransport | None = None,
         verify: bool | ssl.SSLContext = True,
         http: httpx.AsyncClient | None = None,
+        capabilities: Mapping[str, Any] | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._origin = origin_of(self.base_url)
@@ -200,7 +201,8 @@ class FhirClient:
         self._max_pages = max_pages
         self._max_entries = max_entries
         self._max_bytes = max_bytes
-        self._capabilities: dict[str, Any] | None = None
+        # A CapabilityStatement the caller already holds (one fetch per EHR, not per client).
+        self._capabilities: dict[str, Any] | None = dict(capabilities) if capabilities is not None else None
         # A shared pool (one per EHR, built once by the caller with `fhir_pool`) is borrowed, never closed
         # here: building a verifying client loads the CA bundle (~21 ms of blocked event loop) each time.
         self._owns_http = http is None

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import httpx
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -43,6 +46,7 @@ def open_fhir(
     smart_http: httpx.AsyncClient,
     fhir_http: httpx.AsyncClient | None,
     transport: httpx.AsyncBaseTransport | None = None,
+    capabilities: Mapping[str, Any] | None = None,
 ) -> FhirClient:
     """A client over the EHR's shared pool (`fhir_http`); `transport` (tests only) builds a private one."""
     if session.data.smart_config is None or session.data.token_set is None:
@@ -63,4 +67,6 @@ def open_fhir(
         http=smart_http,
         on_refresh=save_refreshed,
     )
-    return FhirClient(registration.iss, auth=source, transport=transport, http=fhir_http)
+    return FhirClient(
+        registration.iss, auth=source, transport=transport, http=fhir_http, capabilities=capabilities
+    )

@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from fhir_adapters import fhir_pool
 from service.audit import AuditLog
 from service.crypto import Keyring
+from service.ehr_profile import EhrProfiles
 from service.ehrs import EhrRegistry
 from service.generation.models import ModelRegistry
 from service.generation.prompts import PromptLibrary, load_prompt_library
@@ -103,6 +104,7 @@ class Services:
     # Outbound calls that belong to no registered EHR (the staff identity provider, for one).
     http: httpx.AsyncClient
     sessions: SessionStore
+    profiles: EhrProfiles = field(default_factory=EhrProfiles)
     # None in production; tests may route FHIR calls through a transport that fakes 5xx/429 answers.
     fhir_transport: httpx.AsyncBaseTransport | None = None
     extras: dict[str, Any] = field(default_factory=dict)

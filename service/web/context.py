@@ -107,6 +107,7 @@ class RequestContext:
             smart_http=services.connections.smart(self.session.ehr_name),
             fhir_http=None if services.fhir_transport else services.connections.fhir(self.session.ehr_name),
             transport=services.fhir_transport,
+            capabilities=services.profiles.capabilities(self.session.ehr_name),
         )
 
     def workflow(self) -> WorkflowContext:
@@ -120,6 +121,7 @@ class RequestContext:
             session_id_hash=self.session.id_hash,
             request_id=self.request_id,
             scopes=self.scopes,
+            role=self.session.data.role,
         )
 
     async def audit(

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from fhir_adapters import GrantedScopes
-from service.audit import AuditAction, AuditOutcome
+from fhir_adapters import FhirClient, GrantedScopes
+from service.audit import AuditAction, AuditEntity, AuditOutcome, canonical_actor
+from service.ehr_profile import EhrProfile
 from service.services import Services
 from service.settings import EhrSettings
 
@@ -27,6 +28,16 @@ class WorkflowContext:
     session_id_hash: str
     request_id: str | None
     scopes: GrantedScopes
+    role: str | None = None  # the launch's role (clinician, patient), named in every audit record
+
+    @property
+    def actor_reference(self) -> str:
+        """Who acts, as audit descriptions name them (`Practitioner/prac-2`; never a name)."""
+        return canonical_actor(self.actor) or "CareCanvas"
+
+    async def profile(self, fhir: FhirClient) -> EhrProfile:
+        """This EHR's quirks (attachments, transactions, updates), from the app's one capabilities fetch."""
+        return await self.services.profiles.profile(self.ehr, fhir)
 
     async def audit(
         self,
@@ -36,6 +47,8 @@ class WorkflowContext:
         resource: str | None = None,
         detail: Mapping[str, Any] | None = None,
         patient: str | None = None,
+        entities: Sequence[AuditEntity] = (),
+        description: str | None = None,
     ) -> None:
         """An audit record for this actor at this EHR, in the caller's transaction (fail closed)."""
         await self.services.audit.append(
@@ -48,4 +61,7 @@ class WorkflowContext:
             resource=resource,
             request_id=self.request_id,
             detail=detail,
+            entities=entities,
+            description=description,
+            role=self.role,
         )
