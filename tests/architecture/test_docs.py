@@ -13,7 +13,8 @@ LINK = re.compile(r"\]\(([^)#\s]+)")
 
 def _module_map_script() -> Any:
     spec = importlib.util.spec_from_file_location("module_map", ROOT / "scripts" / "module_map.py")
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
