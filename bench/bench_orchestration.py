@@ -31,7 +31,7 @@ from service.audit import AuditLog, FileCheckpointSink
 from service.crypto import Keyring
 from service.crypto.keyring import new_key_material
 from service.db.engine import make_engine, make_sessionmaker, migrate
-from service.documents import create_draft, load_document, save_content
+from service.documents import DraftContent, SafetyCheck, create_draft, load_document, save_content
 from service.generation.engine import ImageRequest, bucket_key
 from service.generation.png import encode_png
 from service.generation.prompts import Depiction, load_prompt_library
@@ -79,7 +79,7 @@ async def one_job(backend: Backend, library: Any, image: Image.Image, index: int
             keyring=backend.keyring,
             job_id=job_id,
             ehr_name="bench",
-            content={"title": prompt.title, "caption": prompt.caption, "patient_id": f"pat-{index % 7}"},
+            content=DraftContent(title=prompt.title, caption=prompt.caption, patient_id=f"pat-{index % 7}"),
         )
         await backend.audit.append(
             db,
@@ -101,9 +101,12 @@ async def one_job(backend: Backend, library: Any, image: Image.Image, index: int
     async with backend.sessionmaker() as db:
         document = await load_document(db, keyring=backend.keyring, job_id=claimed.id)
         assert document is not None
-        safety = {"checked": False, "flagged": False, "reason": None, "classifier": None}
+        safety = SafetyCheck(checked=False, flagged=False, reason=None, classifier=None)
         await save_content(
-            db, keyring=backend.keyring, document=document, content={**document.content, "safety": safety}
+            db,
+            keyring=backend.keyring,
+            document=document,
+            content=document.content.model_copy(update={"safety": safety}),
         )
         await db.commit()
     marks["result record"] = time.perf_counter()

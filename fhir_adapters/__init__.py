@@ -76,6 +76,7 @@ from fhir_adapters.write import (
     write_document_set,
 )
 from fhir_adapters.writeback import (
+    DocumentReferenceInput,
     build_binary,
     build_document_reference,
     build_model_device,
@@ -89,6 +90,7 @@ __all__ = [
     "ConditionSummary",
     "DiscoveryError",
     "DiscoveryProblem",
+    "DocumentReferenceInput",
     "EhrRegistration",
     "EncounterSummary",
     "FatalFhirError",

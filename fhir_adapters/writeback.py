@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import copy
 import hashlib
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -62,132 +64,141 @@ def _attachment(
     return attachment
 
 
-def build_document_reference(
-    *,
-    identifier_value: str,
-    patient_id: str,
-    practitioner_id: str,
-    organization_id: str | None,
-    encounter_id: str | None,
-    condition_id: str | None,
-    description: str,
-    language: str,
-    pdf: bytes,
-    png: bytes | None,
-    alt_text: str,
-    created: datetime,
-    date: datetime,
-    replaces: str | None = None,
-    binary_urls: Mapping[str, str] | None = None,
-    identifier_system: str = ARTIFACT_IDENTIFIER_SYSTEM,
-    pdf_title: str | None = None,
-    type_text: str = DEFAULT_TYPE_TEXT,
-    period_start: datetime | None = None,
-    source_ref: str | None = None,
-) -> dict[str, Any]:
-    """A US Core DocumentReference labelled AI-asserted: the PDF handout first, the PNG second if given.
+@dataclass(frozen=True)
+class DocumentReferenceInput:
+    """What one DocumentReference is built from (validated by build_document_reference).
 
     `binary_urls` maps a content type ("application/pdf", "image/png") to the Binary URL that holds it;
     those attachments carry `url` instead of inline `data` (size and hash still describe the bytes).
+    Exactly one of `condition_id` (education) or `source_ref` (a portrait's story) names the source.
     """
-    for name, value in (("patient_id", patient_id), ("practitioner_id", practitioner_id)):
-        _check_id(name, value)
-    related_ref = _source_reference(condition_id, source_ref)
-    if not identifier_value or not identifier_value.strip():
-        raise ValueError("identifier_value must not be empty")
-    if not _LANGUAGE.match(language):
-        raise ValueError("language must be a BCP 47 tag such as 'en' or 'es-MX'")
-    if not pdf:
-        raise ValueError("pdf must not be empty: the handout is the one format every EHR accepts")
-    if not alt_text.strip():
-        raise ValueError("alt_text must not be empty")
-    urls = dict(binary_urls or {})
-    unknown = set(urls) - {_PDF, _PNG}
-    if unknown:
-        raise ValueError(f"binary_urls keys must be {_PDF!r} or {_PNG!r}")
-    if _PNG in urls and png is None:
-        raise ValueError("binary_urls names an image/png Binary but no png was given")
 
-    content = [
+    identifier_value: str
+    patient_id: str
+    practitioner_id: str
+    organization_id: str | None
+    encounter_id: str | None
+    condition_id: str | None
+    description: str
+    language: str
+    pdf: bytes
+    png: bytes | None
+    alt_text: str
+    created: datetime
+    date: datetime
+    replaces: str | None = None
+    binary_urls: Mapping[str, str] | None = None
+    identifier_system: str = ARTIFACT_IDENTIFIER_SYSTEM
+    pdf_title: str | None = None
+    type_text: str = DEFAULT_TYPE_TEXT
+    period_start: datetime | None = None
+    source_ref: str | None = None
+
+
+_FORMAT = {"system": _FORMAT_SYSTEM, "code": _FORMAT_CODE, "display": "mimeType Sufficient"}
+_EDUCATION_EVENT = {
+    "coding": [
+        {"system": "http://snomed.info/sct", "code": "311401005", "display": "Patient education (procedure)"}
+    ]
+}
+_CLINICAL_NOTE = {
+    "coding": [
+        {
+            "system": "http://hl7.org/fhir/us/core/CodeSystem/us-core-documentreference-category",
+            "code": "clinical-note",
+            "display": "Clinical Note",
+        }
+    ]
+}
+
+
+def build_document_reference(spec: DocumentReferenceInput) -> dict[str, Any]:
+    """A US Core DocumentReference labelled AI-asserted: the PDF handout first, the PNG second if given."""
+    related_ref = _checked_source(spec)
+    content = _document_content(spec)
+    context = _document_context(spec, related_ref)
+    document = _document_header(spec)
+    if spec.organization_id is not None:
+        organization = _check_id("organization_id", spec.organization_id)
+        document["custodian"] = {"reference": f"Organization/{organization}"}
+    if spec.replaces is not None:
+        replaced = f"DocumentReference/{_check_id('replaces', spec.replaces)}"
+        document["relatesTo"] = [{"code": "replaces", "target": {"reference": replaced}}]
+    document["description"] = spec.description
+    document["content"] = content
+    document["context"] = context
+    return document
+
+
+def _checked_source(spec: DocumentReferenceInput) -> str:
+    """Checks every input that needs no building; returns the source reference."""
+    for name, value in (("patient_id", spec.patient_id), ("practitioner_id", spec.practitioner_id)):
+        _check_id(name, value)
+    related_ref = _source_reference(spec.condition_id, spec.source_ref)
+    if not spec.identifier_value or not spec.identifier_value.strip():
+        raise ValueError("identifier_value must not be empty")
+    if not _LANGUAGE.match(spec.language):
+        raise ValueError("language must be a BCP 47 tag such as 'en' or 'es-MX'")
+    if not spec.pdf:
+        raise ValueError("pdf must not be empty: the handout is the one format every EHR accepts")
+    if not spec.alt_text.strip():
+        raise ValueError("alt_text must not be empty")
+    urls = dict(spec.binary_urls or {})
+    if set(urls) - {_PDF, _PNG}:
+        raise ValueError(f"binary_urls keys must be {_PDF!r} or {_PNG!r}")
+    if _PNG in urls and spec.png is None:
+        raise ValueError("binary_urls names an image/png Binary but no png was given")
+    return related_ref
+
+
+def _document_content(spec: DocumentReferenceInput) -> list[dict[str, Any]]:
+    urls = dict(spec.binary_urls or {})
+    parts = [(_PDF, spec.pdf, spec.pdf_title or spec.alt_text)]
+    if spec.png is not None:
+        parts.append((_PNG, spec.png, spec.alt_text))
+    return [
         {
             "attachment": _attachment(
-                content_type=_PDF,
-                data=pdf,
-                language=language,
-                title=pdf_title or alt_text,
-                created=created,
-                url=urls.get(_PDF),
+                content_type=content_type,
+                data=data,
+                language=spec.language,
+                title=title,
+                created=spec.created,
+                url=urls.get(content_type),
             ),
-            "format": {"system": _FORMAT_SYSTEM, "code": _FORMAT_CODE, "display": "mimeType Sufficient"},
+            "format": dict(_FORMAT),
         }
+        for content_type, data, title in parts
     ]
-    if png is not None:
-        content.append(
-            {
-                "attachment": _attachment(
-                    content_type=_PNG,
-                    data=png,
-                    language=language,
-                    title=alt_text,
-                    created=created,
-                    url=urls.get(_PNG),
-                ),
-                "format": {"system": _FORMAT_SYSTEM, "code": _FORMAT_CODE, "display": "mimeType Sufficient"},
-            }
-        )
 
+
+def _document_context(spec: DocumentReferenceInput, related_ref: str) -> dict[str, Any]:
     context: dict[str, Any] = {}
-    if encounter_id is not None:
-        context["encounter"] = [{"reference": f"Encounter/{_check_id('encounter_id', encounter_id)}"}]
-    context["event"] = [
-        {
-            "coding": [
-                {
-                    "system": "http://snomed.info/sct",
-                    "code": "311401005",
-                    "display": "Patient education (procedure)",
-                }
-            ]
-        }
-    ]
-    if period_start is not None:
-        context["period"] = {"start": fhir_instant(period_start)}
+    if spec.encounter_id is not None:
+        context["encounter"] = [{"reference": f"Encounter/{_check_id('encounter_id', spec.encounter_id)}"}]
+    context["event"] = [copy.deepcopy(_EDUCATION_EVENT)]
+    if spec.period_start is not None:
+        context["period"] = {"start": fhir_instant(spec.period_start)}
     context["related"] = [{"reference": related_ref}]
+    return context
 
-    document: dict[str, Any] = {
+
+def _document_header(spec: DocumentReferenceInput) -> dict[str, Any]:
+    return {
         "resourceType": "DocumentReference",
         "meta": {"profile": [US_CORE_DOCUMENT_REFERENCE], "security": [dict(_AIAST)]},
-        "identifier": [{"system": identifier_system, "value": identifier_value}],
+        "identifier": [{"system": spec.identifier_system, "value": spec.identifier_value}],
         "status": "current",
         "docStatus": "final",
         "type": {
             "coding": [{"system": "http://loinc.org", "code": "34895-3", "display": "Education note"}],
-            "text": type_text,
+            "text": spec.type_text,
         },
-        "category": [
-            {
-                "coding": [
-                    {
-                        "system": "http://hl7.org/fhir/us/core/CodeSystem/us-core-documentreference-category",
-                        "code": "clinical-note",
-                        "display": "Clinical Note",
-                    }
-                ]
-            }
-        ],
-        "subject": {"reference": f"Patient/{patient_id}"},
-        "date": fhir_instant(date),
-        "author": [{"reference": f"Practitioner/{practitioner_id}"}],
+        "category": [copy.deepcopy(_CLINICAL_NOTE)],
+        "subject": {"reference": f"Patient/{spec.patient_id}"},
+        "date": fhir_instant(spec.date),
+        "author": [{"reference": f"Practitioner/{spec.practitioner_id}"}],
     }
-    if organization_id is not None:
-        document["custodian"] = {"reference": f"Organization/{_check_id('organization_id', organization_id)}"}
-    if replaces is not None:
-        replaced = f"DocumentReference/{_check_id('replaces', replaces)}"
-        document["relatesTo"] = [{"code": "replaces", "target": {"reference": replaced}}]
-    document["description"] = description
-    document["content"] = content
-    document["context"] = context
-    return document
 
 
 def build_model_device(

@@ -2,20 +2,99 @@
 
 from __future__ import annotations
 
-import json
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from fhir_adapters import clean_text
 from service.crypto import Keyring, aad_for
 from service.db.models import Document
+from service.jobs import JobKind
 
 _TABLE = "documents"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Replaces(_Frozen):
+    """The chart document a new version replaces, and the job that made it."""
+
+    fhir_document_id: str
+    job_id: str
+
+
+class SafetyCheck(_Frozen):
+    """The worker's safety verdict on the image (service.generation.safety.safety_result)."""
+
+    checked: bool = False
+    flagged: bool = False
+    reason: str | None = None
+    classifier: str | None = None
+
+
+class DraftContent(_Frozen):
+    """What a draft holds, encrypted at rest. Drafts stored before a field existed load with its default."""
+
+    kind: JobKind = JobKind.ILLUSTRATION
+    title: str = ""
+    caption: str = ""
+    alt_text: str = ""
+    # The caption and alt text as generated, so an approval can tell whether the clinician edited them.
+    generated_caption: str | None = None
+    generated_alt_text: str | None = None
+    caption_grade: float | None = None
+    language: str = "en"
+    topic_id: str | None = None
+    style: str | None = None
+    condition_id: str | None = None
+    condition_text: str | None = None
+    patient_id: str | None = None
+    encounter_id: str | None = None
+    prompt: str = ""
+    negative_prompt: str | None = None
+    model: str = ""
+    seed: int | None = None
+    symbolic: bool | None = None
+    story_id: str | None = None
+    variant: int | None = None
+    variants: int | None = None
+    replaces: Replaces | None = None
+    included_image: bool = True
+    write_notes: tuple[str, ...] = ()
+    safety: SafetyCheck | None = None
+
+    @property
+    def source_reference(self) -> str:
+        """Education pictures come from a Condition; portraits from the patient's story."""
+        if self.condition_id:
+            return f"Condition/{self.condition_id}"
+        return f"QuestionnaireResponse/{self.story_id}"
+
+    @property
+    def original_caption(self) -> str:
+        return self.caption if self.generated_caption is None else self.generated_caption
+
+    @property
+    def original_alt_text(self) -> str:
+        return self.alt_text if self.generated_alt_text is None else self.generated_alt_text
+
+    @classmethod
+    def generated(cls, **fields: Any) -> DraftContent:
+        """A new draft: what was generated is remembered next to what the clinician will edit."""
+        draft = cls(**fields)
+        return draft.model_copy(
+            update={"generated_caption": draft.caption, "generated_alt_text": draft.alt_text}
+        )
+
+    def encode(self) -> bytes:
+        return self.model_dump_json().encode()
 
 
 @dataclass
@@ -24,7 +103,7 @@ class DocumentView:
     job_id: str
     status: str
     ehr_name: str
-    content: dict[str, Any]
+    content: DraftContent
     fhir_document_id: str | None
     identifier: str | None
     version: int
@@ -37,7 +116,7 @@ def _aad(document_id: str) -> bytes:
 
 
 async def create_draft(
-    db: AsyncSession, *, keyring: Keyring, job_id: str, ehr_name: str, content: dict[str, Any]
+    db: AsyncSession, *, keyring: Keyring, job_id: str, ehr_name: str, content: DraftContent
 ) -> str:
     document_id = str(uuid.uuid4())
     db.add(
@@ -46,7 +125,7 @@ async def create_draft(
             job_id=job_id,
             status="draft",
             ehr_name=ehr_name,
-            content=keyring.encrypt(json.dumps(content).encode(), aad=_aad(document_id)),
+            content=keyring.encrypt(content.encode(), aad=_aad(document_id)),
             version=1,
         )
     )
@@ -80,7 +159,7 @@ def _view(row: Document, keyring: Keyring) -> DocumentView:
         job_id=row.job_id,
         status=row.status,
         ehr_name=row.ehr_name or "",
-        content=json.loads(keyring.decrypt(row.content, aad=_aad(row.id))),
+        content=DraftContent.model_validate_json(keyring.decrypt(row.content, aad=_aad(row.id))),
         fhir_document_id=row.fhir_document_id,
         identifier=row.identifier,
         version=row.version,
@@ -90,12 +169,12 @@ def _view(row: Document, keyring: Keyring) -> DocumentView:
 
 
 async def save_content(
-    db: AsyncSession, *, keyring: Keyring, document: DocumentView, content: dict[str, Any]
+    db: AsyncSession, *, keyring: Keyring, document: DocumentView, content: DraftContent
 ) -> None:
     await db.execute(
         update(Document)
         .where(Document.id == document.id)
-        .values(content=keyring.encrypt(json.dumps(content).encode(), aad=_aad(document.id)))
+        .values(content=keyring.encrypt(content.encode(), aad=_aad(document.id)))
     )
     document.content = content
 

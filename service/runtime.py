@@ -8,7 +8,7 @@ from typing import Any
 
 import structlog
 
-from service.documents import load_document, save_content
+from service.documents import SafetyCheck, load_document, save_content
 from service.generation.engine import DiffusionEngine, select_device_and_dtype
 from service.generation.models import ModelSpec
 from service.generation.safety import SafetyClassifier, load_safety_classifier
@@ -57,16 +57,18 @@ def configured_safety_classifier(services: Services) -> SafetyClassifier | None:
 
 
 def document_result_recorder(services: Services) -> Any:
-    """Merges a job's result (the safety verdict) into its draft document, which the review page reads."""
+    """Records a job's result (the safety verdict) in its draft document, which the review page reads."""
 
     async def record(job_id: str, result: Mapping[str, Any]) -> None:
+        if "safety" not in result:
+            return  # the safety verdict is the only result a draft shows
+        safety = SafetyCheck.model_validate(result["safety"])
         async with services.sessionmaker() as db:
             document = await load_document(db, keyring=services.keyring, job_id=job_id)
             if document is None:
                 return  # jobs without a review draft (benchmarks, scripts) have nowhere to show it
-            await save_content(
-                db, keyring=services.keyring, document=document, content={**document.content, **result}
-            )
+            content = document.content.model_copy(update={"safety": safety})
+            await save_content(db, keyring=services.keyring, document=document, content=content)
             await db.commit()
 
     return record

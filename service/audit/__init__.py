@@ -9,23 +9,40 @@ from service.audit.checkpoints import (
     SignedCheckpoint,
     sign_checkpoint,
 )
-from service.audit.log import AuditAction, AuditEntry, AuditError, AuditLog, AuditOutcome, AuditRecordRef
+from service.audit.log import (
+    AuditAction,
+    AuditEntity,
+    AuditEntry,
+    AuditError,
+    AuditLog,
+    AuditOutcome,
+    AuditRecordRef,
+    CareCanvasObject,
+    EntityRole,
+    canonical_actor,
+    carecanvas_ref,
+)
 from service.audit.verify import VerifyResult, verify_chain
 
 __all__ = [
     "GENESIS_HASH",
     "AuditAction",
+    "AuditEntity",
     "AuditEntry",
     "AuditError",
     "AuditLog",
     "AuditOutcome",
     "AuditRecordRef",
+    "CareCanvasObject",
     "CheckpointSink",
+    "EntityRole",
     "FileCheckpointSink",
     "JsonlCheckpointSink",
     "SignedCheckpoint",
     "VerifyResult",
+    "canonical_actor",
     "canonical_json",
+    "carecanvas_ref",
     "export_ndjson",
     "record_hash",
     "sign_checkpoint",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -38,6 +38,11 @@ from service.db.models import AuditRecord
 AUDIT_CHAIN_LOCK_KEY = int.from_bytes(b"CCAUDIT1", "big") & 0x7FFF_FFFF_FFFF_FFFF
 _ACTION_PATTERN = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
 _RESOURCE_TYPE = re.compile(r"(?:^|/)([A-Z][A-Za-z]{1,63})(?:/[^/]+(?:/_history/[^/]+)?)?/?$")
+# A user as the EHR names them: `Practitioner/prac-2`, whether it came as that or as an absolute URL.
+_PERSON = re.compile(
+    r"(?:^|/)((?:Practitioner|Patient|RelatedPerson|Person)/[A-Za-z0-9\-.]{1,64})(?:/_history/[^/]+)?/?$"
+)
+CARECANVAS_URN = "urn:carecanvas:"
 
 
 class AuditAction(StrEnum):
@@ -47,14 +52,18 @@ class AuditAction(StrEnum):
     LOGIN = "login"
     LOGOUT = "logout"
     TOKEN_USE = "token.use"  # noqa: S105 - an action name, not a secret
+    ACCESS_DENIED = "access.denied"
     FHIR_READ = "fhir.read"
     FHIR_SEARCH = "fhir.search"
-    GENERATE = "generate"
-    VIEW = "view"
-    APPROVE = "approve"
+    READ_CONDITIONS = "conditions.read"
+    GENERATE = "generate"  # a clinician asked for a picture (a job and its draft, CareCanvas's objects)
+    VIEW = "view"  # a draft, its image or its progress preview
+    EDIT_CAPTION = "draft.edit"
+    APPROVE = "approve"  # of the draft, in CareCanvas; the chart changes with write_back
     REJECT = "reject"
-    WRITE_BACK = "write_back"
-    RETRACT = "retract"
+    WRITE_BACK = "write_back"  # a new DocumentReference in the chart
+    SUPERSEDE = "supersede"  # the DocumentReference a new version replaced, marked superseded
+    RETRACT = "retract"  # withdrawn: the DocumentReference marked entered-in-error
     PORTAL_VIEW = "portal.view"
     AUDIT_SEARCH = "audit.search"
     AUDIT_EXPORT = "audit.export"
@@ -72,6 +81,91 @@ class AuditOutcome(StrEnum):
     DENIED = "denied"
     FAILURE = "failure"
     ERROR = "error"
+
+
+class EntityRole(StrEnum):
+    """How a record's entity took part: acted on, what it was made from, or the document it replaced."""
+
+    TARGET = "target"
+    SOURCE = "source"
+    REPLACED = "replaced"
+
+
+class CareCanvasObject(StrEnum):
+    """CareCanvas's own objects, named `urn:carecanvas:<kind>:<id>` (never dressed up as EHR URLs)."""
+
+    JOB = "job"
+    DRAFT = "draft"
+    IMAGE = "image"
+    PREVIEW = "preview"
+    HANDOUT = "handout"
+    AUDIT_LOG = "audit-log"
+    KEY = "key"
+
+
+def carecanvas_ref(kind: CareCanvasObject, object_id: str) -> str:
+    return f"{CARECANVAS_URN}{kind.value}:{object_id}"
+
+
+@dataclass(frozen=True)
+class AuditEntity:
+    """One thing a record is about: an EHR reference (`Condition/cond-1`) or a CareCanvas identifier."""
+
+    reference: str
+    role: EntityRole = EntityRole.TARGET
+
+    @property
+    def is_carecanvas(self) -> bool:
+        return self.reference.startswith(CARECANVAS_URN)
+
+
+def canonical_actor(actor: str | None) -> str | None:
+    """`http://ehr/fhir/Practitioner/p-2` and `/Practitioner/p-2` are `Practitioner/p-2`; else as is."""
+    if actor is None:
+        return None
+    match = _PERSON.search(actor.strip())
+    return match.group(1) if match else actor
+
+
+_ACTION_WORDS: dict[str, str] = {
+    AuditAction.LAUNCH: "launched CareCanvas",
+    AuditAction.LOGIN: "signed in",
+    AuditAction.LOGOUT: "signed out",
+    AuditAction.ACCESS_DENIED: "was refused access",
+    AuditAction.FHIR_READ: "read",
+    AuditAction.FHIR_SEARCH: "searched",
+    AuditAction.READ_CONDITIONS: "read the patient's conditions",
+    AuditAction.GENERATE: "asked for a picture",
+    AuditAction.VIEW: "viewed",
+    AuditAction.EDIT_CAPTION: "edited the caption or alt text of",
+    AuditAction.APPROVE: "approved",
+    AuditAction.REJECT: "rejected",
+    AuditAction.WRITE_BACK: "wrote to the chart",
+    AuditAction.SUPERSEDE: "marked as replaced",
+    AuditAction.RETRACT: "withdrew from the chart",
+    AuditAction.PORTAL_VIEW: "viewed in the portal",
+    AuditAction.AUDIT_SEARCH: "searched the audit log",
+    AuditAction.AUDIT_EXPORT: "exported the audit log",
+    AuditAction.AUDIT_VERIFY: "verified the audit log",
+}
+
+
+def describe(
+    action: str, *, actor: str | None, outcome: str, entities: Sequence[AuditEntity], resource: str | None
+) -> str:
+    """A sentence from references only (never names or free text), for records that bring none."""
+    who = actor or "CareCanvas"
+    words = _ACTION_WORDS.get(action, action)
+    targets = [e.reference for e in entities if e.role is EntityRole.TARGET]
+    if not targets and resource:
+        targets = [resource]
+    sources = [e.reference for e in entities if e.role is EntityRole.SOURCE]
+    sentence = f"{who} {words}" + (f" {', '.join(targets)}" if targets else "")
+    if sources:
+        sentence += f" from {', '.join(sources)}"
+    if outcome != AuditOutcome.SUCCESS:
+        sentence += f" ({outcome})"
+    return sentence
 
 
 class AuditError(Exception):
@@ -101,6 +195,10 @@ class AuditEntry:
     request_id: str | None
     detail: Mapping[str, Any]
     hash: str
+    entities: tuple[AuditEntity, ...] = ()
+    description: str | None = None
+    actor_display: str | None = None
+    role: str | None = None
 
 
 def _column_values(row: AuditRecord) -> dict[str, Any]:
@@ -111,6 +209,9 @@ def resource_type_of(resource: str | None) -> str | None:
     """``Condition/cond-1`` or ``https://x/fhir/Condition/c/_history/2`` → ``Condition``; ids stay out."""
     if not resource:
         return None
+    if resource.startswith(CARECANVAS_URN):
+        # `urn:carecanvas:job:<id>` → `carecanvas:job`: searchable by kind, the id stays sealed.
+        return resource.removeprefix("urn:").rsplit(":", 1)[0][:64]
     match = _RESOURCE_TYPE.search(resource.split("?", 1)[0])
     return match.group(1) if match else None
 
@@ -147,7 +248,7 @@ class AuditLog:
         return self._keyring.keyed_digest("patient:" + _patient_key(patient))
 
     def actor_digest(self, actor: str) -> str:
-        return self._keyring.keyed_digest("actor:" + actor)
+        return self._keyring.keyed_digest("actor:" + (canonical_actor(actor) or actor))
 
     async def append(
         self,
@@ -161,8 +262,18 @@ class AuditLog:
         resource: str | None,
         request_id: str | None,
         detail: Mapping[str, Any] | None = None,
+        entities: Sequence[AuditEntity] = (),
+        description: str | None = None,
+        actor_display: str | None = None,
+        role: str | None = None,
     ) -> AuditRecordRef:
-        """Append in the caller's transaction (its rollback removes it; our failure fails the caller)."""
+        """Append in the caller's transaction (its rollback removes it; our failure fails the caller).
+
+        The actor is stored in its canonical form; entities, description, display and role are sealed.
+        """
+        actor = canonical_actor(actor)
+        if resource is None and entities:
+            resource = entities[0].reference
         for name, value in (("ehr", ehr), ("request_id", request_id)):
             if value is not None and not 0 < len(value) <= 128:
                 raise AuditError(f"audit {name} must be 1..128 characters")
@@ -172,7 +283,17 @@ class AuditLog:
             raise AuditError(f"audit outcome must be one of {[o.value for o in AuditOutcome]}")
         try:
             sealed_plain = json.dumps(
-                {"actor": actor, "patient": patient, "resource": resource, "detail": dict(detail or {})},
+                {
+                    "actor": actor,
+                    "patient": patient,
+                    "resource": resource,
+                    "detail": dict(detail or {}),
+                    "entities": [{"reference": e.reference, "role": e.role.value} for e in entities],
+                    "description": description
+                    or describe(action, actor=actor, outcome=outcome, entities=entities, resource=resource),
+                    "actor_display": actor_display,
+                    "role": role,
+                },
                 sort_keys=True,
                 default=str,
             ).encode()
@@ -303,4 +424,11 @@ class AuditLog:
             request_id=row.request_id,
             detail=sealed.get("detail") or {},
             hash=row.hash,
+            entities=tuple(
+                AuditEntity(reference=str(item["reference"]), role=EntityRole(item["role"]))
+                for item in sealed.get("entities") or ()
+            ),
+            description=sealed.get("description"),
+            actor_display=sealed.get("actor_display"),
+            role=sealed.get("role"),
         )

@@ -215,7 +215,12 @@ async def callback(
         ehr=ehr.name,
         resource=None,
         request_id=request_id,
-        detail={"kind": kind, "role": role, "scope": " ".join(sorted(token_set.scopes.raw))},
+        detail={
+            "kind": kind,
+            "role": role,
+            "encounter": token_set.encounter,
+            "scope": " ".join(sorted(token_set.scopes.raw)),
+        },
     )
     await db.commit()
     # 303 to a clean URL: the code leaves the address bar, and no-referrer keeps it out of later requests.

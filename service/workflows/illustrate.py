@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from fhir_adapters import FhirClient, NotFoundError, summarize_condition
-from service.audit import AuditAction
-from service.documents import create_draft
+from service.audit import AuditAction, AuditEntity, CareCanvasObject, EntityRole, carecanvas_ref
+from service.documents import DraftContent, create_draft
 from service.generation.prompts import Depiction, build_education_prompt
 from service.jobs import JobKind
 from service.workflows.context import WorkflowContext
@@ -65,27 +65,38 @@ async def start_illustration(ctx: WorkflowContext, fhir: FhirClient, choice: Ill
         keyring=keyring,
         job_id=job_id,
         ehr_name=ctx.ehr.name,
-        content={
-            "title": prompt.title,
-            "caption": prompt.caption,
-            "alt_text": prompt.alt_text,
-            "caption_grade": prompt.caption_grade,
-            "language": prompt.language,
-            "topic_id": prompt.topic_id,
-            "style": choice.style,
-            "condition_id": choice.condition_id,
-            "condition_text": summary.text,
-            "patient_id": patient_id,
-            "encounter_id": ctx.encounter_id,
-            "prompt": prompt.positive,
-            "negative_prompt": prompt.negative,
-            "model": model.name,
-            "seed": seed,
-        },
+        content=DraftContent.generated(
+            kind=JobKind.ILLUSTRATION,
+            title=prompt.title,
+            caption=prompt.caption,
+            alt_text=prompt.alt_text,
+            caption_grade=prompt.caption_grade,
+            language=prompt.language,
+            topic_id=prompt.topic_id,
+            style=choice.style,
+            condition_id=choice.condition_id,
+            condition_text=summary.text,
+            patient_id=patient_id,
+            encounter_id=ctx.encounter_id,
+            prompt=prompt.positive,
+            negative_prompt=prompt.negative,
+            model=model.name,
+            seed=seed,
+        ),
     )
+    condition_ref = f"Condition/{choice.condition_id}"
     await ctx.audit(
         AuditAction.GENERATE,
-        resource=f"Condition/{choice.condition_id}",
-        detail={"job_id": job_id, "topic": prompt.topic_id, "style": choice.style},
+        entities=[
+            AuditEntity(carecanvas_ref(CareCanvasObject.JOB, job_id)),
+            AuditEntity(condition_ref, EntityRole.SOURCE),
+        ],
+        detail={
+            "job_id": job_id,
+            "kind": JobKind.ILLUSTRATION.value,
+            "topic": prompt.topic_id,
+            "style": choice.style,
+        },
+        description=f"{ctx.actor_reference} asked for an education picture about {condition_ref}",
     )
     return job_id

@@ -6,8 +6,8 @@ import secrets
 from dataclasses import dataclass
 
 from fhir_adapters import FhirClient, FhirError, summarize_story
-from service.audit import AuditAction, AuditOutcome
-from service.documents import create_draft
+from service.audit import AuditAction, AuditEntity, AuditOutcome, CareCanvasObject, EntityRole, carecanvas_ref
+from service.documents import DraftContent, create_draft
 from service.generation.models import ModelSpec
 from service.generation.prompts import (
     Depiction,
@@ -106,9 +106,14 @@ async def start_portrait_variants(
         await _enqueue_variant(ctx, story, choice, prompt, model, index=index, seed=first_seed + index)
         for index in range(choice.variants)
     ]
+    source = f"QuestionnaireResponse/{story.resource_id}"
     await ctx.audit(
         AuditAction.GENERATE,
-        resource=f"QuestionnaireResponse/{story.resource_id}",
+        entities=[
+            *(AuditEntity(carecanvas_ref(CareCanvasObject.JOB, job_id)) for job_id in job_ids),
+            AuditEntity(source, EntityRole.SOURCE),
+        ],
+        description=f"{ctx.actor_reference} asked for {choice.variants} portrait variant(s) from {source}",
         detail={
             "kind": "portrait",
             "job_ids": job_ids,
@@ -145,26 +150,26 @@ async def _enqueue_variant(
         keyring=ctx.services.keyring,
         job_id=job_id,
         ehr_name=ctx.ehr.name,
-        content={
-            "kind": "portrait",
-            "title": prompt.title,
-            "caption": prompt.alt_text,
-            "alt_text": prompt.alt_text,
-            "language": prompt.language,
-            "style": prompt.style,
-            "symbolic": prompt.symbolic,
-            "story_id": story.resource_id,
-            "variant": index + 1,
-            "variants": choice.variants,
+        content=DraftContent.generated(
+            kind=JobKind.PORTRAIT,
+            title=prompt.title,
+            caption=prompt.alt_text,
+            alt_text=prompt.alt_text,
+            language=prompt.language,
+            style=prompt.style,
+            symbolic=prompt.symbolic,
+            story_id=story.resource_id,
+            variant=index + 1,
+            variants=choice.variants,
             # Portraits have no condition; write-back must cite the story as the source instead.
-            "condition_id": None,
-            "condition_text": "portrait from the patient's story",
-            "patient_id": ctx.patient_id,
-            "encounter_id": ctx.encounter_id,
-            "prompt": prompt.positive,
-            "negative_prompt": prompt.negative,
-            "model": model.name,
-            "seed": seed,
-        },
+            condition_id=None,
+            condition_text="portrait from the patient's story",
+            patient_id=ctx.patient_id,
+            encounter_id=ctx.encounter_id,
+            prompt=prompt.positive,
+            negative_prompt=prompt.negative,
+            model=model.name,
+            seed=seed,
+        ),
     )
     return job_id

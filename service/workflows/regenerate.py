@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from fhir_adapters import FhirClient, FhirError, PreconditionFailedError, validate_resource
 from service.crypto import Keyring
-from service.documents import DocumentView, load_document, save_content
+from service.documents import DocumentView, Replaces, load_document, save_content
 from service.generation.prompts import Depiction
 from service.workflows.context import WorkflowContext
 from service.workflows.errors import NotReplaceableError
@@ -94,17 +94,17 @@ async def start_regeneration(ctx: WorkflowContext, fhir: FhirClient, choice: Reg
         ctx,
         fhir,
         IllustrationChoice(
-            condition_id=previous.content["condition_id"],
-            style=choice.style or previous.content["style"],
-            language=choice.language or previous.content["language"],
+            condition_id=previous.content.condition_id or "",
+            style=choice.style or previous.content.style or "",
+            language=choice.language or previous.content.language,
             depiction=choice.depiction,
         ),
     )
     draft = await load_document(db, keyring=keyring, job_id=job_id)
     if draft is None:  # start_illustration always creates one; a missing draft is a bug
         raise RuntimeError("the new draft was not created")
-    content = dict(draft.content)
-    content["replaces"] = {"fhir_document_id": previous.fhir_document_id, "job_id": choice.previous_job_id}
+    replaces = Replaces(fhir_document_id=previous.fhir_document_id or "", job_id=choice.previous_job_id)
+    content = draft.content.model_copy(update={"replaces": replaces})
     await save_content(db, keyring=keyring, document=draft, content=content)
     return job_id
 
@@ -118,7 +118,7 @@ async def load_replaceable(
         document is None
         or document.ehr_name != ehr_name
         or patient_id is None
-        or document.content.get("patient_id") != patient_id
+        or document.content.patient_id != patient_id
         or document.status not in ("written", "retracted")
         or not document.fhir_document_id
     ):

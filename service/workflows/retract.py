@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fhir_adapters import FhirClient, FhirError, mark_entered_in_error
-from service.audit import AuditAction, AuditOutcome
+from service.audit import AuditAction, AuditEntity, AuditOutcome
 from service.documents import load_document, transition
 from service.workflows.approve import practitioner_id_from
 from service.workflows.context import WorkflowContext
@@ -40,8 +40,9 @@ async def retract_document(ctx: WorkflowContext, fhir: FhirClient, job_id: str) 
         await ctx.audit(
             AuditAction.RETRACT,
             AuditOutcome.FAILURE,
-            resource=resource,
+            entities=[AuditEntity(resource)],
             detail={"job_id": job_id, "status": error.status},
+            description=f"{ctx.actor_reference} could not withdraw {resource} (EHR answered {error.status})",
         )
         await db.commit()
         raise
@@ -49,7 +50,11 @@ async def retract_document(ctx: WorkflowContext, fhir: FhirClient, job_id: str) 
     if fresh is not None and fresh.status != "retracted":
         await transition(db, document=fresh, to_status="retracted", from_statuses=("written",))
     await ctx.audit(
-        AuditAction.RETRACT, resource=resource, detail={"job_id": job_id, "already": changed is None}
+        AuditAction.RETRACT,
+        entities=[AuditEntity(resource)],
+        detail={"job_id": job_id, "already": changed is None},
+        description=f"{ctx.actor_reference} withdrew {resource} from the chart (entered in error)"
+        + (", which already was" if changed is None else ""),
     )
     await db.commit()
     return RetractResult(fhir_document_id=fhir_document_id, already_retracted=changed is None)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-from service.audit import AuditAction
+from service.audit import AuditAction, AuditEntity, CareCanvasObject, EntityRole, carecanvas_ref
 from service.documents import DocumentView, load_document
 from service.generation.models import ModelSpec
 from service.generation.readability import caption_grade
@@ -56,12 +56,19 @@ async def review_draft(ctx: WorkflowContext, job_id: str) -> ReviewDraft:
         raise JobNotOwnedError("There is no draft for this picture. Start again from the workspace.")
     content = document.content
     await ctx.audit(
-        AuditAction.VIEW, resource="DocumentDraft", detail={"job_id": job_id}, patient=content["patient_id"]
+        AuditAction.VIEW,
+        entities=[
+            AuditEntity(carecanvas_ref(CareCanvasObject.DRAFT, document.id)),
+            AuditEntity(content.source_reference, EntityRole.SOURCE),
+        ],
+        detail={"job_id": job_id},
+        patient=content.patient_id,
+        description=f"{ctx.actor_reference} viewed the draft of the picture about {content.source_reference}",
     )
     return ReviewDraft(
         document=document,
-        caption_grade=caption_grade(content["caption"], content["language"]),
-        model=ctx.services.models.get(content["model"]),
+        caption_grade=caption_grade(content.caption, content.language),
+        model=ctx.services.models.get(content.model),
     )
 
 
@@ -73,6 +80,11 @@ async def read_owned_artifact(ctx: WorkflowContext, job: JobProgress, kind: Arti
         png = await ctx.services.queue.read_artifact(job.job_id, kind.value)
     except JobNotFoundError:
         raise ArtifactNotReadyError("There is no preview yet.") from None
-    resource = "Image" if kind is ArtifactKind.PNG else "Preview"
-    await ctx.audit(AuditAction.VIEW, resource=resource, detail={"job_id": job.job_id})
+    object_kind = CareCanvasObject.IMAGE if kind is ArtifactKind.PNG else CareCanvasObject.PREVIEW
+    await ctx.audit(
+        AuditAction.VIEW,
+        entities=[AuditEntity(carecanvas_ref(object_kind, job.job_id))],
+        detail={"job_id": job.job_id},
+        description=f"{ctx.actor_reference} viewed the {object_kind.value} of job {job.job_id}",
+    )
     return png

@@ -127,10 +127,15 @@ async def load_workspace(ctx: WorkflowContext, fhir: FhirClient, *, banner: bool
 
 async def _audit_reads(ctx: WorkflowContext, reads: _Reads) -> None:
     if reads.patient is not None:
-        await ctx.audit(AuditAction.FHIR_READ, resource="Patient")
+        await ctx.audit(AuditAction.FHIR_READ, resource=f"Patient/{ctx.patient_id}")
     if reads.encounter is not None:
-        await ctx.audit(AuditAction.FHIR_READ, resource="Encounter")
-    await ctx.audit(AuditAction.FHIR_SEARCH, resource="Condition", detail={"count": len(reads.conditions)})
+        await ctx.audit(AuditAction.FHIR_READ, resource=f"Encounter/{ctx.encounter_id}")
+    await ctx.audit(
+        AuditAction.READ_CONDITIONS,
+        resource="Condition",
+        detail={"count": len(reads.conditions)},
+        description=f"{ctx.actor_reference} read the patient's conditions ({len(reads.conditions)})",
+    )
     if reads.history is not None:
         await ctx.audit(
             AuditAction.FHIR_SEARCH, resource="DocumentReference", detail={"count": len(reads.history)}

@@ -190,11 +190,15 @@ async def test_app_role_does_the_apps_work_but_cannot_change_the_audit_table(rol
         assert claimed.id == job_id
         assert await services.queue.complete(job_id, "w1", artifacts={"png": b"\x89PNG-bytes"})
         assert await services.queue.read_artifact(job_id, "png") == b"\x89PNG-bytes"
-        from service.documents import create_draft
+        from service.documents import DraftContent, create_draft
 
         async with services.sessionmaker() as db, db.begin():
             await create_draft(
-                db, keyring=services.keyring, job_id=job_id, ehr_name="sandbox", content={"c": "x"}
+                db,
+                keyring=services.keyring,
+                job_id=job_id,
+                ehr_name="sandbox",
+                content=DraftContent(title="x"),
             )
         await append_records(services, 3)
         async with services.sessionmaker() as db:

@@ -213,12 +213,9 @@ def test_new_version_replaces_the_old_document_and_supersedes_it(
     assert history_rows(workspace.text) == {new["id"]: "current", old_id: "superseded"}
     assert "Replaced by a newer version" in workspace.text
     assert f"/documents/{old_job}/retract" not in workspace.text  # only current documents offer actions
-    updates = [
-        entry
-        for entry in audit_entries(app, AuditAction.WRITE_BACK)
-        if entry.detail.get("status") == "superseded"
-    ]
-    assert [entry.resource for entry in updates] == [f"DocumentReference/{old_id}"]
+    updates = audit_entries(app, AuditAction.SUPERSEDE)
+    assert [entry.resource for entry in updates][:1] == [f"DocumentReference/{old_id}"]
+    assert updates[0].detail == {"status": "superseded", "replaced_by": new["id"]}
 
 
 def test_without_update_permission_the_old_document_stays_current_and_the_page_says_so(

@@ -14,6 +14,7 @@ import pytest
 from fhir_adapters import (
     AttachmentPolicy,
     DiscoveryError,
+    DocumentReferenceInput,
     EhrRegistration,
     FatalFhirError,
     FhirClient,
@@ -164,19 +165,21 @@ async def test_foreign_token_endpoint_is_refused(reset_sandbox: SandboxEHR, http
 
 def document_set(value: str, *, png: bytes) -> dict[str, Any]:
     document = build_document_reference(
-        identifier_value=value,
-        patient_id="pat-1",
-        practitioner_id="prac-1",
-        organization_id="org-1",
-        encounter_id="enc-1",
-        condition_id="cond-1",
-        description="Patient education illustration",
-        language="en",
-        pdf=b"%PDF-1.7\n" + b"p" * 200,
-        png=png,
-        alt_text="A drawing for the patient.",
-        created=NOW,
-        date=NOW,
+        DocumentReferenceInput(
+            identifier_value=value,
+            patient_id="pat-1",
+            practitioner_id="prac-1",
+            organization_id="org-1",
+            encounter_id="enc-1",
+            condition_id="cond-1",
+            description="Patient education illustration",
+            language="en",
+            pdf=b"%PDF-1.7\n" + b"p" * 200,
+            png=png,
+            alt_text="A drawing for the patient.",
+            created=NOW,
+            date=NOW,
+        )
     )
     provenance = build_provenance(
         target_ref=f"urn:uuid:{uuid.uuid4()}",

@@ -12,6 +12,7 @@ from fhir_test_servers import MiniFhir, ScriptedServer
 
 from fhir_adapters import (
     AttachmentPolicy,
+    DocumentReferenceInput,
     FatalFhirError,
     FhirClient,
     ResourceValidationError,
@@ -33,19 +34,21 @@ def document_set(
     value: str = "job-1-v1", png: bytes | None = b"\x89PNG\r\n\x1a\n" + b"x" * 100
 ) -> dict[str, Any]:
     document = build_document_reference(
-        identifier_value=value,
-        patient_id="pat-1",
-        practitioner_id="prac-1",
-        organization_id="org-1",
-        encounter_id="enc-1",
-        condition_id="cond-1",
-        description="How insulin helps",
-        language="en",
-        pdf=b"%PDF-1.7\n" + b"p" * 50,
-        png=png,
-        alt_text="Insulin keys unlocking a cell.",
-        created=NOW,
-        date=NOW,
+        DocumentReferenceInput(
+            identifier_value=value,
+            patient_id="pat-1",
+            practitioner_id="prac-1",
+            organization_id="org-1",
+            encounter_id="enc-1",
+            condition_id="cond-1",
+            description="How insulin helps",
+            language="en",
+            pdf=b"%PDF-1.7\n" + b"p" * 50,
+            png=png,
+            alt_text="Insulin keys unlocking a cell.",
+            created=NOW,
+            date=NOW,
+        )
     )
     device = build_model_device(device_id_value="tiny@1", model_name="tiny", model_version="1")
     provenance = build_provenance(

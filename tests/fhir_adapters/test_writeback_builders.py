@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from fhir_adapters import (
+    DocumentReferenceInput,
     ResourceValidationError,
     build_binary,
     build_document_reference,
@@ -50,7 +51,7 @@ def document(**overrides: Any) -> dict[str, Any]:
         "period_start": datetime(2026, 6, 2, 14, 30, tzinfo=UTC),
     }
     values.update(overrides)
-    return build_document_reference(**values)
+    return build_document_reference(DocumentReferenceInput(**values))
 
 
 def provenance(**overrides: Any) -> dict[str, Any]:

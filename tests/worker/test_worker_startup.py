@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from service.documents import create_draft, load_document
+from service.documents import DraftContent, SafetyCheck, create_draft, load_document
 from service.generation.engine import DiffusionEngine, ImageRequest, bucket_key
 from service.generation.models import ModelSpec
 from service.generation.tiny import TINY_MODEL_NAME, build_tiny_pipeline
@@ -98,7 +98,7 @@ async def enqueue_with_draft(services, model: str, seed: int) -> str:
             db, kind="illustration", bucket=bucket_key(request, model), spec=spec, session_id_hash=None
         )
         await create_draft(
-            db, keyring=services.keyring, job_id=job_id, ehr_name="sandbox", content={"model": model}
+            db, keyring=services.keyring, job_id=job_id, ehr_name="sandbox", content=DraftContent(model=model)
         )
     return job_id
 
@@ -165,13 +165,10 @@ async def test_worker_process_uses_configured_models_and_records_safety(
         assert np.abs(switched_pixels - builtin_pixels).mean() > 10
         async with services.sessionmaker() as db:
             document = await load_document(db, keyring=services.keyring, job_id=switched)
-        assert document.content["safety"] == {
-            "checked": True,
-            "flagged": False,
-            "reason": None,
-            "classifier": "blank-image",
-        }
-        assert document.content["model"] == SECOND_MODEL
+        assert document.content.safety == SafetyCheck(
+            checked=True, flagged=False, reason=None, classifier="blank-image"
+        )
+        assert document.content.model == SECOND_MODEL
         log_text = stdout.decode() + stderr.decode()
         assert "batch claimed" in log_text
         assert "a calm garden" not in log_text  # prompts never reach the logs
