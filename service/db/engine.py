@@ -21,7 +21,6 @@ from alembic.migration import MigrationContext
 from sqlalchemy import Connection, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
-    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
@@ -83,13 +82,6 @@ def make_read_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSessi
     """Sessions for read-only work (on SQLite a deferred transaction that does not block writers)."""
     reader = engine.execution_options(**{_BEGIN_OPTION: "DEFERRED"})
     return async_sessionmaker(reader, expire_on_commit=False)
-
-
-def is_sqlite(bind: AsyncEngine | AsyncConnection | AsyncSession | Connection) -> bool:
-    if isinstance(bind, AsyncSession):
-        active = bind.get_bind()
-        return active.dialect.name == "sqlite"
-    return bind.dialect.name == "sqlite"
 
 
 @dataclass(frozen=True)
