@@ -272,46 +272,10 @@ def build_provenance(
     source = _source_reference(condition_id, source_ref)
     if ended < started:
         raise ValueError("ended must not be before started")
-    on_behalf_of = (
-        {"onBehalfOf": {"reference": f"Organization/{_check_id('organization_id', organization_id)}"}}
-        if organization_id is not None
-        else {}
-    )
-
-    def participant(code: str) -> dict[str, Any]:
-        return {
-            "coding": [
-                {"system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type", "code": code}
-            ]
-        }
-
     return {
         "resourceType": "Provenance",
         "meta": {"profile": [AI_PROVENANCE, US_CORE_PROVENANCE]},
-        "contained": [
-            {
-                "resourceType": "DocumentReference",
-                "id": "prompt1",
-                "meta": {"profile": [AI_INPUT_PROMPT]},
-                "status": "current",
-                "type": {
-                    "coding": [
-                        {
-                            "system": "http://hl7.org/fhir/uv/aitransparency/CodeSystem/AIinputsCS",
-                            "code": "AIInputPrompt",
-                        }
-                    ]
-                },
-                "content": [
-                    {
-                        "attachment": {
-                            "contentType": "text/markdown",
-                            "data": base64.b64encode(prompt_markdown.encode("utf-8")).decode("ascii"),
-                        }
-                    }
-                ],
-            }
-        ],
+        "contained": [_input_prompt(prompt_markdown)],
         "target": [{"reference": target_ref}],
         "occurredPeriod": {"start": fhir_instant(started), "end": fhir_instant(ended)},
         "recorded": fhir_instant(recorded),
@@ -322,33 +286,72 @@ def build_provenance(
         "activity": {
             "coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation", "code": "CREATE"}]
         },
-        "agent": [
-            {
-                "type": participant("author"),
-                "role": [
-                    {
-                        "coding": [
-                            {
-                                "system": "http://hl7.org/fhir/uv/aitransparency/CodeSystem/AIdeviceTypeCS",
-                                "code": "Artificial-Intelligence",
-                            }
-                        ]
-                    }
-                ],
-                "who": {"reference": device_ref},
-                **on_behalf_of,
-            },
-            {
-                "type": participant("verifier"),
-                "who": {"reference": f"Practitioner/{practitioner_id}"},
-                **on_behalf_of,
-            },
-        ],
+        "agent": _provenance_agents(device_ref, practitioner_id, organization_id),
         "entity": [
             {"role": "source", "what": {"reference": source}},
             {"role": "derivation", "what": {"reference": "#prompt1"}},
         ],
     }
+
+
+def _input_prompt(prompt_markdown: str) -> dict[str, Any]:
+    """The prompt as a contained AI-InputPrompt DocumentReference (`#prompt1`)."""
+    return {
+        "resourceType": "DocumentReference",
+        "id": "prompt1",
+        "meta": {"profile": [AI_INPUT_PROMPT]},
+        "status": "current",
+        "type": {
+            "coding": [
+                {
+                    "system": "http://hl7.org/fhir/uv/aitransparency/CodeSystem/AIinputsCS",
+                    "code": "AIInputPrompt",
+                }
+            ]
+        },
+        "content": [
+            {
+                "attachment": {
+                    "contentType": "text/markdown",
+                    "data": base64.b64encode(prompt_markdown.encode("utf-8")).decode("ascii"),
+                }
+            }
+        ],
+    }
+
+
+def _participant(code: str) -> dict[str, Any]:
+    return {
+        "coding": [
+            {"system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type", "code": code}
+        ]
+    }
+
+
+def _provenance_agents(
+    device_ref: str, practitioner_id: str, organization_id: str | None
+) -> list[dict[str, Any]]:
+    on_behalf_of = (
+        {"onBehalfOf": {"reference": f"Organization/{_check_id('organization_id', organization_id)}"}}
+        if organization_id is not None
+        else {}
+    )
+    ai_role = {
+        "coding": [
+            {
+                "system": "http://hl7.org/fhir/uv/aitransparency/CodeSystem/AIdeviceTypeCS",
+                "code": "Artificial-Intelligence",
+            }
+        ]
+    }
+    return [
+        {"type": _participant("author"), "role": [ai_role], "who": {"reference": device_ref}, **on_behalf_of},
+        {
+            "type": _participant("verifier"),
+            "who": {"reference": f"Practitioner/{practitioner_id}"},
+            **on_behalf_of,
+        },
+    ]
 
 
 def build_binary(*, content_type: str, data: bytes, patient_id: str) -> dict[str, Any]:

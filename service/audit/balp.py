@@ -221,6 +221,20 @@ def _entities(entry: AuditEntry, pattern: _Pattern, fhir_base: str | None) -> li
     return entities
 
 
+def _source(site: str) -> dict[str, Any]:
+    return {
+        "site": site,
+        "observer": {"identifier": {"value": f"{site}-audit"}},
+        "type": [
+            {
+                "system": "http://terminology.hl7.org/CodeSystem/security-source-type",
+                "code": "4",
+                "display": "Application Server",
+            }
+        ],
+    }
+
+
 def to_audit_event(entry: AuditEntry, *, site: str, fhir_base: str | None) -> dict[str, Any]:
     """One BALP-shaped AuditEvent (R4 JSON), validated with fhir.resources R4B.
 
@@ -247,17 +261,7 @@ def to_audit_event(entry: AuditEntry, *, site: str, fhir_base: str | None) -> di
         "outcome": OUTCOME_CODES.get(entry.outcome, "8"),
         "purposeOfEvent": [{"coding": [{"system": ACT_REASON, "code": "TREAT"}]}],
         "agent": _agents(entry, pattern, site=site, fhir_base=fhir_base),
-        "source": {
-            "site": site,
-            "observer": {"identifier": {"value": f"{site}-audit"}},
-            "type": [
-                {
-                    "system": "http://terminology.hl7.org/CodeSystem/security-source-type",
-                    "code": "4",
-                    "display": "Application Server",
-                }
-            ],
-        },
+        "source": _source(site),
     }
     if entry.description:
         event["outcomeDesc"] = entry.description

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from service.audit import AuditAction
+from service.audit import AuditAction, AuditEntity, CareCanvasObject, EntityRole, carecanvas_ref
 from service.documents import DocumentView, load_document, save_content
 from service.generation.handout import render_handout_pdf
 from service.generation.text import normalise_free_text
@@ -49,9 +49,14 @@ async def edit_draft(ctx: WorkflowContext, job_id: str, change: DraftChange) -> 
     await save_content(ctx.db, keyring=ctx.services.keyring, document=document, content=content)
     await ctx.audit(
         AuditAction.EDIT_CAPTION,
-        resource="DocumentDraft",
+        entities=[
+            AuditEntity(carecanvas_ref(CareCanvasObject.DRAFT, document.id)),
+            AuditEntity(content.source_reference, EntityRole.SOURCE),
+        ],
         detail={"job_id": job_id, "fields": sorted(update)},
         patient=content.patient_id,
+        description=f"{ctx.actor_reference} edited the {' and '.join(sorted(update)) or 'text'} of the draft "
+        f"about {content.source_reference}",
     )
     return document
 
@@ -77,6 +82,10 @@ async def handout_preview(ctx: WorkflowContext, job: JobProgress) -> bytes:
         test_model_notice=TEST_MODEL_NOTICE if model.is_test_model else None,
     )
     await ctx.audit(
-        AuditAction.VIEW, resource="Handout", detail={"job_id": job.job_id}, patient=content.patient_id
+        AuditAction.VIEW,
+        entities=[AuditEntity(carecanvas_ref(CareCanvasObject.HANDOUT, job.job_id))],
+        detail={"job_id": job.job_id},
+        patient=content.patient_id,
+        description=f"{ctx.actor_reference} viewed the handout preview about {content.source_reference}",
     )
     return pdf

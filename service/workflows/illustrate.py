@@ -6,7 +6,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from fhir_adapters import FhirClient, NotFoundError, summarize_condition
+from fhir_adapters import ConditionSummary, FhirClient, NotFoundError, summarize_condition
 from service.audit import AuditAction, AuditEntity, CareCanvasObject, EntityRole, carecanvas_ref
 from service.documents import DraftContent, create_draft
 from service.generation.prompts import Depiction, build_education_prompt
@@ -31,15 +31,7 @@ def subject_patient_id(resource: dict[str, Any]) -> str | None:
 
 async def start_illustration(ctx: WorkflowContext, fhir: FhirClient, choice: IllustrationChoice) -> str:
     """Read the condition, build the prompt from its concept only, enqueue; returns the job id."""
-    db, keyring, patient_id = ctx.db, ctx.services.keyring, ctx.patient_id
-    model = ctx.services.models.get(ctx.services.settings.default_model)
-    try:
-        condition = await fhir.read("Condition", choice.condition_id)
-    except NotFoundError as error:
-        raise ConditionNotFoundError("That condition was not found in the patient's record.") from error
-    if subject_patient_id(condition) != patient_id:
-        raise WrongPatientError("That condition belongs to another patient than the one you launched with.")
-    summary = summarize_condition(condition)
+    summary = await _patients_condition(ctx, fhir, choice.condition_id)
     prompt = build_education_prompt(
         library=ctx.services.prompts,
         condition_text=summary.text,
@@ -49,9 +41,10 @@ async def start_illustration(ctx: WorkflowContext, fhir: FhirClient, choice: Ill
         depiction=choice.depiction,
         tokenizer=None,  # the worker fits the prompt to its own pipeline's tokenizer before the call
     )
+    model = ctx.services.models.get(ctx.services.settings.default_model)
     seed = secrets.randbelow(2**31)
     job_id = await enqueue_image_job(
-        db,
+        ctx.db,
         queue=ctx.services.queue,
         model=model,
         kind=JobKind.ILLUSTRATION,
@@ -60,43 +53,54 @@ async def start_illustration(ctx: WorkflowContext, fhir: FhirClient, choice: Ill
         seed=seed,
         session_id_hash=ctx.session_id_hash,
     )
-    await create_draft(
-        db,
-        keyring=keyring,
-        job_id=job_id,
-        ehr_name=ctx.ehr.name,
-        content=DraftContent.generated(
-            kind=JobKind.ILLUSTRATION,
-            title=prompt.title,
-            caption=prompt.caption,
-            alt_text=prompt.alt_text,
-            caption_grade=prompt.caption_grade,
-            language=prompt.language,
-            topic_id=prompt.topic_id,
-            style=choice.style,
-            condition_id=choice.condition_id,
-            condition_text=summary.text,
-            patient_id=patient_id,
-            encounter_id=ctx.encounter_id,
-            prompt=prompt.positive,
-            negative_prompt=prompt.negative,
-            model=model.name,
-            seed=seed,
-        ),
+    content = DraftContent.generated(
+        kind=JobKind.ILLUSTRATION,
+        title=prompt.title,
+        caption=prompt.caption,
+        alt_text=prompt.alt_text,
+        caption_grade=prompt.caption_grade,
+        language=prompt.language,
+        topic_id=prompt.topic_id,
+        style=choice.style,
+        condition_id=choice.condition_id,
+        condition_text=summary.text,
+        patient_id=ctx.patient_id,
+        encounter_id=ctx.encounter_id,
+        prompt=prompt.positive,
+        negative_prompt=prompt.negative,
+        model=model.name,
+        seed=seed,
     )
-    condition_ref = f"Condition/{choice.condition_id}"
+    await create_draft(
+        ctx.db, keyring=ctx.services.keyring, job_id=job_id, ehr_name=ctx.ehr.name, content=content
+    )
+    await _audit_request(ctx, job_id, content)
+    return job_id
+
+
+async def _patients_condition(ctx: WorkflowContext, fhir: FhirClient, condition_id: str) -> ConditionSummary:
+    try:
+        condition = await fhir.read("Condition", condition_id)
+    except NotFoundError as error:
+        raise ConditionNotFoundError("That condition was not found in the patient's record.") from error
+    if subject_patient_id(condition) != ctx.patient_id:
+        raise WrongPatientError("That condition belongs to another patient than the one you launched with.")
+    return summarize_condition(condition)
+
+
+async def _audit_request(ctx: WorkflowContext, job_id: str, content: DraftContent) -> None:
+    """A request for OUR job, made from the Condition (which is read, never created or changed)."""
     await ctx.audit(
         AuditAction.GENERATE,
         entities=[
             AuditEntity(carecanvas_ref(CareCanvasObject.JOB, job_id)),
-            AuditEntity(condition_ref, EntityRole.SOURCE),
+            AuditEntity(content.source_reference, EntityRole.SOURCE),
         ],
         detail={
             "job_id": job_id,
             "kind": JobKind.ILLUSTRATION.value,
-            "topic": prompt.topic_id,
-            "style": choice.style,
+            "topic": content.topic_id,
+            "style": content.style,
         },
-        description=f"{ctx.actor_reference} asked for an education picture about {condition_ref}",
+        description=f"{ctx.actor_reference} asked for an education picture about {content.source_reference}",
     )
-    return job_id

@@ -145,31 +145,41 @@ async def _enqueue_variant(
         seed=seed,
         session_id_hash=ctx.session_id_hash,
     )
+    content = _variant_content(ctx, story, choice, prompt, model, index=index, seed=seed)
     await create_draft(
-        ctx.db,
-        keyring=ctx.services.keyring,
-        job_id=job_id,
-        ehr_name=ctx.ehr.name,
-        content=DraftContent.generated(
-            kind=JobKind.PORTRAIT,
-            title=prompt.title,
-            caption=prompt.alt_text,
-            alt_text=prompt.alt_text,
-            language=prompt.language,
-            style=prompt.style,
-            symbolic=prompt.symbolic,
-            story_id=story.resource_id,
-            variant=index + 1,
-            variants=choice.variants,
-            # Portraits have no condition; write-back must cite the story as the source instead.
-            condition_id=None,
-            condition_text="portrait from the patient's story",
-            patient_id=ctx.patient_id,
-            encounter_id=ctx.encounter_id,
-            prompt=prompt.positive,
-            negative_prompt=prompt.negative,
-            model=model.name,
-            seed=seed,
-        ),
+        ctx.db, keyring=ctx.services.keyring, job_id=job_id, ehr_name=ctx.ehr.name, content=content
     )
     return job_id
+
+
+def _variant_content(
+    ctx: WorkflowContext,
+    story: PatientStory,
+    choice: PortraitChoice,
+    prompt: PortraitPrompt,
+    model: ModelSpec,
+    *,
+    index: int,
+    seed: int,
+) -> DraftContent:
+    return DraftContent.generated(
+        kind=JobKind.PORTRAIT,
+        title=prompt.title,
+        caption=prompt.alt_text,
+        alt_text=prompt.alt_text,
+        language=prompt.language,
+        style=prompt.style,
+        symbolic=prompt.symbolic,
+        story_id=story.resource_id,
+        variant=index + 1,
+        variants=choice.variants,
+        # Portraits have no condition; write-back must cite the story as the source instead.
+        condition_id=None,
+        condition_text="portrait from the patient's story",
+        patient_id=ctx.patient_id,
+        encounter_id=ctx.encounter_id,
+        prompt=prompt.positive,
+        negative_prompt=prompt.negative,
+        model=model.name,
+        seed=seed,
+    )

@@ -11,9 +11,9 @@ import pytest
 from harness import RunningApp, csrf_from, free_port, launch_session, running_app, wait_for_job
 
 from sandbox.run import SandboxEHR
-from service.audit import AuditAction
+from service.audit import AuditAction, EntityRole
 from service.cli import demo_settings
-from service.documents import load_document
+from service.documents import DraftContent, load_document
 from service.ehrs import origin_of
 from service.generation.tiny import build_tiny_pipeline
 
@@ -68,8 +68,8 @@ def portrait_app(
         yield app
 
 
-def load_content(app: RunningApp, job_id: str) -> dict:
-    async def read() -> dict:
+def load_content(app: RunningApp, job_id: str) -> DraftContent:
+    async def read() -> DraftContent:
         async with app.services.sessionmaker() as db:
             document = await load_document(db, keyring=app.services.keyring, job_id=job_id)
         assert document is not None
@@ -121,24 +121,28 @@ def test_portrait_variants_from_the_story_with_consent(portrait_app: RunningApp,
         image = client.get(f"/artifacts/{job_ids[1]}/png")
         assert image.content.startswith(b"\x89PNG")
     contents = [load_content(portrait_app, job_id) for job_id in job_ids]
-    assert {content["model"] for content in contents} == {SECOND_MODEL}  # the configured default model
-    assert len({content["seed"] for content in contents}) == 4
-    assert [content["variant"] for content in contents] == [1, 2, 3, 4]
+    assert {content.model for content in contents} == {SECOND_MODEL}  # the configured default model
+    assert len({content.seed for content in contents}) == 4
+    assert [content.variant for content in contents] == [1, 2, 3, 4]
     first = contents[0]
-    assert (first["kind"], first["story_id"], first["symbolic"]) == ("portrait", "qr-story-1", False)
-    assert "hummingbird" in first["prompt"]
-    assert "hospital" not in first["prompt"].lower()
-    assert "needle" not in first["prompt"].lower()
-    assert "hospitals" in first["negative_prompt"]
+    assert (first.kind, first.story_id, first.symbolic) == ("portrait", "qr-story-1", False)
+    assert "hummingbird" in first.prompt
+    assert "hospital" not in first.prompt.lower()
+    assert "needle" not in first.prompt.lower()
+    assert "hospitals" in first.negative_prompt
     for identifier in ("Maria", "Rivera", "pat-1", "qr-story-1"):  # no identifiers in the prompt
-        assert identifier not in first["prompt"]
+        assert identifier not in first.prompt
     # All four variants were claimed together: one bucket, one pipeline call.
     views = [portrait_app.call(portrait_app.services.queue.get(job_id)) for job_id in job_ids]
     assert len({view.bucket for view in views}) == 1
     assert len({view.started_at for view in views}) == 1
     generated = audit_entries(portrait_app, AuditAction.GENERATE)
     assert len(generated) == generated_before + 1
-    assert generated[0].resource == "QuestionnaireResponse/qr-story-1"
+    # The request is for our jobs; the story is its source, never a created resource.
+    assert [(e.reference, e.role) for e in generated[0].entities] == [
+        *((f"urn:carecanvas:job:{job_id}", EntityRole.TARGET) for job_id in job_ids),
+        ("QuestionnaireResponse/qr-story-1", EntityRole.SOURCE),
+    ]
     assert generated[0].detail["job_ids"] == job_ids
 
 
@@ -160,11 +164,11 @@ def test_without_likeness_consent_the_portrait_is_symbolic(
         assert started.status_code == 303
         job_ids = started.headers["location"].split("jobs=", 1)[1].split(",")
         content = load_content(portrait_app, job_ids[0])
-        assert content["symbolic"] is True
-        assert content["title"] == "Su retrato"
-        assert "recognisable person" in content["negative_prompt"]
-        assert "dark storms" in content["negative_prompt"]
-        assert "storm" not in content["prompt"].lower()
+        assert content.symbolic is True
+        assert content.title == "Su retrato"
+        assert "recognisable person" in content.negative_prompt
+        assert "dark storms" in content.negative_prompt
+        assert "storm" not in content.prompt.lower()
 
 
 def test_bad_portrait_requests_are_refused(portrait_app: RunningApp, portrait_sandbox) -> None:
