@@ -221,6 +221,14 @@ def _patient_key(patient: str) -> str:
     return patient.removeprefix("Patient/")
 
 
+def _sealed_body(body: Mapping[str, Any]) -> bytes:
+    """What is encrypted into a record: who, about whom, the entities, detail and description."""
+    try:
+        return json.dumps(body, sort_keys=True, default=str).encode()
+    except (TypeError, ValueError):
+        raise AuditError("audit detail must be JSON-serialisable") from None
+
+
 class AuditLog:
     """Appends, verifies and searches the audit chain; ``sink`` keeps signed checkpoints outside the DB.
 
@@ -281,24 +289,19 @@ class AuditLog:
             raise AuditError("audit action must be a lower-case name like 'fhir.read' (see AuditAction)")
         if outcome not in AuditOutcome.__members__.values():
             raise AuditError(f"audit outcome must be one of {[o.value for o in AuditOutcome]}")
-        try:
-            sealed_plain = json.dumps(
-                {
-                    "actor": actor,
-                    "patient": patient,
-                    "resource": resource,
-                    "detail": dict(detail or {}),
-                    "entities": [{"reference": e.reference, "role": e.role.value} for e in entities],
-                    "description": description
-                    or describe(action, actor=actor, outcome=outcome, entities=entities, resource=resource),
-                    "actor_display": actor_display,
-                    "role": role,
-                },
-                sort_keys=True,
-                default=str,
-            ).encode()
-        except (TypeError, ValueError):
-            raise AuditError("audit detail must be JSON-serialisable") from None
+        sealed_plain = _sealed_body(
+            {
+                "actor": actor,
+                "patient": patient,
+                "resource": resource,
+                "detail": dict(detail or {}),
+                "entities": [{"reference": e.reference, "role": e.role.value} for e in entities],
+                "description": description
+                or describe(action, actor=actor, outcome=outcome, entities=entities, resource=resource),
+                "actor_display": actor_display,
+                "role": role,
+            }
+        )
         await self._lock_chain(session)
         recorded_at = self._clock().astimezone(UTC)
         for fresh in (False, True):

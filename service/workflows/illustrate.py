@@ -9,7 +9,7 @@ from typing import Any
 from fhir_adapters import ConditionSummary, FhirClient, NotFoundError, summarize_condition
 from service.audit import AuditAction, AuditEntity, CareCanvasObject, EntityRole, carecanvas_ref
 from service.documents import DraftContent, create_draft
-from service.generation.prompts import Depiction, build_education_prompt
+from service.generation.prompts import Depiction, EducationPrompt, build_education_prompt
 from service.jobs import JobKind
 from service.workflows.context import WorkflowContext
 from service.workflows.errors import ConditionNotFoundError, WrongPatientError
@@ -53,7 +53,24 @@ async def start_illustration(ctx: WorkflowContext, fhir: FhirClient, choice: Ill
         seed=seed,
         session_id_hash=ctx.session_id_hash,
     )
-    content = DraftContent.generated(
+    content = _draft_content(ctx, choice, summary, prompt, model_name=model.name, seed=seed)
+    await create_draft(
+        ctx.db, keyring=ctx.services.keyring, job_id=job_id, ehr_name=ctx.ehr.name, content=content
+    )
+    await _audit_request(ctx, job_id, content)
+    return job_id
+
+
+def _draft_content(
+    ctx: WorkflowContext,
+    choice: IllustrationChoice,
+    summary: ConditionSummary,
+    prompt: EducationPrompt,
+    *,
+    model_name: str,
+    seed: int,
+) -> DraftContent:
+    return DraftContent.generated(
         kind=JobKind.ILLUSTRATION,
         title=prompt.title,
         caption=prompt.caption,
@@ -68,14 +85,9 @@ async def start_illustration(ctx: WorkflowContext, fhir: FhirClient, choice: Ill
         encounter_id=ctx.encounter_id,
         prompt=prompt.positive,
         negative_prompt=prompt.negative,
-        model=model.name,
+        model=model_name,
         seed=seed,
     )
-    await create_draft(
-        ctx.db, keyring=ctx.services.keyring, job_id=job_id, ehr_name=ctx.ehr.name, content=content
-    )
-    await _audit_request(ctx, job_id, content)
-    return job_id
 
 
 async def _patients_condition(ctx: WorkflowContext, fhir: FhirClient, condition_id: str) -> ConditionSummary:
