@@ -61,7 +61,17 @@ def test_clinician_generates_and_approves_inside_the_ehr_iframe(
             expect(review.get_by_test_id("test-model-notice")).to_be_visible()
             image = review.locator("img.preview")
             expect(image).to_have_attribute("alt", re.compile(r"\w+"))
-            assert review.evaluate("() => document.querySelector('img.preview').naturalWidth") == 64
+            expect(image).to_have_js_property("naturalWidth", 64)  # waits for the image to load
+            # The reading grade follows the caption as it is typed (htmx posts it; the server measures it).
+            caption = review.get_by_label("Caption (plain language)")
+            original_caption = caption.input_value()
+            caption.fill(
+                "Hiperglucemia persistente con complicaciones microvasculares y neuropatía periférica "
+                "secundaria que requieren intervención farmacológica multidisciplinaria."
+            )
+            expect(review.get_by_test_id("caption-grade")).to_contain_text("please simplify")
+            caption.fill(original_caption)
+            expect(review.get_by_test_id("caption-grade")).not_to_contain_text("please simplify")
             review.get_by_label("Alt text (describes the picture)").fill("Dibujo de prueba.")
             review.get_by_role("button", name="Approve and save to chart").click()
             expect(review.get_by_test_id("written")).to_be_visible()
