@@ -11,7 +11,7 @@ from enum import StrEnum
 from typing import Any
 
 from fhir_adapters import FhirClient, ForbiddenError, NotFoundError
-from service.audit import AuditAction, AuditOutcome
+from service.audit import AuditAction, AuditEntity, AuditOutcome
 from service.workflows.approve import IDENTIFIER_SYSTEM
 from service.workflows.context import WorkflowContext
 from service.workflows.errors import NotAllowedError, PortalFileError
@@ -104,7 +104,14 @@ async def list_portal_documents(ctx: WorkflowContext, fhir: FhirClient) -> list[
     )
     documents = [portal_document(resource) for resource in found if shown_on_portal(resource, patient_id)]
     documents.sort(key=lambda document: document.created or "", reverse=True)
-    await ctx.audit(AuditAction.PORTAL_VIEW, resource="DocumentReference", detail={"count": len(documents)})
+    # The documents shown, each by its EHR reference (the search itself names no single resource).
+    await ctx.audit(
+        AuditAction.PORTAL_VIEW,
+        resource="DocumentReference",
+        entities=[AuditEntity(f"DocumentReference/{document.id}") for document in documents],
+        detail={"count": len(documents)},
+        description=f"{ctx.actor_reference} viewed their {len(documents)} picture(s) in the portal",
+    )
     return documents
 
 
@@ -139,7 +146,12 @@ async def read_portal_file(
         raise PortalFileError("This picture has no file of that kind.")
     content = await _attachment_bytes(fhir, attachment, fhir_base=ctx.ehr.iss)
     _check_hash(content, attachment)
-    await ctx.audit(AuditAction.PORTAL_VIEW, resource=resource_ref, detail={"kind": kind.value})
+    await ctx.audit(
+        AuditAction.PORTAL_VIEW,
+        entities=[AuditEntity(resource_ref)],
+        detail={"kind": kind.value},
+        description=f"{ctx.actor_reference} opened the {kind.value} of {resource_ref} in the portal",
+    )
     return PortalFile(content=content, kind=kind)
 
 
