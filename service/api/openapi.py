@@ -10,7 +10,10 @@ from fastapi.routing import APIRoute
 
 from service.api.routes import API_BASE, router
 from service.api.schemas import ErrorOut
+from service.generation.prompts import Depiction, load_prompt_library
+from service.services import TEMPLATES_DIR
 from service.settings import Settings
+from service.web.choices import LANGUAGES
 from service.web.context import CSRF_HEADER
 from service.web.security import UNSAFE_METHODS, cookie_name
 
@@ -86,6 +89,21 @@ def _error_bodies(operation: dict[str, Any]) -> None:
             response["content"] = _ERROR_CONTENT
 
 
+def _choices(schemas: dict[str, Any]) -> None:
+    """The styles and languages on offer, as enums (read from the prompt library, not copied)."""
+    styles = [preset.name for preset in load_prompt_library(TEMPLATES_DIR / "prompts").styles]
+    for name in ("IllustrationRequest", "PortraitRequest", "RegenerateRequest"):
+        properties = schemas[name]["properties"]
+        for field, values in (("style", styles), ("language", list(LANGUAGES))):
+            target = properties[field]
+            # Optional fields are `anyOf: [string, null]`: the enum goes on the string branch.
+            branch = next((b for b in target.get("anyOf", []) if b.get("type") == "string"), target)
+            branch["enum"] = values
+    portrait = schemas["PortraitRequest"]["properties"]
+    for field, allowed in Depiction.ALLOWED.items():
+        portrait[field]["enum"] = list(allowed)
+
+
 def build_openapi(settings: Settings) -> dict[str, Any]:
     document = get_openapi(
         title=TITLE, version=VERSION, description=DESCRIPTION, routes=api_routes(), openapi_version="3.1.0"
@@ -95,6 +113,7 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
     schemas = components.setdefault("schemas", {})
     schemas["ErrorOut"] = ErrorOut.model_json_schema()
     schemas["OperationOutcome"] = _OPERATION_OUTCOME
+    _choices(schemas)
     for path, operations in document.get("paths", {}).items():
         for method, operation in operations.items():
             safe = method.upper() not in UNSAFE_METHODS
