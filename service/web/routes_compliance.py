@@ -20,12 +20,8 @@ from service.audit.search import AuditQueryError, SortOrder
 from service.services import Services
 from service.sessions import SessionData, SessionKind
 from service.staff_auth import (
-    SignInFailure,
     StaffSignInError,
     begin_sign_in,
-    check_pending,
-    complete_sign_in,
-    may_use_console,
 )
 from service.web.context import DbDep, RequestIdDep, ServicesDep
 from service.web.errors import AppError, ErrorCode
@@ -39,7 +35,7 @@ from service.web.staff_context import (
     set_staff_cookie,
 )
 from service.workflows import compliance
-from service.workflows.compliance import ExportFormat, SavedQuery, SavedView, StaffSessionData
+from service.workflows.compliance import ExportFormat, SavedQuery, SavedView
 
 log = structlog.get_logger("carecanvas.compliance")
 router = APIRouter(prefix="/compliance")
@@ -106,75 +102,26 @@ async def callback(
     error: Annotated[str | None, Query(max_length=200)] = None,
 ) -> Response:
     oidc = console_settings(services)
-    # Spend the pending sign-in first, in a transaction of its own: its state is single use.
     session = await load_staff_session(request, services)
-    pending_raw = None
-    if session is not None:
-        async with services.sessionmaker() as spend:
-            pending_raw = session.data.pending
-            session.data.pending = None
-            await services.sessions.save(spend, session)
-            await spend.commit()
-    try:
-        if error:
-            raise StaffSignInError(SignInFailure.PROVIDER_ERROR, "The identity provider did not sign you in.")
-        pending = check_pending(pending_raw, state)
-        identity = await complete_sign_in(oidc, pending=pending, code=code, http=services.http)
-    except StaffSignInError as failure:
-        await compliance.record_sign_in(
-            services,
-            db,
-            action=AuditAction.LOGIN,
-            outcome=AuditOutcome.FAILURE,
-            actor=None,
-            request_id=rid,
-            detail={"reason": failure.reason.value},
-        )
-        if session is not None:
-            await services.sessions.end(db, session)
-        await db.commit()
-        log.warning("staff sign-in failed", reason=failure.reason.value)
-        response = render(services, request, "sign_in_failed.html", {"message": str(failure)}, status=400)
-        clear_staff_cookie(response, services.settings)
-        return response
-    assert session is not None  # noqa: S101 - check_pending refuses a callback without a pending sign-in
-    if not may_use_console(identity, oidc):
-        await compliance.record_sign_in(
-            services,
-            db,
-            action=AuditAction.LOGIN,
-            outcome=AuditOutcome.DENIED,
-            actor=identity.actor,
-            request_id=rid,
-            detail={
-                "reason": "missing_role",
-                "role_claim": oidc.role_claim,
-                "required_role": oidc.compliance_role,
-            },
-        )
-        await services.sessions.end(db, session)
-        await db.commit()
-        context = {"who": identity.display, "role": oidc.compliance_role, "claim": oidc.role_claim}
-        response = render(services, request, "denied.html", context, status=403)
-        clear_staff_cookie(response, services.settings)
-        return response
-    # A new session id once signed in (no fixation of the pre-login id); the old row goes.
-    signed_in = SessionData(kind=SessionKind.STAFF, staff=StaffSessionData(identity).to_dict())
-    cookie_value, _ = await services.sessions.create(db, ehr_name=oidc.name, data=signed_in)
-    await services.sessions.end(db, session)
-    await compliance.record_sign_in(
+    outcome = await compliance.finish_sign_in(
         services,
         db,
-        action=AuditAction.LOGIN,
-        outcome=AuditOutcome.SUCCESS,
-        actor=identity.actor,
+        session,
+        oidc,
+        compliance.SignInCallback(code=code, state=state, error=error),
         request_id=rid,
-        detail={"name": identity.display},
     )
-    await db.commit()
-    response = RedirectResponse("/compliance", status_code=303)
-    response.headers["Referrer-Policy"] = "no-referrer"
-    set_staff_cookie(response, services.settings, cookie_value)
+    if outcome.cookie_value is not None:
+        response: Response = RedirectResponse("/compliance", status_code=303)
+        response.headers["Referrer-Policy"] = "no-referrer"
+        set_staff_cookie(response, services.settings, outcome.cookie_value)
+        return response
+    if outcome.denied is not None:
+        context = {"who": outcome.denied.display, "role": oidc.compliance_role, "claim": oidc.role_claim}
+        response = render(services, request, "denied.html", context, status=403)
+    else:
+        response = render(services, request, "sign_in_failed.html", {"message": outcome.message}, status=400)
+    clear_staff_cookie(response, services.settings)
     return response
 
 

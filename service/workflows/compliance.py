@@ -17,6 +17,7 @@ from enum import StrEnum
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import structlog
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.audit import AuditAction, AuditEntry, AuditOutcome, VerifyResult
@@ -42,14 +43,24 @@ from service.audit.search import (
     users_who_touched,
 )
 from service.services import Services
-from service.sessions import SessionStore
-from service.staff_auth import StaffIdentity
+from service.sessions import SessionData, SessionKind, SessionStore, WebSession
+from service.settings import StaffOidcSettings
+from service.staff_auth import (
+    SignInFailure,
+    StaffIdentity,
+    StaffSignInError,
+    check_pending,
+    complete_sign_in,
+    may_use_console,
+)
 
 PAGE_SIZE = 50
 UTC_ZONE = ZoneInfo("UTC")
 MAX_SAVED_QUERIES = 50
 # The filters an officer may set, as AuditQuery field names.
 FILTER_NAMES = ("patient", "actor", "action", "outcome", "ehr", "since", "until", "request_id")
+
+log = structlog.get_logger("carecanvas.compliance")
 
 
 class SavedView(StrEnum):
@@ -414,3 +425,91 @@ async def verify_now(ctx: ConsoleContext) -> VerifyResult:
     }
     await ctx.record(AuditAction.AUDIT_VERIFY, query=None, count=result.count, detail=detail)
     return result
+
+
+@dataclass(frozen=True)
+class SignInCallback:
+    """What the identity provider sent back to /compliance/callback."""
+
+    code: str | None
+    state: str | None
+    error: str | None
+
+
+@dataclass(frozen=True)
+class SignInOutcome:
+    """Signed in (a new session's cookie value), denied (who lacked the role), or failed (why, in words)."""
+
+    cookie_value: str | None = None
+    denied: StaffIdentity | None = None
+    message: str = ""
+
+
+async def finish_sign_in(
+    services: Services,
+    db: AsyncSession,
+    session: WebSession | None,
+    oidc: StaffOidcSettings,
+    callback: SignInCallback,
+    *,
+    request_id: str | None,
+) -> SignInOutcome:
+    """Spend the pending sign-in (single use, own transaction), check the answer and the role; audited."""
+    pending_raw = await _spend_pending(services, session)
+    try:
+        if callback.error:
+            raise StaffSignInError(SignInFailure.PROVIDER_ERROR, "The identity provider did not sign you in.")
+        pending = check_pending(pending_raw, callback.state)
+        identity = await complete_sign_in(oidc, pending=pending, code=callback.code, http=services.http)
+    except StaffSignInError as failure:
+        detail = {"reason": failure.reason.value}
+        await _close_sign_in(services, db, session, AuditOutcome.FAILURE, None, request_id, detail)
+        log.warning("staff sign-in failed", reason=failure.reason.value)
+        return SignInOutcome(message=str(failure))
+    if not may_use_console(identity, oidc):
+        detail = {
+            "reason": "missing_role",
+            "role_claim": oidc.role_claim,
+            "required_role": oidc.compliance_role,
+        }
+        await _close_sign_in(services, db, session, AuditOutcome.DENIED, identity.actor, request_id, detail)
+        return SignInOutcome(denied=identity)
+    # A new session id once signed in (no fixation of the pre-login id); the old row goes.
+    signed_in = SessionData(kind=SessionKind.STAFF, staff=StaffSessionData(identity).to_dict())
+    cookie_value, _ = await services.sessions.create(db, ehr_name=oidc.name, data=signed_in)
+    detail = {"name": identity.display}
+    await _close_sign_in(services, db, session, AuditOutcome.SUCCESS, identity.actor, request_id, detail)
+    return SignInOutcome(cookie_value=cookie_value)
+
+
+async def _spend_pending(services: Services, session: WebSession | None) -> dict[str, Any] | None:
+    if session is None:
+        return None
+    async with services.sessionmaker() as spend:
+        pending_raw, session.data.pending = session.data.pending, None
+        await services.sessions.save(spend, session)
+        await spend.commit()
+    return pending_raw
+
+
+async def _close_sign_in(
+    services: Services,
+    db: AsyncSession,
+    session: WebSession | None,
+    outcome: AuditOutcome,
+    actor: str | None,
+    request_id: str | None,
+    detail: dict[str, Any],
+) -> None:
+    await record_sign_in(
+        services,
+        db,
+        action=AuditAction.LOGIN,
+        outcome=outcome,
+        actor=actor,
+        request_id=request_id,
+        detail=detail,
+    )
+    if session is not None:
+        await services.sessions.end(db, session)
+    await db.commit()
