@@ -13,11 +13,11 @@ from typing import Any
 import structlog
 from PIL import Image
 
-from service.generation.engine import DiffusionEngine, GenerationCancelled, ImageRequest, bucket_key
+from service.generation.engine import DiffusionEngine, GenerationCancelled, ImageRequest
 from service.generation.png import encode_png
 from service.generation.safety import SafetyClassifier, safety_result
 from service.generation.text import fit_to_token_budget
-from service.jobs import ClaimedJob, JobQueue
+from service.jobs import ClaimedJob, ImageJobSpec, JobQueue, JobSpecError
 
 log = structlog.get_logger("carecanvas.worker")
 
@@ -32,32 +32,27 @@ class JobRejectedError(ValueError):
 
 def request_from(job: ClaimedJob, *, tokenizer: Any) -> ImageRequest:
     """The engine request for a claimed job; JobRejectedError when the spec is incomplete or inconsistent."""
-    spec = job.spec
     try:
-        prompt, negative, model = spec["prompt"], spec.get("negative_prompt"), spec["model"]
-        if not isinstance(prompt, str) or not (negative is None or isinstance(negative, str)):
-            raise JobRejectedError("prompt must be text")
-        request = ImageRequest(
-            job_id=job.id,
-            # Fitted with the pipeline's own tokenizer: diffusers never truncates (nor logs the prompt).
-            prompt=fit_to_token_budget(prompt, tokenizer=tokenizer),
-            negative_prompt=fit_to_token_budget(negative, tokenizer=tokenizer) if negative else None,
-            seed=int(spec["seed"]),
-            width=int(spec["width"]),
-            height=int(spec["height"]),
-            steps=int(spec["steps"]),
-            guidance=float(spec["guidance"]),
-        )
-    except KeyError as error:
-        raise JobRejectedError(f"job spec lacks {error.args[0]!r}") from None
-    except (TypeError, ValueError) as error:
-        # ImageRequest's own messages name the field and the allowed range, never the prompt.
-        message = str(error) if isinstance(error, ValueError) else "job spec has a field of the wrong type"
-        raise JobRejectedError(message) from None
-    if bucket_key(request, str(model)) != job.bucket:
+        # The same ImageJobSpec the web side wrote: its messages name the field, never the prompt.
+        spec = ImageJobSpec.from_mapping(job.spec)
+    except JobSpecError as error:
+        raise JobRejectedError(str(error)) from None
+    if spec.bucket != job.bucket:
         # Batched with jobs it does not match, it would make the whole pipeline call fail.
         raise JobRejectedError("job spec does not match its bucket")
-    return request
+    return ImageRequest(
+        job_id=job.id,
+        # Fitted with the pipeline's own tokenizer: diffusers never truncates (nor logs the prompt).
+        prompt=fit_to_token_budget(spec.prompt, tokenizer=tokenizer),
+        negative_prompt=fit_to_token_budget(spec.negative_prompt, tokenizer=tokenizer)
+        if spec.negative_prompt
+        else None,
+        seed=spec.seed,
+        width=spec.width,
+        height=spec.height,
+        steps=spec.steps,
+        guidance=spec.guidance,
+    )
 
 
 def _chunks(items: list[Any], size: int) -> list[list[Any]]:

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from service.generation.models import ModelSpec, ensure_hub_offline, resolve_pipeline_class
-from service.jobs.types import bucket_of
+from service.jobs.types import bucket_of, check_image_fields
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
@@ -27,7 +27,6 @@ CancelCheck = Callable[[], bool]
 PreviewCallback = Callable[[int, list[Image.Image]], None]
 
 _DEVICE_PREFERENCES = ("auto", "cpu", "cuda", "mps")
-_MAX_SEED = 2**64 - 1
 # Linear approximation of the Stable Diffusion 1.x/2.x VAE decoder (4 latent channels -> RGB), good enough for
 # a thumbnail while a job runs; it costs a matrix product instead of a VAE decode.
 _SD_LATENT_TO_RGB = torch.tensor(
@@ -103,15 +102,9 @@ class ImageRequest:
             self.negative_prompt is None or isinstance(self.negative_prompt, str)
         ):
             raise ValueError("prompt must be a string and negative_prompt a string or None")
-        if not 0 <= self.seed <= _MAX_SEED:
-            raise ValueError(f"seed must be between 0 and 2**64-1, got {self.seed}")
-        for side, value in (("width", self.width), ("height", self.height)):
-            if value < 8 or value % 8:
-                raise ValueError(f"{side} must be a positive multiple of 8, got {value}")
-        if self.steps < 1:
-            raise ValueError(f"steps must be at least 1, got {self.steps}")
-        if not 0.0 <= self.guidance <= 50.0:
-            raise ValueError(f"guidance must be between 0 and 50, got {self.guidance}")
+        check_image_fields(
+            seed=self.seed, width=self.width, height=self.height, steps=self.steps, guidance=self.guidance
+        )
 
 
 _BUCKET_FIELDS = ("width", "height", "steps", "guidance")

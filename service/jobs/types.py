@@ -41,6 +41,19 @@ class JobSpecError(ValueError):
     """A job spec that cannot become an image (the message names the field, never the prompt)."""
 
 
+def check_image_fields(*, seed: int, width: int, height: int, steps: int, guidance: float) -> None:
+    """The ranges a diffusion call accepts; the message names the field and what is allowed."""
+    if not 0 <= seed <= _MAX_SEED:
+        raise JobSpecError(f"seed must be between 0 and 2**64-1, got {seed}")
+    for side, value in (("width", width), ("height", height)):
+        if value < 8 or value % 8:
+            raise JobSpecError(f"{side} must be a positive multiple of 8, got {value}")
+    if steps < 1:
+        raise JobSpecError(f"steps must be at least 1, got {steps}")
+    if not 0.0 <= guidance <= 50.0:
+        raise JobSpecError(f"guidance must be between 0 and 50, got {guidance}")
+
+
 def bucket_of(*, model: str, width: int, height: int, steps: int, guidance: float) -> str:
     """The batching bucket: jobs with the same key can share one pipeline call."""
     return f"{model}|{width}x{height}|steps={steps}|guidance={float(guidance)!r}"
@@ -66,15 +79,9 @@ class ImageJobSpec:
             raise JobSpecError("prompt must be text")
         if not isinstance(self.model, str) or not self.model:
             raise JobSpecError("model must be a model name")
-        if not 0 <= self.seed <= _MAX_SEED:
-            raise JobSpecError(f"seed must be between 0 and 2**64-1, got {self.seed}")
-        for side, value in (("width", self.width), ("height", self.height)):
-            if value < 8 or value % 8:
-                raise JobSpecError(f"{side} must be a positive multiple of 8, got {value}")
-        if self.steps < 1:
-            raise JobSpecError(f"steps must be at least 1, got {self.steps}")
-        if not 0.0 <= self.guidance <= 50.0:
-            raise JobSpecError(f"guidance must be between 0 and 50, got {self.guidance}")
+        check_image_fields(
+            seed=self.seed, width=self.width, height=self.height, steps=self.steps, guidance=self.guidance
+        )
 
     @property
     def bucket(self) -> str:
