@@ -94,7 +94,19 @@ def bearer(app_url: str, token: str, **headers: str) -> httpx.Client:
 
 
 def counts(app: RunningApp) -> dict[str, int]:
-    """Rows in the tables a request could write to (nothing may change on a refused request)."""
+    """Rows in the tables a request could write to (nothing may change on a refused request).
+
+    Read once the worker is idle, so an earlier test's job finishing in between cannot change them.
+    """
+
+    async def busy() -> int:
+        async with app.services.sessionmaker() as db:
+            query = text("SELECT count(*) FROM jobs WHERE status IN ('queued', 'running')")
+            return int((await db.execute(query)).scalar_one())
+
+    deadline = time.monotonic() + 120
+    while app.call(busy()) and time.monotonic() < deadline:
+        time.sleep(0.1)
 
     async def read() -> dict[str, int]:
         async with app.services.sessionmaker() as db:

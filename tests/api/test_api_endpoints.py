@@ -141,12 +141,17 @@ def test_portrait_job_from_the_patients_story(carecanvas: RunningApp, clinician:
 def test_approve_before_the_image_is_ready_is_409_and_writes_nothing(
     carecanvas: RunningApp, clinician: ApiSession
 ) -> None:
-    created = clinician.post(
-        "/illustrations", json={"condition_id": "cond-1-gerd", "style": "flat_vector", "language": "en"}
-    )
-    job_id = created.json()["job_id"]
-    carecanvas.call(carecanvas.services.queue.request_cancel(job_id))
-    assert wait_final(clinician.get, job_id)["status"] == "cancelled"
+    # A job cancelled before the worker finished it (the worker is fast: try until one is caught queued).
+    for _ in range(10):
+        created = clinician.post(
+            "/illustrations", json={"condition_id": "cond-1-gerd", "style": "flat_vector", "language": "en"}
+        )
+        job_id = created.json()["job_id"]
+        carecanvas.call(carecanvas.services.queue.request_cancel(job_id))
+        if wait_final(clinician.get, job_id)["status"] == "cancelled":
+            break
+    else:
+        pytest.fail("no job could be cancelled before it finished")
     before = counts(carecanvas)
     refused = clinician.post(f"/jobs/{job_id}/approve")
     assert refused.status_code == 409
