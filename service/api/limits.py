@@ -89,6 +89,9 @@ async def _too_large(send: Send, limit: int) -> None:
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
                 (b"connection", b"close"),
+                # Answered outside the security-headers middleware, so the ones that matter are set here.
+                (b"x-content-type-options", b"nosniff"),
+                (b"cache-control", b"no-store"),
             ],
         }
     )

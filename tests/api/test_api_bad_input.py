@@ -76,7 +76,9 @@ def test_unknown_choice_values_are_400(carecanvas: RunningApp, clinician: ApiSes
 def test_oversized_bodies_are_413_before_any_work(carecanvas: RunningApp, clinician: ApiSession) -> None:
     before = counts(carecanvas)
     huge = {**GOOD, "depiction": "x" * 40_000}
-    assert_error(clinician.post("/illustrations", json=huge), 413, "request_too_large")
+    too_large = clinician.post("/illustrations", json=huge)
+    assert_error(too_large, 413, "request_too_large")
+    assert too_large.headers["x-content-type-options"] == "nosniff"
 
     def chunks() -> object:
         for _ in range(40):
