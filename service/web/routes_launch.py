@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated
+from typing import Annotated, Any
 
 import structlog
 from fastapi import APIRouter, Query, Request
@@ -11,23 +11,22 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from fhir_adapters import DiscoveryError, DiscoveryProblem, EhrRegistration, FhirError, SmartError
-from service.audit import AuditAction, AuditOutcome
+from service.audit import AuditAction
 from service.ehrs import UnregisteredIssuerError
 from service.services import Services
-from service.sessions import SessionKind
+from service.sessions import SessionKind, WebSession
 from service.settings import EhrSettings
 from service.web.context import DbDep, LaunchContext, RequestIdDep, ServicesDep
 from service.web.errors import PageError
 from service.web.security import clear_session_cookie, cookie_name, set_session_cookie
 from service.workflows.launch import (
+    CallbackAnswer,
     LaunchKind,
     LaunchStateError,
     LaunchUserError,
     StartedLaunch,
     begin_launch,
-    complete_launch,
-    fetch_smart_style,
-    role_for,
+    finish_launch,
     style_css,
 )
 
@@ -128,6 +127,22 @@ def _readable_oauth_error(error: str, description: str | None) -> str:
     return f"{text} ({code})" if text else code
 
 
+async def _spend_pending(request: Request, services: Services) -> tuple[WebSession, dict[str, Any] | None]:
+    """Take the pending authorization out of the session in a short transaction of its own, before any
+    EHR call: the state is single use even if two callbacks race, and no write lock is held meanwhile."""
+    async with services.sessionmaker() as spend:
+        session = await services.sessions.load(spend, request.cookies.get(cookie_name(services.settings)))
+        if session is None:
+            await spend.commit()
+            raise PageError(
+                400, "Sign-in could not be completed", "Please launch CareCanvas again from the EHR."
+            )
+        pending_raw, session.data.pending = session.data.pending, None
+        await services.sessions.save(spend, session)
+        await spend.commit()
+    return session, pending_raw
+
+
 @router.get("/callback")
 async def callback(
     request: Request,
@@ -139,18 +154,7 @@ async def callback(
     error: Annotated[str | None, Query(max_length=200)] = None,
     error_description: Annotated[str | None, Query(max_length=2000)] = None,
 ) -> Response:
-    # Spend the pending authorization in a short transaction of its own, before any EHR call: the state
-    # is single use even if two callbacks race, and no write lock is held during the token request.
-    async with services.sessionmaker() as spend:
-        session = await services.sessions.load(spend, request.cookies.get(cookie_name(services.settings)))
-        if session is None:
-            await spend.commit()
-            raise PageError(
-                400, "Sign-in could not be completed", "Please launch CareCanvas again from the EHR."
-            )
-        pending_raw, session.data.pending = session.data.pending, None
-        await services.sessions.save(spend, session)
-        await spend.commit()
+    session, pending_raw = await _spend_pending(request, services)
     if error:
         raise PageError(
             400,
@@ -158,73 +162,28 @@ async def callback(
             f"The EHR answered: {_readable_oauth_error(error, error_description)}. "
             "Please launch CareCanvas again or ask your EHR team.",
         )
-    kind: LaunchKind = "portal" if session.data.kind is SessionKind.PORTAL else "ehr"
-    ehr = services.ehrs.by_name(session.ehr_name)
-    registration = services.ehrs.registration(ehr)
     try:
-        token_set, config = await complete_launch(
-            registration=registration,
-            pending_raw=pending_raw,
-            smart_config=session.data.smart_config or {},
-            code=code,
-            state=state,
-            http=services.connections.smart(ehr.name),
+        kind = await finish_launch(
+            services,
+            db,
+            session,
+            CallbackAnswer(pending=pending_raw, code=code, state=state),
+            request_id=request_id,
         )
     except LaunchStateError as failure:
         raise PageError(400, "Sign-in could not be completed", str(failure)) from failure
+    except LaunchUserError as refused:
+        raise PageError(403, "CareCanvas cannot be used with this sign-in", str(refused)) from refused
     except SmartError as failure:
-        log.warning("token exchange refused", ehr=ehr.name, error_type=type(failure).__name__)
+        log.warning("token exchange refused", ehr=session.ehr_name, error_type=type(failure).__name__)
         raise PageError(
             400,
             "Sign-in could not be completed",
             "The EHR's answer to the sign-in could not be verified, so CareCanvas did not use it. "
             "Please launch CareCanvas again; if this keeps happening, tell your EHR integration team.",
         ) from failure
-    try:
-        role = role_for(kind=kind, fhir_user=token_set.fhir_user, patient=token_set.patient)
-    except LaunchUserError as refused:
-        await services.audit.append(
-            db,
-            action=AuditAction.LAUNCH,
-            outcome=AuditOutcome.DENIED,
-            actor=token_set.fhir_user,
-            patient=token_set.patient,
-            ehr=ehr.name,
-            resource=None,
-            request_id=request_id,
-            detail={"kind": kind},
-        )
-        await db.commit()
-        raise PageError(403, "CareCanvas cannot be used with this sign-in", str(refused)) from refused
-    style = await fetch_smart_style(
-        token_set.smart_style_url,
-        registration=registration,
-        config=config,
-        http=services.connections.smart(ehr.name),
-    )
-    data = session.data
-    data.token_set, data.patient, data.encounter = token_set.to_dict(), token_set.patient, token_set.encounter
-    data.fhir_user, data.role, data.style = token_set.fhir_user, role, style
-    await services.sessions.save(db, session)
-    await services.audit.append(
-        db,
-        action=AuditAction.LAUNCH,
-        outcome="success",
-        actor=token_set.fhir_user,
-        patient=token_set.patient,
-        ehr=ehr.name,
-        resource=None,
-        request_id=request_id,
-        detail={
-            "kind": kind,
-            "role": role,
-            "encounter": token_set.encounter,
-            "scope": " ".join(sorted(token_set.scopes.raw)),
-        },
-    )
-    await db.commit()
     # 303 to a clean URL: the code leaves the address bar, and no-referrer keeps it out of later requests.
-    response = RedirectResponse("/portal" if kind == "portal" else "/app", status_code=303)
+    response = RedirectResponse("/portal" if kind is SessionKind.PORTAL else "/app", status_code=303)
     response.headers["Referrer-Policy"] = "no-referrer"
     return response
 

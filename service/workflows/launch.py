@@ -10,6 +10,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import httpx
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from fhir_adapters import (
     EhrRegistration,
@@ -24,7 +25,9 @@ from fhir_adapters import (
     exchange_code,
 )
 from fhir_adapters.scopes import scope_syntax_from_capabilities, scopes_in_syntax
-from service.sessions import SessionData, SessionKind
+from service.audit import AuditAction, AuditOutcome
+from service.services import Services
+from service.sessions import SessionData, SessionKind, WebSession
 
 # A pending authorization older than this is refused: the user must launch again.
 PENDING_MAX_AGE = timedelta(minutes=10)
@@ -256,3 +259,69 @@ def style_css(style: dict[str, str]) -> str:
 def _origin(url: str) -> str:
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.netloc}".lower()
+
+
+@dataclass(frozen=True)
+class CallbackAnswer:
+    """What came back to the redirect URI, with the pending authorization already spent from the session."""
+
+    pending: dict[str, Any] | None
+    code: str | None
+    state: str | None
+
+
+async def finish_launch(
+    services: Services,
+    db: AsyncSession,
+    session: WebSession,
+    answer: CallbackAnswer,
+    *,
+    request_id: str | None,
+) -> SessionKind:
+    """Exchange the code, check who signed in may use this kind of launch, keep the tokens; audited.
+
+    Raises LaunchStateError (state), SmartError (the EHR's answer could not be verified) or LaunchUserError
+    (this user may not use this launch; the refusal is audited and committed first).
+    """
+    kind: LaunchKind = "portal" if session.data.kind is SessionKind.PORTAL else "ehr"
+    ehr = services.ehrs.by_name(session.ehr_name)
+    registration = services.ehrs.registration(ehr)
+    http = services.connections.smart(ehr.name)
+    token_set, config = await complete_launch(
+        registration=registration,
+        pending_raw=answer.pending,
+        smart_config=session.data.smart_config or {},
+        code=answer.code,
+        state=answer.state,
+        http=http,
+    )
+
+    async def audit(outcome: AuditOutcome, detail: dict[str, Any]) -> None:
+        await services.audit.append(
+            db,
+            action=AuditAction.LAUNCH,
+            outcome=outcome,
+            actor=token_set.fhir_user,
+            patient=token_set.patient,
+            ehr=ehr.name,
+            resource=None,
+            request_id=request_id,
+            detail={"kind": kind, "encounter": token_set.encounter, **detail},
+        )
+
+    try:
+        role = role_for(kind=kind, fhir_user=token_set.fhir_user, patient=token_set.patient)
+    except LaunchUserError:
+        await audit(AuditOutcome.DENIED, {})
+        await db.commit()
+        raise
+    style = await fetch_smart_style(
+        token_set.smart_style_url, registration=registration, config=config, http=http
+    )
+    data = session.data
+    data.token_set, data.patient, data.encounter = token_set.to_dict(), token_set.patient, token_set.encounter
+    data.fhir_user, data.role, data.style = token_set.fhir_user, role, style
+    await services.sessions.save(db, session)
+    await audit(AuditOutcome.SUCCESS, {"role": role, "scope": " ".join(sorted(token_set.scopes.raw))})
+    await db.commit()
+    return data.kind
