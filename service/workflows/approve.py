@@ -6,7 +6,6 @@ import asyncio
 import hashlib
 import time
 import uuid
-from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -22,7 +21,6 @@ from fhir_adapters import (
     ResourceValidationError,
     TemporaryFhirError,
     apply_attachment_policy,
-    attachment_policy_from_capabilities,
     build_document_reference,
     build_model_device,
     build_provenance,
@@ -37,10 +35,10 @@ from service.audit import (
     carecanvas_ref,
 )
 from service.documents import DocumentView, DraftContent, load_document, save_content, transition
+from service.ehr_profile import EhrProfile
 from service.generation.handout import render_handout_pdf
 from service.generation.models import ModelSpec
 from service.generation.text import normalise_free_text
-from service.settings import EhrSettings
 from service.workflows.context import WorkflowContext
 from service.workflows.errors import (
     ApprovalInProgressError,
@@ -63,37 +61,6 @@ APPROVAL_LEASE = timedelta(seconds=120)
 # A second approval of the same picture waits this long for the first one's answer before giving up.
 WAIT_FOR_OTHER_APPROVAL_SECONDS = 45.0
 _CONTENT_TYPE_WORDS = ("contenttype", "content type", "content-type", "image/", "mime")
-
-
-@dataclass(frozen=True)
-class AttachmentOverrides:
-    """What the EHR registration says about attachments; None where it says nothing."""
-
-    accept_images: bool | None = None
-    max_inline_bytes: int | None = None
-
-    @classmethod
-    def from_registration(cls, ehr: EhrSettings) -> AttachmentOverrides:
-        # max_inline_bytes always has a value; only one written into the registration overrides the server.
-        explicit = "max_inline_bytes" in ehr.model_fields_set
-        return cls(
-            accept_images=ehr.accept_images, max_inline_bytes=ehr.max_inline_bytes if explicit else None
-        )
-
-
-def merge_attachment_policy(
-    *, capabilities: Mapping[str, Any], overrides: AttachmentOverrides
-) -> AttachmentPolicy:
-    """The CapabilityStatement's hints, then the registration's overrides on top (the registration wins)."""
-    advertised = attachment_policy_from_capabilities(capabilities, default=AttachmentPolicy())
-    return AttachmentPolicy(
-        accept_images=advertised.accept_images
-        if overrides.accept_images is None
-        else overrides.accept_images,
-        max_inline_bytes=(
-            advertised.max_inline_bytes if overrides.max_inline_bytes is None else overrides.max_inline_bytes
-        ),
-    )
 
 
 def fallback_policy(error: FhirError, policy: AttachmentPolicy) -> tuple[AttachmentPolicy, str] | None:
@@ -312,12 +279,15 @@ async def approve_and_write_back(
     if job is None or job.status != "succeeded":
         raise NotReadyError("The illustration is not finished yet.")
     png = await ctx.services.queue.read_artifact(approval.job_id, "png")
-    overrides = AttachmentOverrides.from_registration(ctx.ehr)
-    policy = merge_attachment_policy(capabilities=await fhir.capabilities(), overrides=overrides)
+    # This client's own CapabilityStatement, not the app-wide cached profile: what the server offers now
+    # (a server that stopped taking transactions or images since the cache was filled must not fail here).
+    profile = EhrProfile.build(ctx.ehr, await fhir.capabilities())
     claimed = await _claim(ctx, approval)
     if isinstance(claimed, WriteBackResult):
         return claimed
-    return await _WriteBack(ctx, fhir, claimed, png=png, practitioner_id=practitioner_id, policy=policy).run()
+    return await _WriteBack(
+        ctx, fhir, claimed, png=png, practitioner_id=practitioner_id, profile=profile
+    ).run()
 
 
 class _WriteBack:
@@ -332,11 +302,12 @@ class _WriteBack:
         *,
         png: bytes,
         practitioner_id: str,
-        policy: AttachmentPolicy,
+        profile: EhrProfile,
     ) -> None:
         self.ctx, self.fhir, self.document, self.png = ctx, fhir, document, png
         self.practitioner_id = practitioner_id
-        self.policy = policy
+        self.profile = profile
+        self.policy: AttachmentPolicy = profile.attachments  # narrowed when the EHR refuses the attachments
         self.notes: list[str] = []
         content = document.content
         self.replaces = content.replaces.fhir_document_id if content.replaces else None
@@ -347,7 +318,9 @@ class _WriteBack:
         superseded: SupersedeOutcome | None = None
         if self.replaces is not None:
             may_update = self.ctx.scopes.allows("DocumentReference", "update")
-            superseded = await supersede_document(self.fhir, self.replaces, may_update=may_update)
+            superseded = await supersede_document(
+                self.fhir, self.replaces, may_update=may_update, server_updates=self.profile.updates_documents
+            )
         await self._record_written(fhir_document_id, superseded)
         return WriteBackResult(
             fhir_document_id=fhir_document_id,

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import structlog
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -28,19 +27,9 @@ log = structlog.get_logger("carecanvas.regenerate")
 SupersedeOutcome = Literal["superseded", "not-current", "not-allowed", "not-supported", "refused"]
 
 
-def offers_interaction(capabilities: Mapping[str, Any], resource_type: str, interaction: str) -> bool:
-    """Whether the CapabilityStatement lists `interaction` for `resource_type` (rest[0])."""
-    for rest in capabilities.get("rest") or []:
-        for resource in (rest or {}).get("resource") or []:
-            if isinstance(resource, Mapping) and resource.get("type") == resource_type:
-                return any(
-                    isinstance(item, Mapping) and item.get("code") == interaction
-                    for item in resource.get("interaction") or []
-                )
-    return False
-
-
-async def supersede_document(fhir: FhirClient, document_id: str, *, may_update: bool) -> SupersedeOutcome:
+async def supersede_document(
+    fhir: FhirClient, document_id: str, *, may_update: bool, server_updates: bool
+) -> SupersedeOutcome:
     """Mark the replaced document superseded where the launch and the server allow it; never raises FhirError.
 
     The new document's `relatesTo replaces` already records the replacement, so a refusal here leaves the
@@ -48,9 +37,9 @@ async def supersede_document(fhir: FhirClient, document_id: str, *, may_update: 
     """
     if not may_update:
         return "not-allowed"
+    if not server_updates:  # the EHR profile: its CapabilityStatement offers no DocumentReference update
+        return "not-supported"
     try:
-        if not offers_interaction(await fhir.capabilities(), "DocumentReference", "update"):
-            return "not-supported"
         for _ in range(2):
             current = await fhir.read("DocumentReference", document_id)
             if current.get("status") != "current":
