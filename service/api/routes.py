@@ -41,13 +41,12 @@ from service.web.choices import (
 )
 from service.web.context import RequestContext
 from service.web.errors import AppError, ErrorCode
-from service.web.routes_jobs import follow
 from service.web.workflow_errors import app_error_for, workflow_errors
 from service.workflows.approve import Approval, approve_and_write_back
 from service.workflows.drafts import DraftChange, edit_draft, handout_preview
 from service.workflows.errors import NoStoryError, WorkflowError
 from service.workflows.illustrate import start_illustration
-from service.workflows.jobs import JobProgress, owned_progress
+from service.workflows.jobs import JobProgress, follow, owned_progress
 from service.workflows.portrait import PortraitChoice, read_story_audited, start_portrait_variants
 from service.workflows.regenerate import RegenerationChoice, start_regeneration
 from service.workflows.retract import retract_document
@@ -211,7 +210,7 @@ async def get_job(job: OwnedJob) -> JobOut:
     responses={200: {"description": "Server-Sent Events: one JobOut per change, until the job is final"}},
 )
 async def job_events(job: OwnedJob, ctx: ApiContext) -> AsyncIterator[JobOut]:
-    async for progress in follow(ctx, job):
+    async for progress in follow(ctx.services.queue, session_id_hash=ctx.session.id_hash, first=job):
         yield job_out(progress)
 
 

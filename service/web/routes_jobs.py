@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -10,15 +9,12 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.sse import EventSourceResponse
 
-from service.web.context import ClinicianContext, RequestContext
+from service.web.context import ClinicianContext
 from service.web.workflow_errors import app_error_for
 from service.workflows.errors import WorkflowError
-from service.workflows.jobs import JobProgress, owned_progress
+from service.workflows.jobs import JobProgress, follow, owned_progress
 
 router = APIRouter()
-
-SSE_POLL_SECONDS = 0.25
-SSE_MAX_SECONDS = 600
 
 
 async def job_progress(job_id: str, ctx: ClinicianContext) -> JobProgress:
@@ -30,23 +26,6 @@ async def job_progress(job_id: str, ctx: ClinicianContext) -> JobProgress:
 
 
 OwnedJob = Annotated[JobProgress, Depends(job_progress)]
-
-
-async def follow(ctx: RequestContext, first: JobProgress) -> AsyncIterator[JobProgress]:
-    """Each change of the job's progress until it is final (or the stream's time is up)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + SSE_MAX_SECONDS
-    progress, last = first, None
-    while True:
-        if progress != last:
-            yield progress
-            last = progress
-        if progress.final or loop.time() >= deadline:
-            return
-        await asyncio.sleep(SSE_POLL_SECONDS)
-        progress = await owned_progress(
-            ctx.services.queue, session_id_hash=ctx.session.id_hash, job_id=first.job_id
-        )
 
 
 @router.get("/jobs/{job_id}", response_class=HTMLResponse)
@@ -65,7 +44,7 @@ async def job_status(job: OwnedJob) -> Response:
 
 @router.get("/jobs/{job_id}/events", response_class=EventSourceResponse)
 async def job_events(job: OwnedJob, ctx: ClinicianContext) -> AsyncIterator[dict[str, object]]:
-    async for progress in follow(ctx, job):
+    async for progress in follow(ctx.services.queue, session_id_hash=ctx.session.id_hash, first=job):
         yield progress.to_dict()
 
 

@@ -12,6 +12,7 @@ from fastapi.responses import HTMLResponse
 from starlette.middleware.base import BaseHTTPMiddleware
 
 from service.settings import Settings
+from service.web.errors import API_PREFIX, AppError, ErrorCode, error_json
 
 log = structlog.get_logger("carecanvas.web")
 
@@ -37,6 +38,12 @@ def cross_site_reason(request: Request, settings: Settings) -> str | None:
     the routes check.
     """
     if request.method not in UNSAFE_METHODS:
+        return None
+    if request.url.path.startswith("/api/") and request.headers.get("authorization", "").startswith(
+        "Bearer "
+    ):
+        # A bearer token is never sent by a browser on its own (unlike a cookie), so such a request cannot be
+        # forged by another site; the API checks the token itself.
         return None
     fetch_site = request.headers.get("sec-fetch-site")
     if fetch_site is not None and fetch_site.lower() not in ALLOWED_FETCH_SITES:
@@ -133,6 +140,8 @@ def _cross_site_page(request: Request) -> Response:
         "CareCanvas only accepts changes sent from its own pages. Go back to CareCanvas, reload the page "
         "and try again."
     )
+    if request.url.path.startswith(API_PREFIX):
+        return error_json(request, AppError(403, title, message, code=ErrorCode.CROSS_SITE))
     services = getattr(request.app.state, "services", None)
     if services is None:
         return HTMLResponse(f"<h1>{title}</h1><p>{message}</p>", status_code=403)

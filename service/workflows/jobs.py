@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 from service.jobs import JobQueue, JobStatus, JobView
 from service.workflows.errors import JobNotOwnedError
 
+SSE_POLL_SECONDS = 0.25
+SSE_MAX_SECONDS = 600
 _NOT_OWNED = "It may belong to another session. Start from the workspace."
 
 
@@ -56,3 +60,20 @@ async def owned_job(queue: JobQueue, *, session_id_hash: str, job_id: str) -> Jo
 
 async def owned_progress(queue: JobQueue, *, session_id_hash: str, job_id: str) -> JobProgress:
     return progress_of(await owned_job(queue, session_id_hash=session_id_hash, job_id=job_id))
+
+
+async def follow(
+    queue: JobQueue, *, session_id_hash: str, first: JobProgress, poll_seconds: float = SSE_POLL_SECONDS
+) -> AsyncIterator[JobProgress]:
+    """Each change of the job's progress until it is final (or the stream's time is up): both faces' SSE."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + SSE_MAX_SECONDS
+    progress, last = first, None
+    while True:
+        if progress != last:
+            yield progress
+            last = progress
+        if progress.final or loop.time() >= deadline:
+            return
+        await asyncio.sleep(poll_seconds)
+        progress = await owned_progress(queue, session_id_hash=session_id_hash, job_id=first.job_id)
