@@ -20,7 +20,9 @@ from service.audit import (
 )
 from service.audit.balp import export_ndjson, to_audit_event
 
-EXAMPLE = Path("/work/shared/fhir-examples/AuditEvent-BALP-PatientCreate.json")
+EXAMPLE = (
+    Path(__file__).resolve().parents[2] / "docs" / "fhir-examples" / "AuditEvent-BALP-PatientCreate.json"
+)
 BASE = "https://fhir.ehr.example.org/r4"
 
 

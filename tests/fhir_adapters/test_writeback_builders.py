@@ -22,7 +22,7 @@ from fhir_adapters import (
     validate_resource,
 )
 
-EXAMPLES = Path("/work/shared/fhir-examples")
+EXAMPLES = Path(__file__).resolve().parents[2] / "docs" / "fhir-examples"
 PDF = b"%PDF-1.7\n"
 PNG = b"\x89PNG\r\n\x1a\n"
 
