@@ -108,9 +108,13 @@ class EhrProfiles:
     def capabilities(self, ehr_name: str) -> Mapping[str, Any] | None:
         """The cached CapabilityStatement to seed a new FhirClient with (None: it fetches its own)."""
         cached = self._cached.get(ehr_name)
-        if cached is None or time.monotonic() - cached.fetched_at > self._max_age:
+        if cached is None or time.monotonic() - cached.fetched_at >= self._max_age:
             return None
         return cached.capabilities
+
+    def forget(self) -> None:
+        """Read every EHR's CapabilityStatement again on next use (an EHR upgraded in place)."""
+        self._cached.clear()
 
     async def profile(self, ehr: EhrSettings, fhir: FhirClient) -> EhrProfile:
         capabilities = self.capabilities(ehr.name)

@@ -149,4 +149,5 @@ async def build_services(settings: Settings, *, ehrs: EhrRegistry | None = None)
         connections=EhrConnections(registry.all()),
         http=make_http_client(),
         sessions=SessionStore(keyring=keyring, lifetime=timedelta(minutes=settings.session_minutes)),
+        profiles=EhrProfiles(max_age_seconds=settings.capabilities_max_age_seconds),
     )

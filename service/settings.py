@@ -125,6 +125,9 @@ class Settings(BaseSettings):
     safety_classifier: str = "none"
     log_level: str = "INFO"
     session_minutes: int = 60
+    # How long an EHR's CapabilityStatement (and the EhrProfile built from it) is reused before it is read
+    # again; 0 reads it on every request that needs it.
+    capabilities_max_age_seconds: float = Field(default=3600.0, ge=0)
     worker_batch_size: int = 8
     # Low-cost progress previews (latents mapped to RGB, no VAE) stored for the progress page.
     worker_previews: bool = True

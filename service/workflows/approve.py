@@ -279,9 +279,8 @@ async def approve_and_write_back(
     if job is None or job.status != "succeeded":
         raise NotReadyError("The illustration is not finished yet.")
     png = await ctx.services.queue.read_artifact(approval.job_id, "png")
-    # This client's own CapabilityStatement, not the app-wide cached profile: what the server offers now
-    # (a server that stopped taking transactions or images since the cache was filled must not fail here).
-    profile = EhrProfile.build(ctx.ehr, await fhir.capabilities())
+    # The app's one CapabilityStatement per EHR (settings.capabilities_max_age_seconds), not one per approval.
+    profile = await ctx.profile(fhir)
     claimed = await _claim(ctx, approval)
     if isinstance(claimed, WriteBackResult):
         return claimed

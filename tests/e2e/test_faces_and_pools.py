@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from harness import RunningApp, csrf_from, free_port, launch_session, running_app
+from harness import RunningApp, csrf_from, free_port, launch_session, running_app, wait_for_job
 
 from sandbox.run import SandboxEHR
 from service.cli import demo_settings
@@ -192,3 +192,37 @@ def test_the_reading_grade_follows_the_caption(sandbox: SandboxEHR, carecanvas: 
             headers=headers,
         )
         assert other.status_code == 404
+
+
+def test_the_capability_statement_is_read_once_per_ehr_not_per_approval(
+    sandbox: SandboxEHR, carecanvas: RunningApp
+) -> None:
+    """Two approvals (and the retract that reads the profile too) cost at most one GET /metadata."""
+
+    def metadata_reads() -> int:
+        return sum(
+            1 for r in sandbox.fhir.requests() if r["method"] == "GET" and r["path"].endswith("/metadata")
+        )
+
+    carecanvas.services.profiles.forget()  # start from a cold cache for this count
+    before = metadata_reads()
+    with launch_session(carecanvas.url, sandbox) as client:
+        for condition in ("cond-1-diabetes", "cond-1-hypertension"):
+            csrf = csrf_from(client.get("/app").text)
+            created = client.post(
+                "/illustrations",
+                data={
+                    "csrf_token": csrf,
+                    "condition_id": condition,
+                    "style": "flat_vector",
+                    "language": "en",
+                },
+            )
+            job_id = created.headers["location"].rsplit("/", 1)[-1]
+            assert wait_for_job(client, job_id)["status"] == "succeeded"
+            approved = client.post(
+                f"/review/{job_id}/approve",
+                data={"csrf_token": csrf, "caption": "A picture.", "alt_text": "A."},
+            )
+            assert approved.status_code == 200, approved.text[-300:]
+    assert metadata_reads() - before == 1

@@ -70,6 +70,8 @@ def apps(
                 port=ports[name],
             )
             settings.image_size = IMAGE_SIZES.get(name, settings.image_size)
+            # These tests switch the server's profile between requests: read its capabilities each time.
+            settings.capabilities_max_age_seconds = 0
             base = settings.ehrs[0].model_dump(exclude_unset=True)
             settings.ehrs = [EhrSettings(**{**base, **overrides})]
             started[name] = stack.enter_context(running_app(settings, port=ports[name]))
