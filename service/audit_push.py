@@ -17,7 +17,7 @@ import httpx
 
 from fhir_adapters import EhrRegistration, FhirClient, FhirError, SmartError
 from fhir_adapters.smart import SmartConfiguration, TokenSet, backend_services_token, discover
-from service.audit import AuditAction, AuditEntry, to_audit_event
+from service.audit import AuditAction, AuditEntry, AuditOutcome, to_audit_event
 from service.services import Services
 from service.settings import EhrSettings
 
@@ -249,7 +249,7 @@ async def _audit_push(
         await services.audit.append(
             db,
             action=AuditAction.AUDIT_EXPORT,
-            outcome="failure" if failed else "success",
+            outcome=AuditOutcome.FAILURE if failed else AuditOutcome.SUCCESS,
             actor=actor,
             patient=None,
             # No `ehr` column: a push record pushed by the next run would make every run push one more.

@@ -24,7 +24,7 @@ from fastapi import Depends, Request
 
 from fhir_adapters import FhirError, GrantedScopes, SmartConfiguration, discover
 from fhir_adapters.client import origin_of
-from service.audit import AuditAction
+from service.audit import AuditAction, AuditOutcome
 from service.services import Services
 from service.sessions import SessionData, SessionKind, WebSession
 from service.settings import EhrSettings
@@ -269,7 +269,7 @@ async def _audit_token_use(services: Services, info: TokenInfo, request_id: str 
         await services.audit.append(
             db,
             action=AuditAction.TOKEN_USE,
-            outcome="success",
+            outcome=AuditOutcome.SUCCESS,
             actor=info.fhir_user,
             patient=info.patient,
             ehr=info.ehr_name,

@@ -324,4 +324,20 @@ async def finish_launch(
     await services.sessions.save(db, session)
     await audit(AuditOutcome.SUCCESS, {"role": role, "scope": " ".join(sorted(token_set.scopes.raw))})
     await db.commit()
-    return data.kind
+    return session.data.kind
+
+
+async def _keep_tokens(
+    services: Services,
+    db: AsyncSession,
+    session: WebSession,
+    token_set: TokenSet,
+    *,
+    role: Role,
+    style: dict[str, str],
+) -> None:
+    """The launch's tokens and context go into the server-side session (encrypted); never to the browser."""
+    data = session.data
+    data.token_set, data.patient, data.encounter = token_set.to_dict(), token_set.patient, token_set.encounter
+    data.fhir_user, data.role, data.style = token_set.fhir_user, role, style
+    await services.sessions.save(db, session)
