@@ -47,6 +47,8 @@ from fhir_adapters.errors import (
     TemporaryFhirError,
     TokenError,
     UnauthorizedError,
+    WriteRefusal,
+    write_refusal,
 )
 from fhir_adapters.scopes import GrantedScopes, requested_scopes
 from fhir_adapters.smart import (
@@ -115,6 +117,7 @@ __all__ = [
     "TokenSet",
     "TokenSource",
     "UnauthorizedError",
+    "WriteRefusal",
     "WriteResult",
     "WrittenDocument",
     "apply_attachment_policy",
@@ -141,4 +144,5 @@ __all__ = [
     "validate_resource",
     "verify_id_token",
     "write_document_set",
+    "write_refusal",
 ]

@@ -117,3 +117,39 @@ class StateError(SmartError):
 
 class ResourceValidationError(Exception):
     """A resource we built does not validate against the FHIR models: our bug, never sent to a server."""
+
+
+class WriteRefusal(StrEnum):
+    """Why an EHR refused a write, classified once here so callers branch on it, never on the text."""
+
+    ATTACHMENT_TYPE = "attachment_type"  # it does not take this attachment's content type (e.g. images)
+    TOO_LARGE = "too_large"  # the request (or an inline attachment) is over the server's size limit
+    OTHER = "other"
+
+
+# Servers that say which attachment type they refuse only in words (no issue expression) use these.
+_CONTENT_TYPE_WORDS = ("contenttype", "content type", "content-type", "image/", "mime")
+
+
+def write_refusal(error: FhirError) -> WriteRefusal:
+    """Classify a refused write from its status and OperationOutcome (issue expression first, words last)."""
+    if error.status == 413:
+        return WriteRefusal.TOO_LARGE
+    if error.status not in (400, 415, 422):
+        return WriteRefusal.OTHER
+    if error.status == 415 or _names_content_type(error.operation_outcome):
+        return WriteRefusal.ATTACHMENT_TYPE
+    reason = (error.diagnostics or "").lower()
+    return (
+        WriteRefusal.ATTACHMENT_TYPE if any(w in reason for w in _CONTENT_TYPE_WORDS) else WriteRefusal.OTHER
+    )
+
+
+def _names_content_type(outcome: dict[str, Any] | None) -> bool:
+    for issue in (outcome or {}).get("issue") or []:
+        if not isinstance(issue, dict):
+            continue
+        paths = [*(issue.get("expression") or []), *(issue.get("location") or [])]
+        if any(isinstance(path, str) and path.endswith("attachment.contentType") for path in paths):
+            return True
+    return False

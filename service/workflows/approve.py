@@ -20,11 +20,13 @@ from fhir_adapters import (
     FhirError,
     ResourceValidationError,
     TemporaryFhirError,
+    WriteRefusal,
     apply_attachment_policy,
     build_document_reference,
     build_model_device,
     build_provenance,
     write_document_set,
+    write_refusal,
 )
 from service.audit import (
     AuditAction,
@@ -60,7 +62,6 @@ TEST_MODEL_NOTICE = (
 APPROVAL_LEASE = timedelta(seconds=120)
 # A second approval of the same picture waits this long for the first one's answer before giving up.
 WAIT_FOR_OTHER_APPROVAL_SECONDS = 45.0
-_CONTENT_TYPE_WORDS = ("contenttype", "content type", "content-type", "image/", "mime")
 
 
 def fallback_policy(error: FhirError, policy: AttachmentPolicy) -> tuple[AttachmentPolicy, str] | None:
@@ -69,18 +70,14 @@ def fallback_policy(error: FhirError, policy: AttachmentPolicy) -> tuple[Attachm
     Both retries are safe: a refused create stored nothing, and the document is created conditionally on
     its identifier anyway.
     """
-    reason = (error.diagnostics or "").lower()
-    if (
-        policy.accept_images
-        and error.status in (400, 415, 422)
-        and any(w in reason for w in _CONTENT_TYPE_WORDS)
-    ):
+    refusal = write_refusal(error)
+    if policy.accept_images and refusal is WriteRefusal.ATTACHMENT_TYPE:
         return (
             AttachmentPolicy(accept_images=False, max_inline_bytes=policy.max_inline_bytes),
             "This EHR does not take image files, so only the PDF handout (which shows the picture) was saved."
             f" The EHR said: {error.diagnostics}",
         )
-    if error.status == 413 and policy.max_inline_bytes > 0:
+    if refusal is WriteRefusal.TOO_LARGE and policy.max_inline_bytes > 0:
         return (
             AttachmentPolicy(accept_images=policy.accept_images, max_inline_bytes=0),
             "This EHR limits the size of documents sent in one piece, so the files were uploaded separately.",
