@@ -41,13 +41,12 @@ from service.web.choices import (
 )
 from service.web.context import RequestContext
 from service.web.errors import AppError, ErrorCode
-from service.web.workflow_errors import app_error_for, workflow_errors
+from service.web.workflow_errors import workflow_errors
 from service.workflows.approve import Approval, approve_and_write_back
 from service.workflows.drafts import DraftChange, edit_draft, handout_preview
-from service.workflows.errors import NoStoryError, WorkflowError
 from service.workflows.illustrate import start_illustration
-from service.workflows.jobs import JobProgress, follow, owned_progress
-from service.workflows.portrait import PortraitChoice, read_story_audited, start_portrait_variants
+from service.workflows.jobs import JobProgress, follow
+from service.workflows.portrait import PortraitChoice, start_portraits_from_story
 from service.workflows.regenerate import RegenerationChoice, start_regeneration
 from service.workflows.retract import retract_document
 from service.workflows.review import ArtifactKind, read_owned_artifact, review_draft
@@ -76,10 +75,7 @@ JobId = Annotated[str, Path(pattern=JOB_ID_PATTERN, description="A job id from a
 
 async def api_job(job_id: JobId, ctx: ApiContext) -> JobProgress:
     """The caller's own job (404 for anyone else's), resolved before any answer starts."""
-    try:
-        return await owned_progress(ctx.services.queue, session_id_hash=ctx.session.id_hash, job_id=job_id)
-    except WorkflowError as error:
-        raise app_error_for(error) from error
+    return await ctx.owned_job(job_id)
 
 
 OwnedJob = Annotated[JobProgress, Depends(api_job)]
@@ -187,12 +183,8 @@ async def create_portraits(body: PortraitRequest, ctx: ApiContext) -> PortraitJo
     """Queue portrait variants from the patient's own story (read again from the EHR, never sent here)."""
     choice = portrait_choice(ctx, body)
     ctx.patient_id()
-    async with workflow_errors(ctx.db):
-        async with ctx.fhir() as fhir:
-            story = await read_story_audited(ctx.workflow(), fhir)
-        if story is None:
-            raise NoStoryError("This patient has no completed portrait story yet.")
-        job_ids = await start_portrait_variants(ctx.workflow(), story, choice)
+    async with workflow_errors(ctx.db), ctx.fhir() as fhir:
+        job_ids = await start_portraits_from_story(ctx.workflow(), fhir, choice)
     await ctx.db.commit()
     return PortraitJobsCreated(job_ids=job_ids)
 

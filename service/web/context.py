@@ -26,7 +26,10 @@ from service.sessions import SessionKind, WebSession
 from service.settings import EhrSettings
 from service.web.errors import AppError, ErrorCode, session_ended
 from service.web.security import UNSAFE_METHODS, cookie_name
+from service.web.workflow_errors import app_error_for
 from service.workflows.context import WorkflowContext
+from service.workflows.errors import WorkflowError
+from service.workflows.jobs import JobProgress, owned_progress
 
 CSRF_HEADER = "x-csrf-token"
 CSRF_FIELD = "csrf_token"
@@ -109,6 +112,15 @@ class RequestContext:
             transport=services.fhir_transport,
             capabilities=services.profiles.capabilities(self.session.ehr_name),
         )
+
+    async def owned_job(self, job_id: str) -> JobProgress:
+        """This session's job (a 404 for anyone else's), resolved before any page, answer or stream starts."""
+        try:
+            return await owned_progress(
+                self.services.queue, session_id_hash=self.session.id_hash, job_id=job_id
+            )
+        except WorkflowError as error:
+            raise app_error_for(error) from error
 
     def workflow(self) -> WorkflowContext:
         return WorkflowContext(

@@ -10,19 +10,14 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from fastapi.sse import EventSourceResponse
 
 from service.web.context import ClinicianContext
-from service.web.workflow_errors import app_error_for
-from service.workflows.errors import WorkflowError
-from service.workflows.jobs import JobProgress, follow, owned_progress
+from service.workflows.jobs import JobProgress, follow
 
 router = APIRouter()
 
 
 async def job_progress(job_id: str, ctx: ClinicianContext) -> JobProgress:
     """This session's job (404 for anyone else's), resolved before any page or stream starts."""
-    try:
-        return await owned_progress(ctx.services.queue, session_id_hash=ctx.session.id_hash, job_id=job_id)
-    except WorkflowError as error:
-        raise app_error_for(error) from error
+    return await ctx.owned_job(job_id)
 
 
 OwnedJob = Annotated[JobProgress, Depends(job_progress)]

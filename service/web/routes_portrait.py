@@ -13,13 +13,12 @@ from service.web.choices import LANGUAGES, checked_language, checked_style
 from service.web.context import ClinicianContext
 from service.web.errors import AppError, ErrorCode
 from service.web.workflow_errors import workflow_errors
-from service.workflows.errors import NoStoryError
 from service.workflows.jobs import owned_progress
 from service.workflows.portrait import (
     MAX_VARIANTS,
     PortraitChoice,
     read_story_audited,
-    start_portrait_variants,
+    start_portraits_from_story,
 )
 
 router = APIRouter()
@@ -98,13 +97,8 @@ async def create_portraits(
         ctx, style=style, language=language, variants=variants, depiction=depiction
     )
     ctx.patient_id()
-    # The story is read again from the EHR: the form never carries the patient's words.
-    async with workflow_errors(ctx.db):
-        async with ctx.fhir() as fhir:
-            story = await read_story_audited(ctx.workflow(), fhir)
-        if story is None:
-            raise NoStoryError("This patient has no completed portrait story yet.")
-        job_ids = await start_portrait_variants(ctx.workflow(), story, choice)
+    async with workflow_errors(ctx.db), ctx.fhir() as fhir:
+        job_ids = await start_portraits_from_story(ctx.workflow(), fhir, choice)
     await ctx.db.commit()
     return RedirectResponse(f"/portraits/variants?jobs={','.join(job_ids)}", status_code=303)
 

@@ -84,6 +84,16 @@ async def read_story_audited(ctx: WorkflowContext, fhir: FhirClient) -> PatientS
     return story
 
 
+async def start_portraits_from_story(
+    ctx: WorkflowContext, fhir: FhirClient, choice: PortraitChoice
+) -> list[str]:
+    """Read the story again from the EHR (no form ever carries the patient's words), then queue variants."""
+    story = await read_story_audited(ctx, fhir)
+    if story is None:
+        raise NoStoryError("This patient has no completed portrait story yet.")
+    return await start_portrait_variants(ctx, story, choice)
+
+
 async def start_portrait_variants(
     ctx: WorkflowContext, story: PatientStory, choice: PortraitChoice
 ) -> list[str]:
