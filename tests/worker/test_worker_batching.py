@@ -345,7 +345,9 @@ async def test_cancelling_one_job_of_a_batch_keeps_the_others(queue, sessionmake
 
 
 async def test_heartbeats_keep_the_lease_of_a_long_job(sessionmaker, keyring, worker_engine) -> None:
-    queue = JobQueue(sessionmaker, keyring, lease_seconds=1, max_attempts=3)
+    # A 2 s lease renewed every 0.2 s: ten renewals of slack, so a loaded 2-core machine (torch's threads
+    # beside PostgreSQL) delaying one heartbeat does not lose the lease; the job runs well past one lease.
+    queue = JobQueue(sessionmaker, keyring, lease_seconds=2, max_attempts=3)
     # A control run without heartbeats shows the sweeper would take the job away.
     for heartbeat_seconds, expect_swept in ((0.2, False), (60.0, True)):
         [job_id] = await enqueue(queue, sessionmaker, [job_spec(5, steps=500)])
