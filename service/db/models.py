@@ -17,6 +17,8 @@ from sqlalchemy import (
     MetaData,
     String,
     UniqueConstraint,
+    false,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -95,6 +97,25 @@ class Job(Base):
     __table_args__ = (
         Index("ix_jobs_status_bucket_created_at", "status", "bucket", "created_at"),
         Index("ix_jobs_status_lease_expires_at", "status", "lease_expires_at"),
+        # The claim's two queries walk these in ORDER BY order and stop at LIMIT (no sort of the queue);
+        # partial, so they hold only queued rows. The claim writes status = 'queued' as a literal to match.
+        Index(
+            "ix_jobs_queued_claim_order",
+            "priority",
+            "created_at",
+            "id",
+            postgresql_where=text("status = 'queued'"),
+            sqlite_where=text("status = 'queued'"),
+        ),
+        Index(
+            "ix_jobs_queued_bucket_claim_order",
+            "bucket",
+            "priority",
+            "created_at",
+            "id",
+            postgresql_where=text("status = 'queued'"),
+            sqlite_where=text("status = 'queued'"),
+        ),
         CheckConstraint(_in("status", JOB_STATUSES), name="status"),
     )
 
@@ -110,6 +131,9 @@ class Job(Base):
     progress_step: Mapped[int] = mapped_column(Integer, default=0)
     progress_total: Mapped[int] = mapped_column(Integer, default=0)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Leases that expired under this job (its worker died or stalled); after two, it is claimed alone.
+    crashes: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    solo: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     error: Mapped[str | None] = mapped_column(String(300))  # short reason, never patient data
     spec: Mapped[bytes] = mapped_column(LargeBinary)  # envelope ciphertext, aad_for("jobs", id, "spec")
     session_id_hash: Mapped[str | None] = mapped_column(String(64), index=True)

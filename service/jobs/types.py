@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from enum import StrEnum
+from enum import IntEnum, StrEnum
 from typing import Any
 
 from service.db.models import JOB_STATUSES
@@ -30,6 +30,13 @@ TERMINAL_STATUSES = frozenset(
 )
 # The database's check constraint and this enum must name the same statuses.
 assert {status.value for status in JobStatus} == set(JOB_STATUSES)  # noqa: S101 - an import-time invariant
+
+
+class JobPriority(IntEnum):
+    """Claim order: lower runs first (so the claim index is plain ascending columns)."""
+
+    INTERACTIVE = 0  # a clinician's page or a single API request: someone is watching the progress bar
+    BULK = 10  # batch and bulk API requests: nobody waits on one image
 
 
 class JobKind(StrEnum):
