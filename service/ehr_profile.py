@@ -73,6 +73,8 @@ class EhrProfile:
     transactions: bool
     updates_documents: bool
     portal_scopes: tuple[str, ...]
+    # A Communication can record that the patient was given a handout (FHIR's "education provided").
+    records_handouts: bool = False
 
     @classmethod
     def build(cls, ehr: EhrSettings, capabilities: Mapping[str, Any]) -> EhrProfile:
@@ -84,6 +86,7 @@ class EhrProfile:
             transactions=supports_transactions(capabilities),
             updates_documents=offers_interaction(capabilities, "DocumentReference", "update"),
             portal_scopes=tuple(ehr.portal_scopes),
+            records_handouts=offers_interaction(capabilities, "Communication", "create"),
         )
 
     @staticmethod

@@ -77,6 +77,8 @@ PATTERNS: dict[str, _Pattern] = {
     AuditAction.WRITE_BACK: _rest("PatientCreate", "create", "C"),
     AuditAction.SUPERSEDE: _rest("PatientUpdate", "update", "U"),
     AuditAction.RETRACT: _rest("PatientUpdate", "update", "U"),
+    AuditAction.RESTORE: _rest("PatientUpdate", "update", "U"),
+    AuditAction.GIVE_HANDOUT: _rest("PatientCreate", "create", "C"),
     AuditAction.AUDIT_SEARCH: _rest("Query", "search", "E"),
     AuditAction.AUDIT_EXPORT: _EXPORT,
     AuditAction.AUDIT_VERIFY: _rest("Read", "read", "R"),

@@ -64,6 +64,8 @@ class AuditAction(StrEnum):
     WRITE_BACK = "write_back"  # a new DocumentReference in the chart
     SUPERSEDE = "supersede"  # the DocumentReference a new version replaced, marked superseded
     RETRACT = "retract"  # withdrawn: the DocumentReference marked entered-in-error
+    RESTORE = "restore"  # a replaced DocumentReference made current again (after its successor was withdrawn)
+    GIVE_HANDOUT = "handout.give"  # the patient was given the handout (a Communication where the EHR takes it)
     PORTAL_VIEW = "portal.view"
     AUDIT_SEARCH = "audit.search"
     AUDIT_EXPORT = "audit.export"
@@ -143,6 +145,8 @@ _ACTION_WORDS: dict[str, str] = {
     AuditAction.WRITE_BACK: "wrote to the chart",
     AuditAction.SUPERSEDE: "marked as replaced",
     AuditAction.RETRACT: "withdrew from the chart",
+    AuditAction.RESTORE: "made current again",
+    AuditAction.GIVE_HANDOUT: "gave the patient the handout",
     AuditAction.PORTAL_VIEW: "viewed in the portal",
     AuditAction.AUDIT_SEARCH: "searched the audit log",
     AuditAction.AUDIT_EXPORT: "exported the audit log",
