@@ -38,6 +38,8 @@ class EhrSettings(BaseModel):
         "patient/Device.cs",
         "patient/Binary.cr",
         "patient/QuestionnaireResponse.rs",
+        # "Give to patient": a Communication records that the handout was handed over.
+        "patient/Communication.c",
     )
     # Origins allowed to frame the app (CSP frame-ancestors) and to host the SMART endpoints.
     frame_origins: tuple[str, ...] = ()

@@ -17,7 +17,10 @@ const RESOURCE_TYPES = [
   'Device',
   'Provenance',
   'AuditEvent',
+  'Communication',
 ];
+// A document-only EHR (pdf-only) records no Communications, so "give to patient" has nothing to write to.
+const DOCUMENT_ONLY_OMITS = new Set(['Communication']);
 
 const SEARCH_PARAMS = {
   Condition: [['patient', 'reference'], ['subject', 'reference'], ['clinical-status', 'token'], ['category', 'token'], ['identifier', 'token']],
@@ -27,6 +30,7 @@ const SEARCH_PARAMS = {
   Provenance: [['target', 'reference'], ['patient', 'reference']],
   Device: [['identifier', 'token']],
   Patient: [['identifier', 'token']],
+  Communication: [['patient', 'reference'], ['subject', 'reference'], ['identifier', 'token']],
 };
 
 function attachmentExtensions(profile) {
@@ -89,7 +93,7 @@ export function capabilityStatement({ baseUrl, profile, smartConfig }) {
         mode: 'server',
         documentation: documentation(profile),
         security,
-        resource: RESOURCE_TYPES.map((type) => ({
+        resource: RESOURCE_TYPES.filter((type) => profile !== 'pdf-only' || !DOCUMENT_ONLY_OMITS.has(type)).map((type) => ({
           ...(type === 'DocumentReference' ? { extension: attachmentExtensions(profile) } : {}),
           type,
           interaction: [{ code: 'read' }, { code: 'search-type' }, { code: 'create' }, { code: 'update' }],

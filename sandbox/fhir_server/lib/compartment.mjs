@@ -4,6 +4,7 @@
 const PATIENT_REFERENCE_ELEMENTS = {
   AllergyIntolerance: ['patient', 'recorder', 'asserter'],
   CarePlan: ['subject'],
+  Communication: ['subject', 'recipient'],
   Condition: ['subject', 'asserter'],
   DiagnosticReport: ['subject'],
   DocumentReference: ['subject', 'author'],
