@@ -90,6 +90,24 @@ class WebSession(Base):
     version: Mapped[int] = mapped_column(Integer, default=1)
 
 
+class SpentLaunchState(Base):
+    """A SMART launch `state` (SHA-256) already presented to /callback: single use, kept until it expires."""
+
+    __tablename__ = "spent_launch_states"
+
+    state_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+
+
+class ReadinessProbe(Base):
+    """One row per probe that /readyz rewrites: proof that the database still commits."""
+
+    __tablename__ = "readiness_probes"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    checked_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
 class Job(Base):
     """A unit of GPU work; claimed in batches of one bucket under a lease."""
 
@@ -137,6 +155,8 @@ class Job(Base):
     error: Mapped[str | None] = mapped_column(String(300))  # short reason, never patient data
     spec: Mapped[bytes] = mapped_column(LargeBinary)  # envelope ciphertext, aad_for("jobs", id, "spec")
     session_id_hash: Mapped[str | None] = mapped_column(String(64), index=True)
+    # Keyed digest of (EHR, user): the per-user cap on queued jobs counts by it (service.workflows.job_caps).
+    owner_key: Mapped[str | None] = mapped_column(String(64), index=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utc_now)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utc_now)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
