@@ -127,6 +127,21 @@ class Settings(BaseSettings):
     safety_classifier: str = "none"
     log_level: str = "INFO"
     session_minutes: int = 60
+    # Expired sessions and spent launch states are deleted this often (and at start); 0 = only by the CLI.
+    session_sweep_seconds: float = Field(default=300.0, ge=0)
+    # Unfinished (queued or running) jobs one session / one user may have; more is refused with a clear page.
+    max_queued_jobs_per_session: int = Field(default=24, ge=1)
+    max_queued_jobs_per_user: int = Field(default=48, ge=1)
+    # Token buckets per client address (behind a proxy, uvicorn's FORWARDED_ALLOW_IPS decides the address):
+    # sign-ins (/launch, /portal/launch, /compliance/login) and job-creating POSTs (pages and API).
+    # A rate of 0 switches that limit off.
+    launch_rate_per_minute: float = Field(default=60.0, ge=0)
+    launch_burst: int = Field(default=60, ge=1)
+    job_post_rate_per_minute: float = Field(default=120.0, ge=0)
+    job_post_burst: int = Field(default=60, ge=1)
+    # /readyz writes a probe row and a probe file at most this often; the answer is reused in between.
+    readiness_cache_seconds: float = Field(default=2.0, ge=0)
+    readiness_timeout_seconds: float = Field(default=5.0, gt=0)
     # How long an EHR's CapabilityStatement (and the EhrProfile built from it) is reused before it is read
     # again; 0 reads it on every request that needs it.
     capabilities_max_age_seconds: float = Field(default=3600.0, ge=0)
