@@ -60,14 +60,17 @@ def cookie_name(settings: Settings) -> str:
     return SECURE_COOKIE_NAME if settings.cookies_secure else LOOPBACK_COOKIE_NAME
 
 
-def set_session_cookie(response: Response, settings: Settings, value: str) -> None:
+def set_session_cookie(
+    response: Response, settings: Settings, value: str, *, max_age: int | None = None
+) -> None:
     """`__Host-`, Secure, HttpOnly, SameSite=None, Partitioned inside an EHR iframe over HTTPS.
 
     On plain-http loopback (the demo) browsers drop Secure cookies, so the cookie falls back to
     HttpOnly + SameSite=Lax: the sandbox EHR and the app are the same site (127.0.0.1), so it still
-    travels inside the iframe.
+    travels inside the iframe. `max_age` (seconds) defaults to the session's lifetime; a launch in flight
+    uses a shorter one.
     """
-    max_age = settings.session_minutes * 60
+    max_age = settings.session_minutes * 60 if max_age is None else max_age
     if settings.cookies_secure:
         response.headers.append(
             "Set-Cookie",
