@@ -3,13 +3,18 @@
 Exception hierarchy::
 
     FhirError                      status, operation_outcome, diagnostics
-    ├── TemporaryFhirError         408 429 500 502 503 504, timeouts, connection errors (retry later)
+    ├── TemporaryFhirError         408 429 500 502 503 504, timeouts, connection and remote protocol errors
+    │                              (retry later)
     ├── FatalFhirError             other 4xx, unusable answers (do not retry)
     │   ├── UnauthorizedError      401 after one re-authentication
     │   ├── ForbiddenError         403
     │   ├── NotFoundError          404, 410
     │   ├── PreconditionFailedError 412
-    │   └── InvalidResponseError   malformed JSON, wrong type, limits, redirects, foreign next links
+    │   ├── RequestTooLargeError   413, or a proxy's 500 "request entity too large"; sent_bytes, limit_bytes
+    │   ├── InvalidRequestError    the request cannot be sent: bad URL (control characters), bad header
+    │   ├── TlsError               TLS handshake or certificate verification failed
+    │   └── InvalidResponseError   malformed JSON, wrong type, limits, redirects, foreign or invalid next
+    │                              links, undecodable bodies
     └── SmartError                 error, error_description, temporary
         ├── DiscoveryError
         ├── TokenError
@@ -38,13 +43,16 @@ from fhir_adapters.errors import (
     FhirError,
     ForbiddenError,
     IdTokenError,
+    InvalidRequestError,
     InvalidResponseError,
     NotFoundError,
     PreconditionFailedError,
+    RequestTooLargeError,
     ResourceValidationError,
     SmartError,
     StateError,
     TemporaryFhirError,
+    TlsError,
     TokenError,
     UnauthorizedError,
     WriteRefusal,
@@ -101,18 +109,21 @@ __all__ = [
     "ForbiddenError",
     "GrantedScopes",
     "IdTokenError",
+    "InvalidRequestError",
     "InvalidResponseError",
     "NotFoundError",
     "PatientBanner",
     "PendingAuthorization",
     "PortraitStory",
     "PreconditionFailedError",
+    "RequestTooLargeError",
     "ResourceValidationError",
     "SmartConfiguration",
     "SmartError",
     "SmartTokenSource",
     "StateError",
     "TemporaryFhirError",
+    "TlsError",
     "TokenError",
     "TokenSet",
     "TokenSource",

@@ -23,10 +23,13 @@ from fhir_adapters.errors import (
     FatalFhirError,
     FhirError,
     ForbiddenError,
+    InvalidRequestError,
     InvalidResponseError,
     NotFoundError,
     PreconditionFailedError,
+    RequestTooLargeError,
     TemporaryFhirError,
+    TlsError,
     UnauthorizedError,
 )
 
@@ -39,6 +42,12 @@ _RESOURCE_TYPE = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
 _RESOURCE_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _MAX_DIAGNOSTICS_CHARS = 2000
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+# A front proxy that refuses a large body often answers a bare 500 ("request entity too large").
+_TOO_LARGE_WORDS = ("too large", "entity too large", "payload too large", "body too large")
+_STATED_LIMIT = re.compile(
+    r"(?:at most|larger than|more than|exceeds?|limit(?: is| of)?|maximum(?: is| of)?)\s+(\d{1,12})\s*bytes",
+    re.IGNORECASE,
+)
 
 
 class TokenSource(Protocol):
@@ -122,6 +131,23 @@ def operation_outcome_text(outcome: Mapping[str, Any] | None) -> str:
         if isinstance(text, str) and text.strip():
             texts.append(text.strip())
     return "; ".join(texts)[:_MAX_DIAGNOSTICS_CHARS]
+
+
+def _stated_limit(text: str) -> int | None:
+    match = _STATED_LIMIT.search(text)
+    return int(match.group(1)) if match else None
+
+
+def _tls_failure(error: BaseException) -> bool:
+    """Whether an httpx connect error was caused by the TLS handshake or certificate check."""
+    seen: BaseException | None = error
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, ssl.SSLError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _is_conditional_transaction(bundle: Mapping[str, Any]) -> bool:
@@ -403,6 +429,13 @@ class FhirClient:
                     same_origin = False
                 if not same_origin:
                     raise InvalidResponseError(f"search {resource_type}: next link points to another origin")
+                try:
+                    httpx.URL(url)
+                except httpx.InvalidURL:
+                    # e.g. control characters: the server's link is unusable, whatever its origin.
+                    raise InvalidResponseError(
+                        f"search {resource_type}: next link is not a valid URL"
+                    ) from None
                 return url
         return None
 
@@ -438,7 +471,9 @@ class FhirClient:
             )
         return data
 
-    def _error_for(self, response: httpx.Response, method: str, resource_type: str) -> FhirError:
+    def _error_for(
+        self, response: httpx.Response, method: str, resource_type: str, *, sent_bytes: int | None = None
+    ) -> FhirError:
         status = response.status_code
         outcome: dict[str, Any] | None = None
         try:
@@ -454,6 +489,10 @@ class FhirClient:
         }
         reason = response.reason_phrase or "error"
         message = f"{method} {resource_type}: server answered {status} {reason}"
+        too_large = self._too_large(response, status, kwargs["diagnostics"], sent_bytes=sent_bytes)
+        if too_large is not None:
+            too_large.operation_outcome, too_large.diagnostics = outcome, kwargs["diagnostics"]
+            return too_large
         if status in TEMPORARY_STATUSES:
             return TemporaryFhirError(
                 message, retry_after=parse_retry_after(response.headers.get("Retry-After")), **kwargs
@@ -470,6 +509,24 @@ class FhirClient:
         if status < 300:
             error_class = InvalidResponseError
         return error_class(message, **kwargs)
+
+    @staticmethod
+    def _too_large(
+        response: httpx.Response, status: int, diagnostics: str, *, sent_bytes: int | None
+    ) -> RequestTooLargeError | None:
+        """413, or a 500 whose text says the body was too large (a proxy's answer: retrying never helps)."""
+        if status not in (413, 500):
+            return None
+        text = diagnostics or response.content[:4000].decode("utf-8", "replace")
+        if status == 500 and not any(word in text.lower() for word in _TOO_LARGE_WORDS):
+            return None
+        size = f" ({sent_bytes} bytes)" if sent_bytes is not None else ""
+        return RequestTooLargeError(
+            f"{response.request.method} refused as too large{size}: server answered {status}",
+            status=status,
+            sent_bytes=sent_bytes,
+            limit_bytes=_stated_limit(text),
+        )
 
     def _backoff(self, retry_number: int, retry_after: float | None) -> float:
         if retry_after is not None:
@@ -547,15 +604,33 @@ class FhirClient:
                 raise TemporaryFhirError(
                     f"{method} {resource_type}: no answer within the {self._deadline_seconds}s deadline"
                 ) from None
-            except (httpx.ConnectError, httpx.ConnectTimeout):
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                if _tls_failure(exc):
+                    # A certificate the pool does not trust stays untrusted: say so instead of retrying.
+                    raise TlsError(
+                        f"{method} {resource_type}: the TLS handshake or certificate check failed"
+                    ) from None
                 # Nothing reached the server, so even a plain POST may be sent again.
                 error = TemporaryFhirError(f"{method} {resource_type}: could not connect to the FHIR server")
                 may_retry = True
+            except (httpx.UnsupportedProtocol, httpx.LocalProtocolError, httpx.InvalidURL) as exc:
+                # Our side could not put the request on the wire (a URL or header value it cannot send).
+                raise InvalidRequestError(
+                    f"{method} {resource_type}: the request could not be sent ({type(exc).__name__})"
+                ) from None
             except httpx.TransportError as exc:
                 error = TemporaryFhirError(
                     f"{method} {resource_type}: connection failed ({type(exc).__name__})"
                 )
                 may_retry = retryable
+            except ssl.SSLError:
+                raise TlsError(f"{method} {resource_type}: the TLS connection failed") from None
+            except httpx.HTTPError as exc:
+                # Whatever else httpx raises (an undecodable Content-Encoding, a stream error): the answer
+                # cannot be used, and the error pages must be able to say so.
+                raise InvalidResponseError(
+                    f"{method} {resource_type}: the answer could not be read ({type(exc).__name__})"
+                ) from None
             else:
                 duration_ms = round((time.monotonic() - started) * 1000, 1)
                 _log.info(
@@ -570,7 +645,9 @@ class FhirClient:
                 if response.status_code == 401 and self._auth is not None and not attempt.reauthenticated:
                     attempt.reauthenticated = True
                     continue
-                error = self._error_for(response, method, resource_type)
+                error = self._error_for(
+                    response, method, resource_type, sent_bytes=len(content) if content is not None else None
+                )
                 may_retry = retryable and isinstance(error, TemporaryFhirError)
             if not may_retry or retry_number >= self._retries:
                 raise error

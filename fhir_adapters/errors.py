@@ -64,7 +64,37 @@ class PreconditionFailedError(FatalFhirError):
 
 
 class InvalidResponseError(FatalFhirError):
-    """The server's answer cannot be used: malformed, wrong type, over a limit, redirect, foreign link."""
+    """The server's answer cannot be used: malformed, wrong type, over a limit, redirect, foreign link,
+    a `next` link that is no valid URL, a body that cannot be decoded."""
+
+
+class RequestTooLargeError(FatalFhirError):
+    """413, or a front proxy's 500 that says the request entity is too large: sending it again never helps.
+
+    `sent_bytes` is the size of the refused body; `limit_bytes` the limit, when the answer stated one.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        sent_bytes: int | None = None,
+        limit_bytes: int | None = None,
+        status: int | None = None,
+        operation_outcome: dict[str, Any] | None = None,
+        diagnostics: str = "",
+    ) -> None:
+        super().__init__(message, status=status, operation_outcome=operation_outcome, diagnostics=diagnostics)
+        self.sent_bytes = sent_bytes
+        self.limit_bytes = limit_bytes
+
+
+class InvalidRequestError(FatalFhirError):
+    """The request could not be sent as built: an unusable URL (control characters) or header value."""
+
+
+class TlsError(FatalFhirError):
+    """The TLS handshake or the server's certificate check failed: a configuration problem, not a blip."""
 
 
 class SmartError(FhirError):
@@ -123,7 +153,8 @@ class WriteRefusal(StrEnum):
     """Why an EHR refused a write, classified once here so callers branch on it, never on the text."""
 
     ATTACHMENT_TYPE = "attachment_type"  # it does not take this attachment's content type (e.g. images)
-    TOO_LARGE = "too_large"  # the request (or an inline attachment) is over the server's size limit
+    TOO_LARGE = "too_large"  # the whole request is over the server's (or its front proxy's) body limit
+    INLINE_TOO_LARGE = "inline_too_large"  # an inline attachment is over its inline limit: use a Binary
     OTHER = "other"
 
 
@@ -133,8 +164,8 @@ _CONTENT_TYPE_WORDS = ("contenttype", "content type", "content-type", "image/", 
 
 def write_refusal(error: FhirError) -> WriteRefusal:
     """Classify a refused write from its status and OperationOutcome (issue expression first, words last)."""
-    if error.status == 413:
-        return WriteRefusal.TOO_LARGE
+    if isinstance(error, RequestTooLargeError) or error.status == 413:
+        return WriteRefusal.INLINE_TOO_LARGE if _names_inline_data(error) else WriteRefusal.TOO_LARGE
     if error.status not in (400, 415, 422):
         return WriteRefusal.OTHER
     if error.status == 415 or _names_content_type(error.operation_outcome):
@@ -153,3 +184,14 @@ def _names_content_type(outcome: dict[str, Any] | None) -> bool:
         if any(isinstance(path, str) and path.endswith("attachment.contentType") for path in paths):
             return True
     return False
+
+
+def _names_inline_data(error: FhirError) -> bool:
+    """A size refusal about one inline attachment (issue expression first, the word "inline" last)."""
+    for issue in (error.operation_outcome or {}).get("issue") or []:
+        if not isinstance(issue, dict):
+            continue
+        paths = [*(issue.get("expression") or []), *(issue.get("location") or [])]
+        if any(isinstance(path, str) and path.endswith("attachment.data") for path in paths):
+            return True
+    return error.operation_outcome is not None and "inline" in (error.diagnostics or "").lower()
