@@ -91,10 +91,14 @@ def _error_bodies(operation: dict[str, Any]) -> None:
 
 def _choices(schemas: dict[str, Any]) -> None:
     """The styles and languages on offer, as enums (read from the prompt library, not copied)."""
-    styles = [preset.name for preset in load_prompt_library(TEMPLATES_DIR / "prompts").styles]
+    library = load_prompt_library(TEMPLATES_DIR / "prompts")
+    styles = [preset.name for preset in library.styles]
+    # Portraits have a style set of their own.
+    portrait_styles = [preset.name for preset in library.portrait_styles]
     for name in ("IllustrationRequest", "PortraitRequest", "RegenerateRequest"):
         properties = schemas[name]["properties"]
-        for field, values in (("style", styles), ("language", list(LANGUAGES))):
+        offered = portrait_styles if name == "PortraitRequest" else styles
+        for field, values in (("style", offered), ("language", list(LANGUAGES))):
             target = properties[field]
             # Optional fields are `anyOf: [string, null]`: the enum goes on the string branch.
             branch = next((b for b in target.get("anyOf", []) if b.get("type") == "string"), target)

@@ -37,6 +37,7 @@ from service.web.choices import (
     checked_depiction,
     checked_illustration_choice,
     checked_language,
+    checked_portrait_style,
     checked_style,
 )
 from service.web.context import RequestContext
@@ -171,7 +172,7 @@ def portrait_choice(ctx: RequestContext, body: PortraitRequest) -> PortraitChoic
     except ValueError as error:
         raise AppError(400, "Not a valid choice", str(error), code=ErrorCode.INVALID_INPUT) from error
     return PortraitChoice(
-        style=checked_style(ctx.services.prompts, body.style),
+        style=checked_portrait_style(ctx.services.prompts, body.style),
         language=checked_language(body.language),
         depiction=depiction,
         variants=body.variants,

@@ -575,6 +575,8 @@ class PromptLibrary:
     education_negative: str
     depiction_phrases: Mapping[str, Mapping[str, str]]
     portrait: PortraitTemplate
+    # Styles for portraits (portrait_styles.yaml), a set apart from the education styles.
+    portrait_styles: tuple[StylePreset, ...] = ()
     _by_snomed: Mapping[str, Topic] = field(repr=False, default_factory=dict)
     _icd_exact: Mapping[str, Topic] = field(repr=False, default_factory=dict)
     _icd_rules: tuple[_IcdRule, ...] = field(repr=False, default=())
@@ -589,6 +591,14 @@ class PromptLibrary:
             if style.name == name:
                 return style
         raise ValueError(f"unknown style {name!r}; allowed: {', '.join(self.style_names)}")
+
+    def portrait_style(self, name: str) -> StylePreset:
+        """The portrait style called ``name`` (portrait_styles.yaml)."""
+        for style in self.portrait_styles:
+            if style.name == name:
+                return style
+        allowed = ", ".join(style.name for style in self.portrait_styles)
+        raise ValueError(f"unknown style {name!r} for a portrait; allowed: {allowed}")
 
     def topic(self, topic_id: str) -> Topic:
         """The topic with id ``topic_id`` (the fallback's id included)."""
@@ -632,6 +642,7 @@ def load_prompt_library(templates_dir: Path) -> PromptLibrary:
     quality, negative, phrases = _load_common(prompts_dir / "common.yaml")
     fallback, fallback_without_condition = _load_fallback(prompts_dir / "fallback.yaml", avoid)
     portrait = _load_portrait(prompts_dir / "portrait.yaml")
+    portrait_styles = _load_styles(prompts_dir / "portrait_styles.yaml")
     topic_files = sorted((prompts_dir / "topics").glob("*.yaml"))
     if not topic_files:
         raise PromptLibraryError(f"{prompts_dir / 'topics'}: no topic files (*.yaml)")
@@ -671,6 +682,7 @@ def load_prompt_library(templates_dir: Path) -> PromptLibrary:
         education_negative=negative,
         depiction_phrases=phrases,
         portrait=portrait,
+        portrait_styles=portrait_styles,
         _by_snomed=by_snomed,
         _icd_exact=icd_exact,
         _icd_rules=tuple(rules),
@@ -843,7 +855,7 @@ def build_portrait_prompt(
     non-identifying. Free text is normalised and stripped of identifier-like strings.
     """
     _check_language(language)
-    preset = library.style(style)
+    preset = library.portrait_style(style)
     template = library.portrait
     avoid_items = [normalise_free_text(item, max_chars=60) for item in story.avoid[:20]]
     avoid_items = [item for item in avoid_items if item]

@@ -34,6 +34,13 @@ def checked_style(library: PromptLibrary, style: str) -> str:
     return style
 
 
+def checked_portrait_style(library: PromptLibrary, style: str) -> str:
+    """A portrait style (portrait_styles.yaml): portraits have their own set, apart from education styles."""
+    if style not in {preset.name for preset in library.portrait_styles}:
+        raise _invalid("Unknown style", "Choose one of the portrait styles offered on the page.")
+    return style
+
+
 def checked_depiction(depiction: str) -> Depiction:
     try:
         return Depiction.from_choice(depiction)

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from service.generation.prompts import Depiction
-from service.web.choices import LANGUAGES, checked_language, checked_style
+from service.web.choices import LANGUAGES, checked_language, checked_portrait_style
 from service.web.context import ClinicianContext
 from service.web.errors import AppError, ErrorCode
 from service.web.workflow_errors import workflow_errors
@@ -39,7 +39,7 @@ async def portrait_page(request: Request, ctx: ClinicianContext) -> Response:
         "portrait.html",
         {
             "story": story.story if story else None,
-            "styles": services.prompts.styles,
+            "styles": services.prompts.portrait_styles,
             "languages": LANGUAGES,
             "depiction_options": Depiction.ALLOWED,
             "max_variants": MAX_VARIANTS,
@@ -55,7 +55,7 @@ def checked_portrait_choice(
 ) -> PortraitChoice:
     try:
         return PortraitChoice(
-            style=checked_style(ctx.services.prompts, style),
+            style=checked_portrait_style(ctx.services.prompts, style),
             language=checked_language(language),
             depiction=Depiction(
                 skin_tone=depiction["skin_tone"],

@@ -129,7 +129,7 @@ def test_illustration_draft_edit_approve_regenerate_withdraw(
 
 
 def test_portrait_job_from_the_patients_story(carecanvas: RunningApp, clinician: ApiSession) -> None:
-    created = clinician.post("/portraits", json={"style": "flat_vector", "language": "en", "variants": 2})
+    created = clinician.post("/portraits", json={"style": "watercolour", "language": "en", "variants": 2})
     assert created.status_code == 201, created.text
     job_ids = created.json()["job_ids"]
     assert len(job_ids) == 2

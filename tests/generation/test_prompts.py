@@ -531,7 +531,7 @@ def test_portrait_with_consent_depicts_a_person(library: PromptLibrary) -> None:
     prompt = build_portrait_prompt(
         library=library,
         story=story,
-        style="flat_vector",
+        style="gouache",
         depiction=Depiction(age_group="older_adult"),
         tokenizer=None,
         language="es",
@@ -573,7 +573,7 @@ def test_story_is_normalised_and_identifier_like_text_removed(library: PromptLib
         symbols=("kites\x00",),
     )
     prompt = build_portrait_prompt(
-        library=library, story=story, style="line_art_print", depiction=Depiction(), tokenizer=None
+        library=library, story=story, style="paper_cut", depiction=Depiction(), tokenizer=None
     )
     for leaked in ("555", "2233", "ana@", "example.org", "1950", "99812", "\u202e", "\x00"):
         assert leaked not in prompt.positive
@@ -590,7 +590,7 @@ def test_portrait_accepts_the_fhir_adapter_story(library: PromptLibrary) -> None
         story="Snow on the mountains.",
     )
     prompt = build_portrait_prompt(
-        library=library, story=story, style="flat_vector", depiction=Depiction(), tokenizer=None
+        library=library, story=story, style="gouache", depiction=Depiction(), tokenizer=None
     )
     assert "mountains" in prompt.positive
     assert "snow" not in prompt.positive.lower()
@@ -604,7 +604,7 @@ def test_portrait_long_story_is_trimmed_before_the_places(library: PromptLibrary
     essentials = ", ".join(
         [
             library.portrait.scene_symbolic,
-            library.style("flat_vector").prompt,
+            library.portrait_style("gouache").prompt,
             "set in the lake",
             depiction_phrase(library, Depiction()),
         ]
@@ -612,7 +612,7 @@ def test_portrait_long_story_is_trimmed_before_the_places(library: PromptLibrary
     budget = token_count(essentials, tokenizer=roomy) + 25
     tokenizer = build_tiny_clip_tokenizer(tmp_path / "tight", model_max_length=budget)
     prompt = build_portrait_prompt(
-        library=library, story=story, style="flat_vector", depiction=Depiction(), tokenizer=tokenizer
+        library=library, story=story, style="gouache", depiction=Depiction(), tokenizer=tokenizer
     )
     assert "set in the lake" in prompt.positive
     assert "inspired by: we walked" in prompt.positive  # the story is shortened, not dropped
@@ -624,7 +624,7 @@ def test_portrait_unsupported_language_and_style(library: PromptLibrary) -> None
         build_portrait_prompt(
             library=library,
             story=PortraitStory(),
-            style="flat_vector",
+            style="gouache",
             depiction=Depiction(),
             tokenizer=None,
             language="de",
