@@ -227,6 +227,50 @@ class AuditRecord(Base):
     hash: Mapped[str] = mapped_column(String(64), unique=True)
 
 
+PORTRAIT_REVIEW_STATUSES = ("waiting", "sent_back", "approved")
+PORTRAIT_NOTE_KINDS = ("note", "sent", "send_back", "approve", "likeness")
+
+
+class PortraitReview(Base):
+    """A portrait draft in the reviewer's queue (artist or clinician): waiting, sent back or approved.
+
+    ``details`` is an envelope blob (aad_for("portrait_reviews", job_id, "details")) of the patient's id and
+    name shown in the queue; who asked and who decided are practitioner references, never patient data.
+    """
+
+    __tablename__ = "portrait_reviews"
+    __table_args__ = (CheckConstraint(_in("status", PORTRAIT_REVIEW_STATUSES), name="status"),)
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    ehr_name: Mapped[str] = mapped_column(String(128))
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    details: Mapped[bytes] = mapped_column(LargeBinary)
+    requested_by: Mapped[str | None] = mapped_column(String(255))
+    decided_by: Mapped[str | None] = mapped_column(String(255))
+    decided_role: Mapped[str | None] = mapped_column(String(32))
+    decided_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utc_now)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utc_now, onupdate=utc_now)
+
+
+class PortraitNote(Base):
+    """One note on a portrait draft (a note, a send-back, an approval, a likeness change), oldest first.
+
+    ``body`` is an envelope blob (aad_for("portrait_notes", id, "body")): notes may carry the patient's words.
+    """
+
+    __tablename__ = "portrait_notes"
+    __table_args__ = (CheckConstraint(_in("kind", PORTRAIT_NOTE_KINDS), name="kind"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    author: Mapped[str | None] = mapped_column(String(255))
+    author_role: Mapped[str | None] = mapped_column(String(32))
+    body: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utc_now)
+
+
 # Every ciphertext column, for key rotation: (model, primary-key attribute, column attribute).
 ENCRYPTED_COLUMNS: tuple[tuple[type[Base], str, str], ...] = (
     (WebSession, "id_hash", "data"),
@@ -234,6 +278,8 @@ ENCRYPTED_COLUMNS: tuple[tuple[type[Base], str, str], ...] = (
     (Artifact, "id", "ciphertext"),
     (Document, "id", "content"),
     (AuditRecord, "seq", "sealed"),
+    (PortraitReview, "job_id", "details"),
+    (PortraitNote, "id", "body"),
 )
 
 
@@ -247,6 +293,8 @@ __all__ = [
     "Base",
     "Document",
     "Job",
+    "PortraitNote",
+    "PortraitReview",
     "UTCDateTime",
     "WebSession",
     "utc_now",
