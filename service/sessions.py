@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
 import secrets
+import zlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -12,13 +15,20 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 from sqlalchemy import delete, select
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from fhir_adapters import GrantedScopes, TokenSet
-from service.crypto import Keyring, aad_for
+from service.crypto import DecryptionError, Keyring, aad_for
+from service.db.models import SpentLaunchState
 from service.db.models import WebSession as WebSessionRow
 
 _TABLE = "web_sessions"
+# A launch in flight travels in the session cookie itself, told apart from a session id by this prefix.
+PENDING_PREFIX = "p1."
+_PENDING_AAD = b"carecanvas:pending-launch:v1"
+# Browsers keep at most 4096 bytes per cookie (name and attributes included).
+MAX_PENDING_COOKIE_CHARS = 3600
 
 
 def hash_session_id(cookie_value: str) -> str:
@@ -183,9 +193,104 @@ class SessionStore:
                 continue  # a session of an older release: nothing to read from it
         return found
 
+    def seal_pending(self, launch: PendingLaunch) -> str:
+        """The cookie value that carries a launch in flight (no row is written for it)."""
+        return PendingLaunchSeal(self._keyring).seal(launch)
+
+    def open_pending(self, cookie_value: str | None) -> PendingLaunch | None:
+        return PendingLaunchSeal(self._keyring).open(cookie_value)
+
     def _encrypt(self, session: WebSession) -> bytes:
         plaintext = session.data.model_dump_json(exclude_defaults=True).encode()
         return self._keyring.encrypt(plaintext, aad=self._aad(session.id_hash))
+
+
+class PendingLaunch(BaseModel):
+    """A SMART launch between /launch and /callback: kept by the browser, sealed, never in the database.
+
+    So an unauthenticated /launch costs no row; the callback checks it and only then creates the session.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    ehr_name: str
+    kind: SessionKind
+    pending: dict[str, Any]
+    smart_config: dict[str, Any]
+
+
+class PendingLaunchTooLargeError(ValueError):
+    """The EHR's SMART configuration makes the sealed launch too large for a cookie."""
+
+
+class PendingLaunchSeal:
+    """Seal a PendingLaunch into a cookie value (keyring AEAD: encrypted and authenticated) and open it."""
+
+    def __init__(self, keyring: Keyring) -> None:
+        self._keyring = keyring
+
+    def seal(self, launch: PendingLaunch) -> str:
+        # Compressed before encryption: nothing in it is chosen by the browser (the EHR's launch id and
+        # the authorize URL are left out), so the length tells an observer nothing about the secrets.
+        plaintext = zlib.compress(launch.model_dump_json().encode(), level=9)
+        blob = self._keyring.encrypt(plaintext, aad=_PENDING_AAD)
+        value = PENDING_PREFIX + base64.urlsafe_b64encode(blob).decode("ascii").rstrip("=")
+        if len(value) > MAX_PENDING_COOKIE_CHARS:
+            raise PendingLaunchTooLargeError(f"sealed launch is {len(value)} characters")
+        return value
+
+    def open(self, cookie_value: str | None) -> PendingLaunch | None:
+        """The launch, or None when the cookie is missing, a session id, forged, damaged or unreadable."""
+        if not cookie_value or not cookie_value.startswith(PENDING_PREFIX):
+            return None
+        encoded = cookie_value.removeprefix(PENDING_PREFIX)
+        try:
+            blob = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
+            plaintext = self._keyring.decrypt(blob, aad=_PENDING_AAD)
+            return PendingLaunch.model_validate_json(zlib.decompress(plaintext, bufsize=16_384))
+        except (binascii.Error, ValueError, DecryptionError, zlib.error):
+            return None
+
+
+def hash_launch_state(state: str) -> str:
+    return hashlib.sha256(state.encode("utf-8", "replace")).hexdigest()
+
+
+async def spend_launch_state(
+    sessionmaker: async_sessionmaker[AsyncSession], state: str, *, keep_until: datetime
+) -> bool:
+    """Record ``state`` as used, in a transaction of its own; False when it was used before (a replay).
+
+    The primary key makes this atomic: of two racing callbacks with one state, exactly one gets True.
+    """
+    async with sessionmaker() as db:
+        db.add(SpentLaunchState(state_hash=hash_launch_state(state), expires_at=keep_until))
+        try:
+            await db.commit()
+        except IntegrityError:
+            await db.rollback()
+            return False
+    return True
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """How many expired rows a sweep deleted."""
+
+    sessions: int
+    launch_states: int
+
+
+async def sweep_expired(db: AsyncSession, *, now: datetime | None = None) -> SweepResult:
+    """Delete expired sessions (their tokens go with them) and spent launch states past their lifetime."""
+    moment = now or datetime.now(UTC)
+    sessions = await db.execute(delete(WebSessionRow).where(WebSessionRow.expires_at <= moment))
+    states = await db.execute(delete(SpentLaunchState).where(SpentLaunchState.expires_at <= moment))
+    await db.commit()
+    return SweepResult(
+        sessions=int(getattr(sessions, "rowcount", 0) or 0),
+        launch_states=int(getattr(states, "rowcount", 0) or 0),
+    )
 
 
 def _aware(moment: datetime) -> datetime:

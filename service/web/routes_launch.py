@@ -3,23 +3,23 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any
+from typing import Annotated
 
 import structlog
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from fhir_adapters import DiscoveryError, DiscoveryProblem, EhrRegistration, FhirError, SmartError
 from service.audit import AuditAction
 from service.ehrs import UnregisteredIssuerError
 from service.services import Services
-from service.sessions import SessionKind, WebSession
+from service.sessions import PendingLaunchTooLargeError, SessionKind
 from service.settings import EhrSettings
 from service.web.context import DbDep, LaunchContext, RequestIdDep, ServicesDep
 from service.web.errors import PageError
 from service.web.security import clear_session_cookie, cookie_name, set_session_cookie
 from service.workflows.launch import (
+    PENDING_MAX_AGE,
     CallbackAnswer,
     LaunchKind,
     LaunchStateError,
@@ -27,6 +27,7 @@ from service.workflows.launch import (
     StartedLaunch,
     begin_launch,
     finish_launch,
+    spend_pending,
     style_css,
 )
 
@@ -48,7 +49,7 @@ def not_registered() -> PageError:
     )
 
 
-def discovery_failure_page(error: SmartError | FhirError) -> PageError:
+def discovery_failure_page(error: SmartError | FhirError | PendingLaunchTooLargeError) -> PageError:
     """Readable, without echoing what the EHR sent (it may be hostile); decided on the problem code."""
     problem = error.problem if isinstance(error, DiscoveryError) else DiscoveryProblem.UNREADABLE
     if problem is DiscoveryProblem.ORIGIN_NOT_ALLOWED:
@@ -70,36 +71,36 @@ def discovery_failure_page(error: SmartError | FhirError) -> PageError:
 async def start_launch(
     *,
     services: Services,
-    db: AsyncSession,
     ehr: EhrSettings,
     registration: EhrRegistration,
     launch: str | None,
     scopes: tuple[str, ...],
     kind: LaunchKind,
 ) -> Response:
-    """Discovery first (no database transaction open), then the new session row, then the redirect."""
+    """Discovery, then the redirect with the pending launch sealed into the cookie: no database row."""
     try:
         started: StartedLaunch = await begin_launch(
             registration=registration,
+            ehr_name=ehr.name,
             launch=launch,
             http=services.connections.smart(ehr.name),
             scopes=scopes,
             kind=kind,
         )
-    except (SmartError, FhirError) as error:
+        cookie_value = services.sessions.seal_pending(started.launch)
+    except (SmartError, FhirError, PendingLaunchTooLargeError) as error:
         log.warning("smart discovery refused", ehr=ehr.name, error_type=type(error).__name__)
         raise discovery_failure_page(error) from error
-    cookie_value, _ = await services.sessions.create(db, ehr_name=ehr.name, data=started.session_data)
-    await db.commit()
     response = RedirectResponse(started.authorize_url, status_code=302)
-    set_session_cookie(response, services.settings, cookie_value)
+    set_session_cookie(
+        response, services.settings, cookie_value, max_age=int(PENDING_MAX_AGE.total_seconds())
+    )
     return response
 
 
 @router.get("/launch")
 async def launch(
     services: ServicesDep,
-    db: DbDep,
     iss: Annotated[str | None, Query(max_length=2000)] = None,
     launch: Annotated[str | None, Query(max_length=2000)] = None,
 ) -> Response:
@@ -112,7 +113,6 @@ async def launch(
         raise PageError(400, "Missing launch context", "Open CareCanvas from a patient's chart in your EHR.")
     return await start_launch(
         services=services,
-        db=db,
         ehr=ehr,
         registration=services.ehrs.registration(ehr),
         launch=launch,
@@ -127,22 +127,6 @@ def _readable_oauth_error(error: str, description: str | None) -> str:
     return f"{text} ({code})" if text else code
 
 
-async def _spend_pending(request: Request, services: Services) -> tuple[WebSession, dict[str, Any] | None]:
-    """Take the pending authorization out of the session in a short transaction of its own, before any
-    EHR call: the state is single use even if two callbacks race, and no write lock is held meanwhile."""
-    async with services.sessionmaker() as spend:
-        session = await services.sessions.load(spend, request.cookies.get(cookie_name(services.settings)))
-        if session is None:
-            await spend.commit()
-            raise PageError(
-                400, "Sign-in could not be completed", "Please launch CareCanvas again from the EHR."
-            )
-        pending_raw, session.data.pending = session.data.pending, None
-        await services.sessions.save(spend, session)
-        await spend.commit()
-    return session, pending_raw
-
-
 @router.get("/callback")
 async def callback(
     request: Request,
@@ -154,8 +138,11 @@ async def callback(
     error: Annotated[str | None, Query(max_length=200)] = None,
     error_description: Annotated[str | None, Query(max_length=2000)] = None,
 ) -> Response:
-    session, pending_raw = await _spend_pending(request, services)
+    pending = services.sessions.open_pending(request.cookies.get(cookie_name(services.settings)))
+    if pending is None:
+        raise PageError(400, "Sign-in could not be completed", "Please launch CareCanvas again from the EHR.")
     if error:
+        await spend_pending(services, pending)  # the EHR refused: this launch is over
         raise PageError(
             400,
             "The EHR did not allow the sign-in",
@@ -163,11 +150,10 @@ async def callback(
             "Please launch CareCanvas again or ask your EHR team.",
         )
     try:
-        kind = await finish_launch(
+        finished = await finish_launch(
             services,
             db,
-            session,
-            CallbackAnswer(pending=pending_raw, code=code, state=state),
+            CallbackAnswer(launch=pending, code=code, state=state),
             request_id=request_id,
         )
     except LaunchStateError as failure:
@@ -175,7 +161,7 @@ async def callback(
     except LaunchUserError as refused:
         raise PageError(403, "CareCanvas cannot be used with this sign-in", str(refused)) from refused
     except SmartError as failure:
-        log.warning("token exchange refused", ehr=session.ehr_name, error_type=type(failure).__name__)
+        log.warning("token exchange refused", ehr=pending.ehr_name, error_type=type(failure).__name__)
         raise PageError(
             400,
             "Sign-in could not be completed",
@@ -183,8 +169,10 @@ async def callback(
             "Please launch CareCanvas again; if this keeps happening, tell your EHR integration team.",
         ) from failure
     # 303 to a clean URL: the code leaves the address bar, and no-referrer keeps it out of later requests.
-    response = RedirectResponse("/portal" if kind is SessionKind.PORTAL else "/app", status_code=303)
+    target = "/portal" if finished.kind is SessionKind.PORTAL else "/app"
+    response = RedirectResponse(target, status_code=303)
     response.headers["Referrer-Policy"] = "no-referrer"
+    set_session_cookie(response, services.settings, finished.cookie_value)
     return response
 
 

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, Response
 
 from service.ehrs import UnregisteredIssuerError
-from service.web.context import DbDep, PortalContext, ServicesDep
+from service.web.context import PortalContext, ServicesDep
 from service.web.errors import AppError, ErrorCode
 from service.web.routes_launch import not_registered, start_launch
 from service.web.workflow_errors import workflow_errors
@@ -20,7 +20,6 @@ router = APIRouter()
 @router.get("/portal/launch")
 async def portal_launch(
     services: ServicesDep,
-    db: DbDep,
     ehr: Annotated[str | None, Query(max_length=100)] = None,
 ) -> Response:
     """Standalone patient launch: the EHR's sign-in page asks the patient who they are."""
@@ -32,7 +31,6 @@ async def portal_launch(
         raise AppError(404, "No patient portal for this EHR", "Your care team has not turned the portal on.")
     return await start_launch(
         services=services,
-        db=db,
         ehr=registered,
         registration=services.ehrs.registration(registered),
         launch=None,

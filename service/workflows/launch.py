@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -27,7 +27,7 @@ from fhir_adapters import (
 from fhir_adapters.scopes import scope_syntax_from_capabilities, scopes_in_syntax
 from service.audit import AuditAction, AuditOutcome
 from service.services import Services
-from service.sessions import SessionData, SessionKind, WebSession
+from service.sessions import PendingLaunch, SessionData, SessionKind, spend_launch_state
 
 # A pending authorization older than this is refused: the user must launch again.
 PENDING_MAX_AGE = timedelta(minutes=10)
@@ -76,18 +76,20 @@ class LaunchUserError(PermissionError):
 @dataclass(frozen=True)
 class StartedLaunch:
     authorize_url: str
-    session_data: SessionData
+    # Sealed into the browser's cookie by the route (service.sessions.PendingLaunchSeal); no row yet.
+    launch: PendingLaunch
 
 
 async def begin_launch(
     *,
     registration: EhrRegistration,
+    ehr_name: str,
     launch: str | None,
     http: httpx.AsyncClient,
     scopes: tuple[str, ...],
     kind: LaunchKind = "ehr",
 ) -> StartedLaunch:
-    """Discover the EHR's endpoints and build the authorize redirect; the pending values go to the session.
+    """Discover the EHR's endpoints and build the authorize redirect and the pending launch to seal.
 
     `launch` is the EHR's launch id for an EHR launch and None for a standalone (portal) launch.
     """
@@ -100,10 +102,15 @@ async def begin_launch(
         # v2 scopes (patient/Condition.rs) where the server advertises permission-v2, else their v1 forms.
         scopes=scopes_in_syntax(scopes, scope_syntax_from_capabilities(config.capabilities)),
     )
+    # The authorize URL (with the EHR's launch id) is not needed at the callback: left out of the cookie.
+    pending_data = {**pending.to_dict(), "url": ""}
+    smart_config = config_to_dict(config)
+    # Only the scopes CareCanvas asks for matter later; a long scopes_supported list would not fit a cookie.
+    smart_config["scopes_supported"] = [s for s in config.scopes_supported if s in set(pending.scopes)]
     return StartedLaunch(
         authorize_url=pending.url,
-        session_data=SessionData(
-            kind=SessionKind(kind), pending=pending.to_dict(), smart_config=config_to_dict(config)
+        launch=PendingLaunch(
+            ehr_name=ehr_name, kind=SessionKind(kind), pending=pending_data, smart_config=smart_config
         ),
     )
 
@@ -263,34 +270,63 @@ def _origin(url: str) -> str:
 
 @dataclass(frozen=True)
 class CallbackAnswer:
-    """What came back to the redirect URI, with the pending authorization already spent from the session."""
+    """What came back to the redirect URI, and the pending launch the browser's cookie held (if any)."""
 
-    pending: dict[str, Any] | None
+    launch: PendingLaunch | None
     code: str | None
     state: str | None
+
+
+@dataclass(frozen=True)
+class FinishedLaunch:
+    """The new session's cookie value and kind: the session row exists only from here on."""
+
+    cookie_value: str
+    kind: SessionKind
+
+
+async def spend_pending(services: Services, launch: PendingLaunch | None) -> dict[str, Any] | None:
+    """The pending authorization, spent once: a second callback with the same state gets None.
+
+    Committed in a transaction of its own before any EHR call, so the state is single use even when two
+    callbacks race (or a copied cookie is replayed) and no write lock is held meanwhile.
+    """
+    if launch is None:
+        return None
+    state = str(launch.pending.get("state") or "")
+    if not state:
+        return None
+    keep_until = datetime.now(UTC) + PENDING_MAX_AGE
+    if not await spend_launch_state(services.sessionmaker, state, keep_until=keep_until):
+        return None
+    return launch.pending
 
 
 async def finish_launch(
     services: Services,
     db: AsyncSession,
-    session: WebSession,
     answer: CallbackAnswer,
     *,
     request_id: str | None,
-) -> SessionKind:
-    """Exchange the code, check who signed in may use this kind of launch, keep the tokens; audited.
+) -> FinishedLaunch:
+    """Spend the pending state, exchange the code, check the user may use this launch, create the session.
 
-    Raises LaunchStateError (state), SmartError (the EHR's answer could not be verified) or LaunchUserError
-    (this user may not use this launch; the refusal is audited and committed first).
+    Raises LaunchStateError (no, wrong, reused or expired state; no token request made), SmartError (the
+    EHR's answer could not be verified) or LaunchUserError (this user may not use this launch; the refusal
+    is audited and committed first). No session row is written unless all of that succeeds.
     """
-    kind: LaunchKind = "portal" if session.data.kind is SessionKind.PORTAL else "ehr"
-    ehr = services.ehrs.by_name(session.ehr_name)
+    launch = answer.launch
+    pending_raw = await spend_pending(services, launch)
+    if launch is None or pending_raw is None:
+        raise LaunchStateError("This sign-in link is not valid any more. Please launch CareCanvas again.")
+    kind: LaunchKind = "portal" if launch.kind is SessionKind.PORTAL else "ehr"
+    ehr = services.ehrs.by_name(launch.ehr_name)
     registration = services.ehrs.registration(ehr)
     http = services.connections.smart(ehr.name)
     token_set, config = await complete_launch(
         registration=registration,
-        pending_raw=answer.pending,
-        smart_config=session.data.smart_config or {},
+        pending_raw=pending_raw,
+        smart_config=launch.smart_config,
         code=answer.code,
         state=answer.state,
         http=http,
@@ -318,26 +354,34 @@ async def finish_launch(
     style = await fetch_smart_style(
         token_set.smart_style_url, registration=registration, config=config, http=http
     )
-    data = session.data
-    data.token_set, data.patient, data.encounter = token_set.to_dict(), token_set.patient, token_set.encounter
-    data.fhir_user, data.role, data.style = token_set.fhir_user, role, style
-    await services.sessions.save(db, session)
+    cookie_value = await _keep_tokens(services, db, launch, token_set, role=role, style=style)
     await audit(AuditOutcome.SUCCESS, {"role": role, "scope": " ".join(sorted(token_set.scopes.raw))})
     await db.commit()
-    return session.data.kind
+    return FinishedLaunch(cookie_value=cookie_value, kind=launch.kind)
 
 
 async def _keep_tokens(
     services: Services,
     db: AsyncSession,
-    session: WebSession,
+    launch: PendingLaunch,
     token_set: TokenSet,
     *,
     role: Role,
     style: dict[str, str],
-) -> None:
-    """The launch's tokens and context go into the server-side session (encrypted); never to the browser."""
-    data = session.data
-    data.token_set, data.patient, data.encounter = token_set.to_dict(), token_set.patient, token_set.encounter
-    data.fhir_user, data.role, data.style = token_set.fhir_user, role, style
-    await services.sessions.save(db, session)
+) -> str:
+    """The launch's tokens and context go into a new server-side session (encrypted); never to the browser.
+
+    A fresh session id (not derived from the pending cookie), so a planted cookie cannot fix the session.
+    """
+    data = SessionData(
+        kind=launch.kind,
+        smart_config=launch.smart_config,
+        token_set=token_set.to_dict(),
+        patient=token_set.patient,
+        encounter=token_set.encounter,
+        fhir_user=token_set.fhir_user,
+        role=role,
+        style=style,
+    )
+    cookie_value, _ = await services.sessions.create(db, ehr_name=launch.ehr_name, data=data)
+    return cookie_value

@@ -521,7 +521,9 @@ def test_no_secret_or_patient_id_in_any_log_line_of_a_full_run(
     try:
         with httpx.Client(base_url=carecanvas.url, timeout=30) as client:
             authorize_url = start(client, sandbox)
-            pending = session_data(carecanvas, client)["pending"]
+            launch = carecanvas.services.sessions.open_pending(client.cookies[COOKIE])  # sealed in the cookie
+            assert launch is not None
+            pending = launch.pending
             secrets.update(verifier=pending["code_verifier"], nonce=pending["nonce"], state=pending["state"])
             callback = authorize(authorize_url)
             secrets["code"] = callback.params["code"]
