@@ -30,6 +30,8 @@ KIND_LABELS = {
     "artifacts.ciphertext": "artifacts",
     "documents.content": "document drafts",
     "audit_records.sealed": "audit payloads",
+    "portrait_reviews.details": "portrait reviews",
+    "portrait_notes.body": "portrait notes",
 }
 DEFAULT_BATCH_SIZE = 50
 MAX_PASSES = 5

@@ -21,7 +21,7 @@ from service.crypto.rotation import (
     reencrypt,
     reencrypt_all,
 )
-from service.db.models import ENCRYPTED_COLUMNS, Base, Document, Job, WebSession
+from service.db.models import ENCRYPTED_COLUMNS, Base, Document, Job, PortraitNote, PortraitReview, WebSession
 from service.jobs import JobQueue
 
 
@@ -62,6 +62,22 @@ async def test_rotation_rewraps_everything_and_old_key_can_be_retired(sessionmak
                 content=old.encrypt(b"{}", aad=aad_for("documents", "d1", "content")),
             )
         )
+        session.add(
+            PortraitReview(
+                job_id=job_ids[0],
+                ehr_name="e",
+                status="waiting",
+                details=old.encrypt(b"{}", aad=aad_for("portrait_reviews", job_ids[0], "details")),
+            )
+        )
+        session.add(
+            PortraitNote(
+                id="n1",
+                job_id=job_ids[0],
+                kind="note",
+                body=old.encrypt(b"{}", aad=aad_for("portrait_notes", "n1", "body")),
+            )
+        )
     await queue.claim_batch(worker_id="w", max_jobs=1)
     await queue.complete(job_ids[0], "w", artifacts={"png": b"img"})
 
@@ -75,12 +91,14 @@ async def test_rotation_rewraps_everything_and_old_key_can_be_retired(sessionmak
         "artifacts": 1,
         "document drafts": 1,
         "audit payloads": 3,
+        "portrait reviews": 1,
+        "portrait notes": 1,
     }
     # While anything is still wrapped by the old key, retiring it is refused and says how much.
     with pytest.raises(KeyringError, match="still wraps 1 web sessions, 5 job specs, 1 artifacts"):
         provider.retire(old.primary_kek_id, usage=usage)
-    # 5 specs + 3 audit records + 1 session + 1 document + 1 artifact
-    assert await reencrypt_all(sessionmaker, new, batch_size=2) == 11
+    # 5 specs + 3 audit records + 1 session + 1 document + 1 artifact + 1 portrait review + 1 note
+    assert await reencrypt_all(sessionmaker, new, batch_size=2) == 13
     assert await reencrypt_all(sessionmaker, new, batch_size=2) == 0
     async with sessionmaker() as session:
         for model, _key, column in ENCRYPTED_COLUMNS:
