@@ -65,8 +65,17 @@ class AuditAction(StrEnum):
     SUPERSEDE = "supersede"  # the DocumentReference a new version replaced, marked superseded
     RETRACT = "retract"  # withdrawn: the DocumentReference marked entered-in-error
     RESTORE = "restore"  # a replaced DocumentReference made current again (after its successor was withdrawn)
-    GIVE_HANDOUT = "handout.give"  # the patient was given the handout (a Communication where the EHR takes it)
+    GIVE_HANDOUT = (
+        "handout.give"  # the patient was given the handout (a Communication where the EHR takes it)
+    )
     PORTAL_VIEW = "portal.view"
+    # Portraits and their reviewer (an artist or a clinician), in CareCanvas before any write-back.
+    PORTRAIT_SEND = "portrait.send"  # a portrait draft put in the reviewer's queue
+    PORTRAIT_NOTE = "portrait.note"
+    PORTRAIT_SEND_BACK = "portrait.send_back"
+    PORTRAIT_APPROVE = "portrait.approve"
+    LIKENESS_CHANGE = "portrait.likeness"  # people shown other than the story says, with a note
+    STORY_WRITE = "story.write"  # an intake form written to the EHR as a QuestionnaireResponse
     AUDIT_SEARCH = "audit.search"
     AUDIT_EXPORT = "audit.export"
     AUDIT_VERIFY = "audit.verify"
@@ -148,6 +157,12 @@ _ACTION_WORDS: dict[str, str] = {
     AuditAction.RESTORE: "made current again",
     AuditAction.GIVE_HANDOUT: "gave the patient the handout",
     AuditAction.PORTAL_VIEW: "viewed in the portal",
+    AuditAction.PORTRAIT_SEND: "sent for review",
+    AuditAction.PORTRAIT_NOTE: "added a note to",
+    AuditAction.PORTRAIT_SEND_BACK: "sent back",
+    AuditAction.PORTRAIT_APPROVE: "approved as reviewer",
+    AuditAction.LIKENESS_CHANGE: "changed how people are shown in",
+    AuditAction.STORY_WRITE: "wrote the patient's story",
     AuditAction.AUDIT_SEARCH: "searched the audit log",
     AuditAction.AUDIT_EXPORT: "exported the audit log",
     AuditAction.AUDIT_VERIFY: "verified the audit log",
@@ -355,6 +370,11 @@ class AuditLog:
             return await self._checkpointer.write(seq=seq, head_hash=head_hash)
         except CheckpointError as error:
             raise AuditError(str(error)) from None
+
+    @property
+    def checkpoints_enabled(self) -> bool:
+        """Whether a sink and a signing key are configured (else no checkpoint is ever written)."""
+        return self._checkpointer.enabled
 
     async def maybe_checkpoint(self, session: AsyncSession, *, every: int = 100) -> SignedCheckpoint | None:
         """Write a checkpoint when ``every`` records were appended since the last one (call after commits)."""
