@@ -157,6 +157,9 @@ class Settings(BaseSettings):
     image_steps: int = 2
     secure_cookies: bool | None = None  # None: decided from public_url (https → secure)
     site_name: str = "carecanvas"
+    # Portrait reviewers: fhirUser references (`Practitioner/prac-3`) to their role, "artist" or "clinician".
+    # A launch by one of them opens the reviewer's queue of portrait drafts across patients.
+    portrait_reviewers: dict[str, Literal["artist", "clinician"]] = Field(default_factory=dict)
     # Compliance reports (service.audit.reports): the after-hours window and "per day" are local to this zone.
     audit_report_timezone: str = "UTC"
     audit_after_hours_start: time = time(20, 0)
