@@ -207,6 +207,24 @@ def cmd_audit_push(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
+def cmd_sessions_sweep(args: argparse.Namespace) -> int:
+    """Delete expired sessions and spent launch states now (`carecanvas serve` also sweeps by itself)."""
+    from service.sessions import sweep_expired
+    from service.stores import open_database
+
+    async def run() -> int:
+        engine, sessionmaker = await open_database(_settings())
+        try:
+            async with sessionmaker() as db:
+                swept = await sweep_expired(db)
+        finally:
+            await engine.dispose()
+        print(f"deleted {swept.sessions} expired sessions and {swept.launch_states} spent launch states")
+        return 0
+
+    return asyncio.run(run())
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from service.generation.models import ModelRegistry, check_model
     from service.generation.tiny import build_tiny_pipeline
@@ -280,6 +298,12 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--ehr", required=True, help="the registration's name")
     push.add_argument("--limit", type=int, default=1000, help="at most this many AuditEvents per run")
     push.set_defaults(func=cmd_audit_push)
+    sessions = commands.add_parser("sessions", help="web sessions").add_subparsers(
+        dest="sessions_command", required=True
+    )
+    sessions.add_parser("sweep", help="delete expired sessions and spent launch states").set_defaults(
+        func=cmd_sessions_sweep
+    )
     from service.keys_cli import add_keys_parser
 
     add_keys_parser(commands)
