@@ -13,6 +13,7 @@ from fastapi.staticfiles import StaticFiles
 
 from service.api import install_api
 from service.ehrs import EhrRegistry
+from service.metrics import record_checkpoint_round
 from service.services import Services, build_services
 from service.settings import Settings
 from service.web import install_routes
@@ -32,7 +33,10 @@ async def checkpoint_periodically(
         try:
             async with services.sessionmaker() as db:
                 await services.audit.maybe_checkpoint(db, every=1)
+            if services.audit.checkpoints_enabled:
+                record_checkpoint_round(ok=True)
         except Exception as error:  # a failed checkpoint must not stop the app; the next one retries
+            record_checkpoint_round(ok=False)
             log.warning("audit checkpoint failed", error_type=type(error).__name__)
         if stop.is_set():
             return

@@ -23,6 +23,7 @@ from service.ehrs import EhrRegistry
 from service.generation.models import ModelRegistry
 from service.generation.prompts import PromptLibrary, load_prompt_library
 from service.jobs import TERMINAL_STATUSES, JobQueue, JobStatus
+from service.metrics import metered_fhir_transport
 from service.sessions import SessionStore
 from service.settings import EhrSettings, Settings
 from service.stores import open_audit_log, open_database, open_keyring
@@ -69,7 +70,12 @@ class EhrConnections:
             smart=make_http_client(
                 max_connections=ehr.max_connections, pool_wait_seconds=ehr.pool_wait_seconds
             ),
-            fhir=fhir_pool(timeout=timeout, max_connections=ehr.max_connections),
+            # Metered: FHIR latency and errors by EHR (service.metrics), counted at the pool's transport.
+            fhir=fhir_pool(
+                timeout=timeout,
+                max_connections=ehr.max_connections,
+                transport=metered_fhir_transport(ehr.name, max_connections=ehr.max_connections),
+            ),
         )
 
     def smart(self, ehr_name: str) -> httpx.AsyncClient:

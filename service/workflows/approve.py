@@ -41,6 +41,7 @@ from service.ehr_profile import EhrProfile
 from service.generation.handout import render_handout_pdf
 from service.generation.models import ModelSpec
 from service.generation.text import normalise_free_text
+from service.metrics import record_writeback
 from service.workflows.context import WorkflowContext
 from service.workflows.errors import (
     ApprovalInProgressError,
@@ -481,6 +482,7 @@ class _WriteBack:
         if superseded == "superseded":
             await self._record_superseded(new_reference, content)
         await ctx.db.commit()
+        record_writeback(ctx.ehr.name, written=True)
 
     async def _record_superseded(self, new_reference: str, content: DraftContent) -> None:
         old_reference = f"DocumentReference/{self.replaces}"
@@ -507,6 +509,7 @@ class _WriteBack:
             f"{document.content.source_reference} to the chart",
         )
         await ctx.db.commit()
+        record_writeback(ctx.ehr.name, written=False)
 
 
 def _write_back_failed(error: FhirError) -> WriteBackFailedError:
