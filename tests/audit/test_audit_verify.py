@@ -20,6 +20,8 @@ TRICKY: list[dict[str, str | None]] = [
     {"ehr": 'quote " and backslash \\ ', "request_id": "tab\tnewline\ncontrol\x01"},
     {"ehr": "Ünïcödé ✓ 漢字 🩺", "request_id": "\u2028line separator"},
     {"ehr": None, "request_id": None, "patient": None, "actor": None, "resource": None},
+    {"ehr": "control only", "request_id": "tab\there\x1f"},  # needs escaping without a quote in sight
+    {"ehr": "null", "request_id": "[]"},  # the word null is a string here, not JSON null
 ]
 
 
@@ -79,7 +81,7 @@ async def test_tricky_strings_and_nulls_verify_on_the_fast_path(audit, sessionma
 
     monkeypatch.setattr(verify_module, "_reference_verdict", counting)
     result = await verify(audit, sessionmaker)
-    assert (result.ok, result.count, doubted) == (True, 6, [])
+    assert (result.ok, result.count, doubted) == (True, 2 * len(TRICKY), [])
 
 
 async def test_the_fast_hash_is_the_reference_hash(audit, sessionmaker):
@@ -200,3 +202,39 @@ async def test_a_session_in_another_time_zone_verifies_on_the_fast_path(
             await session.execute(text("SET LOCAL TIME ZONE 'Europe/Berlin'"))
         result = await audit.verify(session)
     assert (result.ok, result.count, doubted) == (True, 3, [])
+
+
+@pytest.mark.parametrize(
+    ("original", "forged"),
+    [
+        ('a"b', 'a\\"b'),  # quoted as is, the forgery would spell the original's escaped form
+        ("a\\b", "a\\\\b"),
+        ("x", None),
+        ("null", None),
+    ],
+)
+async def test_a_forgery_that_spells_the_original_unescaped_is_caught(
+    original, forged, sessionmaker, db_url, audit
+):
+    """The database quotes strings as is only when nothing needs escaping; otherwise a forged value could
+    spell the original's canonical JSON and match its hash."""
+    await append(audit, sessionmaker, 2, ehr=original)
+    await append(audit, sessionmaker, 1)
+    await tamper(db_url, update(AuditRecord).where(AuditRecord.seq == 2).values(ehr=forged))
+    result = await verify(audit, sessionmaker)
+    assert (result.ok, result.first_bad_seq, result.count) == (False, 2, 1)
+
+
+async def test_a_date_moved_to_another_era_or_a_blob_is_caught(audit, sessionmaker, db_url):
+    await append(audit, sessionmaker, 3)
+    if db_url.startswith("postgresql"):
+        # Same digits, two thousand years apart: to_char's YYYY alone would spell both alike.
+        forged: object = text("recorded_at - make_interval(years => 4051)")  # 2026 AD -> 2026 BC
+        expected_reason = "record 2 has malformed stored fields"
+    else:
+        forged = text("X'00ff'")  # a blob where text belongs
+        expected_reason = "record 2 has malformed stored fields"
+    column = "recorded_at" if db_url.startswith("postgresql") else "action"
+    await tamper(db_url, update(AuditRecord).where(AuditRecord.seq == 2).values({column: forged}))
+    result = await verify(audit, sessionmaker)
+    assert (result.ok, result.first_bad_seq, result.reason) == (False, 2, expected_reason)
