@@ -47,6 +47,9 @@ class EhrSettings(BaseModel):
     organization_id: str | None = None
     accept_images: bool | None = None
     max_inline_bytes: int = 5_000_000
+    # The largest request body this EHR (or the proxy in front of it) takes; a 413 or a 500 "too large"
+    # lowers it for the process. Larger write-backs send their attachments as Binaries first.
+    max_request_bytes: int = Field(default=1_000_000, ge=10_000)
     # This EHR's own connection pool (SMART and FHIR alike): a slow EHR fills only its own pool, and a
     # request that waits longer than `pool_wait_seconds` for a connection fails instead of queueing forever.
     max_connections: int = Field(default=8, ge=1, le=100)
@@ -155,6 +158,8 @@ class Settings(BaseSettings):
     # Tiny CPU defaults; a registry entry overrides these per model.
     image_size: int = 64
     image_steps: int = 2
+    # The most pixels CareCanvas decodes in any image (handout, previews); more is refused from the header.
+    max_image_pixels: int = Field(default=40_000_000, ge=1, le=89_478_485)
     secure_cookies: bool | None = None  # None: decided from public_url (https → secure)
     site_name: str = "carecanvas"
     # Portrait reviewers: fhirUser references (`Practitioner/prac-3`) to their role, "artist" or "clinician".

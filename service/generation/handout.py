@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Literal, cast
 
 from fpdf import FPDF
-from PIL import Image, UnidentifiedImageError
+
+from service.images import png_size
 
 PageSize = Literal["letter", "a4"]
 PAGE_SIZES: dict[str, str] = {"letter": "Letter", "a4": "A4"}
@@ -74,14 +75,7 @@ def find_unicode_fonts() -> tuple[Path, Path]:
 
 
 def _image_size(png: bytes) -> tuple[int, int]:
-    try:
-        with Image.open(io.BytesIO(png)) as image:
-            if image.format != "PNG":
-                raise ValueError(f"png must be a PNG image, got {image.format}")
-            image.verify()
-            return image.size
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise ValueError("png is not a readable PNG image") from error
+    return png_size(png)  # service.images: the pixel cap (a clear ValueError) before anything is decoded
 
 
 def _required(name: str, value: str) -> str:
