@@ -7,21 +7,25 @@ import binascii
 import hashlib
 import hmac
 import secrets
+import time
 import zlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
+import structlog
 from pydantic import BaseModel, ConfigDict, ValidationError
 from sqlalchemy import delete, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from fhir_adapters import GrantedScopes, TokenSet
 from service.crypto import DecryptionError, Keyring, aad_for
 from service.db.models import SpentLaunchState
 from service.db.models import WebSession as WebSessionRow
+
+log = structlog.get_logger("carecanvas.sessions")
 
 _TABLE = "web_sessions"
 # A launch in flight travels in the session cookie itself, told apart from a session id by this prefix.
@@ -107,6 +111,23 @@ class SessionStore:
     def __init__(self, *, keyring: Keyring, lifetime: timedelta) -> None:
         self._keyring = keyring
         self._lifetime = lifetime
+        self._last_sweep: float | None = None
+
+    async def maybe_sweep(self, db: AsyncSession, *, every_seconds: float) -> SweepResult | None:
+        """Sweep expired rows when the last sweep of this process is `every_seconds` old (0: never here).
+
+        Called after each sign-in, so a running deployment sweeps without a timer of its own.
+        """
+        now = time.monotonic()
+        if every_seconds <= 0 or (self._last_sweep is not None and now - self._last_sweep < every_seconds):
+            return None
+        self._last_sweep = now
+        try:
+            return await sweep_expired(db)
+        except SQLAlchemyError as error:  # the sign-in already committed; the next sweep retries
+            await db.rollback()
+            log.warning("session sweep failed", error_type=type(error).__name__)
+            return None
 
     def _aad(self, id_hash: str) -> bytes:
         return aad_for(_TABLE, id_hash, "data")

@@ -357,6 +357,7 @@ async def finish_launch(
     cookie_value = await _keep_tokens(services, db, launch, token_set, role=role, style=style)
     await audit(AuditOutcome.SUCCESS, {"role": role, "scope": " ".join(sorted(token_set.scopes.raw))})
     await db.commit()
+    await services.sessions.maybe_sweep(db, every_seconds=services.settings.session_sweep_seconds)
     return FinishedLaunch(cookie_value=cookie_value, kind=launch.kind)
 
 
