@@ -171,8 +171,8 @@ async def read_snapshot(
     head = select(AuditRecord.seq, AuditRecord.recorded_at).order_by(AuditRecord.seq.desc()).limit(1)
     async with sessionmaker() as session, session.begin():
         queued_rows = (await session.execute(queued)).all()
-        running_rows = dict((await session.execute(running)).tuples().all())
-        recent_rows = dict((await session.execute(recent)).tuples().all())
+        running_rows = {row[0]: row[1] for row in (await session.execute(running)).all()}
+        recent_rows = {row[0]: row[1] for row in (await session.execute(recent)).all()}
         head_row = (await session.execute(head)).first()
     buckets: dict[str, BucketQueue] = {}
     for bucket, count, oldest in queued_rows:

@@ -50,7 +50,8 @@ def test_metrics_move_after_an_end_to_end_run(sandbox: SandboxEHR, carecanvas: R
         )
         assert created.status_code == 303, created.text
         job_id = created.headers["location"].rsplit("/", 1)[1]
-        assert wait_for_job(client, job_id)["status"] == "succeeded"
+        finished = wait_for_job(client, job_id)
+        assert finished["status"] == "succeeded", finished
         form = {"caption": "A picture about your health.", "alt_text": "Drawing.", "csrf_token": csrf}
         assert client.post(f"/review/{job_id}/approve", data=form).status_code == 200
     after = scrape(carecanvas.url)
