@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service import metrics
 from service.crypto import Keyring
@@ -24,7 +25,7 @@ def samples(text: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]
     return found
 
 
-async def test_queue_gauges_follow_the_database(sessionmaker) -> None:
+async def test_queue_gauges_follow_the_database(sessionmaker: async_sessionmaker[AsyncSession]) -> None:
     clock = {"now": NOW - timedelta(minutes=10)}
     queue = JobQueue(sessionmaker, Keyring(new_key_material()), max_attempts=1, clock=lambda: clock["now"])
     async with sessionmaker() as session, session.begin():
