@@ -42,6 +42,8 @@ class ErrorCode(StrEnum):
     EHR_ERROR = "ehr_error"
     TOO_LARGE = "request_too_large"
     UNAUTHENTICATED = "unauthenticated"
+    RATE_LIMITED = "rate_limited"
+    TOO_MANY_JOBS = "too_many_jobs"
 
 
 class AppError(Exception):
@@ -67,6 +69,7 @@ def _default_code(status: int) -> ErrorCode:
         404: ErrorCode.NOT_FOUND,
         409: ErrorCode.CONFLICT,
         413: ErrorCode.TOO_LARGE,
+        429: ErrorCode.RATE_LIMITED,
         502: ErrorCode.EHR_ERROR,
         503: ErrorCode.EHR_UNAVAILABLE,
     }.get(status, ErrorCode.INVALID_INPUT)
