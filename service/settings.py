@@ -37,7 +37,8 @@ class EhrSettings(BaseModel):
         "patient/Provenance.cs",
         "patient/Device.cs",
         "patient/Binary.cr",
-        "patient/QuestionnaireResponse.rs",
+        # Create: the story intake form is written back as a QuestionnaireResponse.
+        "patient/QuestionnaireResponse.crs",
         # "Give to patient": a Communication records that the handout was handed over.
         "patient/Communication.c",
     )
