@@ -17,6 +17,7 @@ from service.metrics import record_checkpoint_round
 from service.services import Services, build_services
 from service.settings import Settings
 from service.web import install_routes
+from service.web.rate_limit import RateLimitMiddleware
 
 log = structlog.get_logger("carecanvas.app")
 
@@ -75,6 +76,8 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="CareCanvas", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.settings = settings
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    # Added before the web's middleware, so it runs inside the security headers (a 429 carries the CSP).
+    app.add_middleware(RateLimitMiddleware, settings=settings)
     install_routes(app, settings, registry)
     install_api(app, settings)
     return app
