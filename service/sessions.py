@@ -65,6 +65,10 @@ class SessionData(BaseModel):
     style: dict[str, str] = {}
     # The patient banner from the workspace's Patient read, so later pages need no second read.
     banner: dict[str, Any] | None = None
+    # The launch's visit (EncounterSummary) from the same read, so every clinician page shows the same line.
+    visit: dict[str, Any] | None = None
+    # The patient's preferred language (Patient.communication), as the workspace found it.
+    preferred_language: str | None = None
     # A staff (compliance) sign-in's identity; see service.staff_auth.
     staff: dict[str, Any] | None = None
 
