@@ -14,7 +14,16 @@ import httpx
 
 SERVER_DIR = Path(__file__).resolve().parent / "fhir_server"
 DEFAULT_DATA_FILE = Path(__file__).resolve().parent / "data" / "synthetic.json"
-PROFILES = ("generic", "no-transactions", "pdf-only", "small-inline", "commit-then-503")
+PROFILES = (
+    "generic",
+    "no-transactions",
+    "pdf-only",
+    "small-inline",
+    "commit-then-503",
+    "body-limit",
+    "body-limit-500",
+    "broken-next-link",
+)
 
 _npm_install_lock = threading.Lock()
 
@@ -193,11 +202,17 @@ class FhirServerProcess:
             )
         return response.json()
 
-    def set_profile(self, name: str) -> None:
-        """Switches the server's behaviour profile (see PROFILES); commit-then-503 re-arms its single 503."""
+    def set_profile(self, name: str, *, max_body_bytes: int | None = None) -> None:
+        """Switches the server's behaviour profile (see PROFILES); commit-then-503 re-arms its single 503.
+
+        `max_body_bytes` sets the body-limit profiles' front-proxy limit (it stays until changed again).
+        """
         if name not in PROFILES:
             raise ValueError(f"profile {name!r} is unknown; allowed: {', '.join(PROFILES)}")
-        self._admin("PUT", "profile", {"profile": name})
+        body: dict[str, Any] = {"profile": name}
+        if max_body_bytes is not None:
+            body["max_body_bytes"] = max_body_bytes
+        self._admin("PUT", "profile", body)
         self.profile = name
 
     def get_profile(self) -> str:

@@ -7,7 +7,14 @@ import { FhirRouter } from '@medplum/fhir-router';
 import { createTokenVerifier } from './lib/auth.mjs';
 import { capabilityStatement } from './lib/capability.mjs';
 import { errorOutcome, HttpError, withDiagnostics } from './lib/outcomes.mjs';
-import { offersTransactions, PROFILES } from './lib/profiles.mjs';
+import {
+  breakNextLink,
+  DEFAULT_MAX_BODY_BYTES,
+  offersTransactions,
+  PROFILES,
+  proxyRefuses,
+  sendProxyRefusal,
+} from './lib/profiles.mjs';
 import { loadDefinitions, SandboxRepository, validateOrThrow } from './lib/repository.mjs';
 import { authorize } from './lib/scopes.mjs';
 import { Pager, searchType } from './lib/search.mjs';
@@ -23,6 +30,7 @@ function parseCommandLine() {
       issuer: { type: 'string' },
       data: { type: 'string' },
       profile: { type: 'string', default: 'generic' },
+      'max-body-bytes': { type: 'string', default: String(DEFAULT_MAX_BODY_BYTES) },
       'smart-config-file': { type: 'string' },
     },
     strict: true,
@@ -32,6 +40,7 @@ function parseCommandLine() {
   if (!values.issuer) problems.push('--issuer ISS is required');
   if (!PROFILES.includes(values.profile)) problems.push(`--profile must be one of ${PROFILES.join(', ')}`);
   if (!/^\d+$/.test(values.port) || Number(values.port) > 65535) problems.push('--port must be 0..65535');
+  if (!/^\d{1,9}$/.test(values['max-body-bytes'])) problems.push('--max-body-bytes must be a whole number of bytes');
   if (problems.length) {
     throw new Error(problems.join('; '));
   }
@@ -39,8 +48,9 @@ function parseCommandLine() {
 }
 
 class State {
-  constructor({ profile, dataFile }) {
+  constructor({ profile, dataFile, maxBodyBytes }) {
     this.profile = profile;
+    this.maxBodyBytes = maxBodyBytes;
     this.armed503 = profile === 'commit-then-503';
     this.dataFile = dataFile;
     this.requestLog = [];
@@ -50,11 +60,15 @@ class State {
     this.lock = Promise.resolve();
   }
 
-  setProfile(profile) {
+  setProfile(profile, maxBodyBytes) {
     if (!PROFILES.includes(profile)) {
       throw new HttpError(400, `profile must be one of ${PROFILES.join(', ')}`);
     }
+    if (maxBodyBytes !== undefined && !(Number.isInteger(maxBodyBytes) && maxBodyBytes > 0)) {
+      throw new HttpError(400, 'max_body_bytes must be a positive whole number');
+    }
     this.profile = profile;
+    if (maxBodyBytes !== undefined) this.maxBodyBytes = maxBodyBytes;
     this.armed503 = profile === 'commit-then-503';
   }
 
@@ -219,7 +233,7 @@ class FhirApi {
           visible: (resource) => state.repo.isVisible(resource),
         });
       });
-      send(res, 200, bundle);
+      send(res, 200, state.profile === 'broken-next-link' ? breakNextLink(bundle, this.baseUrl, resourceType) : bundle);
       return;
     }
     if (segments.length === 2 && method === 'GET' && !segments[1].startsWith('_') && !segments[1].startsWith('$')) {
@@ -316,11 +330,11 @@ class FhirApi {
 async function handleAdmin(state, req, res, action, rawBody) {
   const json = { contentType: 'application/json' };
   if (action === 'profile' && req.method === 'GET') {
-    send(res, 200, { profile: state.profile }, json);
+    send(res, 200, { profile: state.profile, max_body_bytes: state.maxBodyBytes }, json);
   } else if (action === 'profile' && req.method === 'PUT') {
     const body = parseJsonBody(rawBody);
-    await state.exclusive(async () => state.setProfile(body?.profile));
-    send(res, 200, { profile: state.profile }, json);
+    await state.exclusive(async () => state.setProfile(body?.profile, body?.max_body_bytes));
+    send(res, 200, { profile: state.profile, max_body_bytes: state.maxBodyBytes }, json);
   } else if (action === 'requests' && req.method === 'GET') {
     send(res, 200, state.requestLog, json);
   } else if (action === 'reset' && req.method === 'POST') {
@@ -350,7 +364,11 @@ async function main() {
     // Our own CapabilityStatement must pass the same validator every write does.
     validateOrThrow(capabilityStatement({ baseUrl: 'http://127.0.0.1/fhir', profile }));
   }
-  const state = new State({ profile: options.profile, dataFile: options.data });
+  const state = new State({
+    profile: options.profile,
+    dataFile: options.data,
+    maxBodyBytes: Number(options['max-body-bytes']),
+  });
   await state.reset();
   const verify = createTokenVerifier({ jwksUrl: options['jwks-url'], issuer: options.issuer });
   let api;
@@ -363,6 +381,11 @@ async function main() {
     }
     try {
       const rawBody = await readBody(req);
+      if (!isAdmin && proxyRefuses(state.profile, rawBody.length, state.maxBodyBytes)) {
+        // The front proxy answers; the FHIR server never sees the request.
+        sendProxyRefusal(res, state.profile);
+        return;
+      }
       let segments;
       try {
         segments = url.pathname.split('/').filter(Boolean).map(decodeURIComponent);

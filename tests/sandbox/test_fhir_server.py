@@ -839,3 +839,46 @@ def test_the_shapes_carecanvas_writes_are_accepted(fhir_server: FhirServerProces
     refused = http.post("/DocumentReference", json=document, headers=FHIR_JSON)
     assert refused.status_code == 400
     assert "content[1]" in diagnostics(refused)
+
+
+@pytest.mark.parametrize(
+    ("profile", "status", "content_type", "text"),
+    [
+        ("body-limit", 413, "text/html", "413 Request Entity Too Large"),
+        ("body-limit-500", 500, "text/plain", "request entity too large"),
+    ],
+)
+def test_body_limit_profiles_answer_like_a_front_proxy(
+    fhir_server: FhirServerProcess, fhir_server_token, profile: str, status: int, content_type: str, text: str
+) -> None:
+    fhir_server.set_profile(profile, max_body_bytes=5000)
+    http = client(fhir_server, fhir_server_token())
+    big = http.post("/DocumentReference", json=a_document("pat-3", data=b"%PDF" * 2000), headers=FHIR_JSON)
+    assert big.status_code == status
+    assert big.headers["content-type"].startswith(content_type)
+    assert text in big.text
+    assert http.get("/DocumentReference").json()["total"] == 0  # the FHIR server never saw it
+    assert http.post("/DocumentReference", json=a_document("pat-3"), headers=FHIR_JSON).status_code == 201
+    assert httpx.get(f"{fhir_server.admin_url}/profile").json() == {
+        "profile": profile,
+        "max_body_bytes": 5000,
+    }
+    with pytest.raises(FhirServerError):
+        fhir_server.set_profile(profile, max_body_bytes=0)
+
+
+def test_broken_next_link_profile(fhir_server: FhirServerProcess, fhir_server_token) -> None:
+    fhir_server.set_profile("broken-next-link")
+    page = client(fhir_server, fhir_server_token()).get("/Condition", params={"patient": "pat-1"}).json()
+    (next_link,) = [link["url"] for link in page["link"] if link["relation"] == "next"]
+    assert next_link.startswith(fhir_server.base_url)
+    assert "\x01" in next_link
+
+
+def test_practitioner_roles_name_the_organization(fhir_server: FhirServerProcess, fhir_server_token) -> None:
+    http = client(fhir_server, fhir_server_token("user/PractitionerRole.rs"))
+    found = http.get("/PractitionerRole", params={"practitioner": "Practitioner/prac-1"}).json()
+    assert [entry["resource"]["organization"] for entry in found["entry"]] == [
+        {"reference": "Organization/org-1"}
+    ]
+    assert http.get("/PractitionerRole", params={"practitioner": "Practitioner/prac-3"}).json()["total"] == 0

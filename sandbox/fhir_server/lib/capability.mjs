@@ -8,6 +8,7 @@ export const MAX_INLINE_BYTES_EXTENSION = `${EXTENSION_BASE}/max-inline-attachme
 const RESOURCE_TYPES = [
   'Patient',
   'Practitioner',
+  'PractitionerRole',
   'Organization',
   'Encounter',
   'Condition',
@@ -30,6 +31,7 @@ const SEARCH_PARAMS = {
   Provenance: [['target', 'reference'], ['patient', 'reference']],
   Device: [['identifier', 'token']],
   Patient: [['identifier', 'token']],
+  PractitionerRole: [['practitioner', 'reference'], ['organization', 'reference'], ['active', 'token']],
   Communication: [['patient', 'reference'], ['subject', 'reference'], ['identifier', 'token']],
 };
 

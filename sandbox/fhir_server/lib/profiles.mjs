@@ -1,7 +1,45 @@
 // Server profiles: behaviours of real EHR FHIR servers that CareCanvas has to cope with.
 import { repositoryError } from './outcomes.mjs';
 
-export const PROFILES = ['generic', 'no-transactions', 'pdf-only', 'small-inline', 'commit-then-503'];
+export const PROFILES = [
+  'generic',
+  'no-transactions',
+  'pdf-only',
+  'small-inline',
+  'commit-then-503',
+  'body-limit',
+  'body-limit-500',
+  'broken-next-link',
+];
+
+// Like nginx's client_max_body_size 1m in front of the EHR (changeable per test with max_body_bytes).
+export const DEFAULT_MAX_BODY_BYTES = 1024 * 1024;
+const NGINX_413_PAGE =
+  '<html>\r\n<head><title>413 Request Entity Too Large</title></head>\r\n<body>\r\n' +
+  '<center><h1>413 Request Entity Too Large</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n';
+
+/** Whether the active profile's front proxy refuses a body of `size` bytes before the FHIR server sees it. */
+export function proxyRefuses(profile, size, maxBodyBytes) {
+  return (profile === 'body-limit' || profile === 'body-limit-500') && size > maxBodyBytes;
+}
+
+/** The proxy's answer: an nginx-style 413 page, or (body-limit-500) a bare plain-text 500. */
+export function sendProxyRefusal(res, profile) {
+  if (profile === 'body-limit-500') {
+    res.writeHead(500, { 'content-type': 'text/plain', 'cache-control': 'no-store', connection: 'close' });
+    res.end('request entity too large');
+  } else {
+    res.writeHead(413, { 'content-type': 'text/html', 'cache-control': 'no-store', connection: 'close' });
+    res.end(NGINX_413_PAGE);
+  }
+}
+
+/** broken-next-link: a same-origin `next` link with a control character, as a buggy server might send. */
+export function breakNextLink(bundle, baseUrl, resourceType) {
+  const link = (bundle.link ?? []).filter((item) => item.relation !== 'next');
+  link.push({ relation: 'next', url: `${baseUrl}/${resourceType}?_page_token=broken\u0001link` });
+  return { ...bundle, link };
+}
 
 // Like Oracle Health: document content must be a document format, not an image.
 export const PDF_ONLY_CONTENT_TYPES = ['application/pdf', 'text/plain', 'text/html', 'application/xhtml+xml'];
