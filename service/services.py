@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from fhir_adapters import fhir_pool
 from service.audit import AuditLog
 from service.crypto import Keyring
+from service.db.engine import make_read_sessionmaker
 from service.ehr_profile import EhrProfiles
 from service.ehrs import EhrRegistry
 from service.generation.models import ModelRegistry
@@ -114,6 +115,12 @@ class Services:
     # None in production; tests may route FHIR calls through a transport that fakes 5xx/429 answers.
     fhir_transport: httpx.AsyncBaseTransport | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    # Sessions that only read (on SQLite a query_only pool that never waits for the writer lock).
+    read_sessionmaker: async_sessionmaker[AsyncSession] | None = None
+
+    def read_sessions(self) -> async_sessionmaker[AsyncSession]:
+        """For read-only work; the writing sessionmaker where none was given (services built by hand)."""
+        return self.read_sessionmaker or self.sessionmaker
 
     async def aclose(self) -> None:
         await self.connections.aclose()
@@ -140,6 +147,7 @@ async def build_services(settings: Settings, *, ehrs: EhrRegistry | None = None)
         settings=settings,
         engine=engine,
         sessionmaker=sessionmaker,
+        read_sessionmaker=make_read_sessionmaker(engine),
         keyring=keyring,
         audit=open_audit_log(settings, keyring=keyring),
         queue=JobQueue(

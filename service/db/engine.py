@@ -1,16 +1,24 @@
 """Engine and session factories for SQLite (aiosqlite) and PostgreSQL (psycopg 3); programmatic migrations.
 
-SQLite locking: the ``sqlite3`` module behind aiosqlite normally issues a deferred ``BEGIN`` itself. We switch
-that off (``isolation_level = None`` on the raw connection at connect time) and emit the ``BEGIN`` ourselves
-from SQLAlchemy's ``begin`` event: ``BEGIN IMMEDIATE`` for sessions from ``make_sessionmaker`` (the writer
-lock is taken at the start of the transaction, so audit sequence numbers and job claims are linearised, and a
-transaction that read first can never fail to upgrade to a writer with SQLITE_BUSY), plain deferred ``BEGIN``
-for ``make_read_sessionmaker`` (readers never block the writer under WAL). ``busy_timeout`` makes a second
-writer wait instead of failing.
+SQLite locking (docs/decisions/0001 and 0004): the ``sqlite3`` module behind aiosqlite normally issues a
+deferred ``BEGIN`` itself. We switch that off (``isolation_level = None`` on the raw connection at connect
+time) and emit the ``BEGIN`` ourselves from SQLAlchemy's ``begin`` event.
+
+- Sessions from ``make_sessionmaker`` write: ``BEGIN IMMEDIATE`` takes the writer lock at the start of the
+  transaction, so audit sequence numbers and job claims are linearised and a transaction that read first can
+  never fail to upgrade to a writer with SQLITE_BUSY. The writer pool holds one connection: in one process,
+  writers queue for it in order (woken at once when it comes back) instead of sleeping in SQLite's busy
+  handler; ``busy_timeout`` still makes a writer in another process (a separate worker) wait, not fail.
+- Sessions from ``make_read_sessionmaker`` only read: a pool of their own whose connections are
+  ``query_only`` (a write there fails at once instead of trying to upgrade), plain deferred ``BEGIN``. Under
+  WAL they read one consistent snapshot and never wait for, or block, the writer.
+
+PostgreSQL: one pool; the read sessionmaker is the same engine (MVCC readers take no locks that matter).
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +26,7 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from alembic.migration import MigrationContext
-from sqlalchemy import Connection, event
+from sqlalchemy import Connection, Engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -32,6 +40,8 @@ from service.db.roles import AppRoleError, AppRoleGrants, apply_app_role_grants,
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 _BEGIN_OPTION = "carecanvas_sqlite_begin"
 _MIGRATIONS = Path(__file__).with_name("migrations")
+# The read-only sibling of each SQLite writer engine, made on first use and disposed with the writer.
+_READERS: weakref.WeakKeyDictionary[Engine, AsyncEngine] = weakref.WeakKeyDictionary()
 
 
 def normalise_url(url: str) -> str:
@@ -45,17 +55,27 @@ def normalise_url(url: str) -> str:
 
 
 def make_engine(url: str, **engine_options: Any) -> AsyncEngine:
-    """An async engine: SQLite with WAL, foreign keys and busy_timeout; PostgreSQL through psycopg 3."""
+    """An async engine: SQLite (WAL, foreign keys, busy_timeout, one writer connection) or PostgreSQL."""
     url = normalise_url(url)
     if url.startswith("sqlite"):
+        if _is_file_database(url):
+            # One writer at a time is all SQLite allows; queueing in the pool wakes the next one at once.
+            engine_options.setdefault("pool_size", 1)
+            engine_options.setdefault("max_overflow", 0)
+            engine_options.setdefault("pool_timeout", SQLITE_BUSY_TIMEOUT_MS / 1000)
         engine = create_async_engine(url, **engine_options)
-        _configure_sqlite(engine)
+        _configure_sqlite(engine, read_only=False)
         return engine
     engine_options.setdefault("pool_pre_ping", True)
     return create_async_engine(url, **engine_options)
 
 
-def _configure_sqlite(engine: AsyncEngine) -> None:
+def _is_file_database(url: str) -> bool:
+    database = make_url(url).database or ""
+    return database not in ("", ":memory:") and "mode=memory" not in url
+
+
+def _configure_sqlite(engine: AsyncEngine, *, read_only: bool) -> None:
     @event.listens_for(engine.sync_engine, "connect")
     def on_connect(dbapi_connection: Any, _record: Any) -> None:
         # We emit BEGIN ourselves (see the module docstring), so the driver must not.
@@ -65,12 +85,14 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
         cursor.execute("PRAGMA synchronous=NORMAL")
+        if read_only:
+            cursor.execute("PRAGMA query_only=ON")
         cursor.close()
 
     @event.listens_for(engine.sync_engine, "begin")
     def on_begin(connection: Connection) -> None:
-        mode = connection.get_execution_options().get(_BEGIN_OPTION, "IMMEDIATE")
-        connection.exec_driver_sql("BEGIN" if mode == "DEFERRED" else "BEGIN IMMEDIATE")
+        deferred = read_only or connection.get_execution_options().get(_BEGIN_OPTION) == "DEFERRED"
+        connection.exec_driver_sql("BEGIN" if deferred else "BEGIN IMMEDIATE")
 
 
 def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
@@ -78,10 +100,29 @@ def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False)
 
 
+def read_engine(engine: AsyncEngine) -> AsyncEngine:
+    """The engine read sessions use: on SQLite a read-only sibling pool (disposed with ``engine``)."""
+    if engine.dialect.name != "sqlite" or not _is_file_database(str(engine.url)):
+        return engine
+    reader = _READERS.get(engine.sync_engine)
+    if reader is None:
+        reader = create_async_engine(engine.url)
+        _configure_sqlite(reader, read_only=True)
+        _READERS[engine.sync_engine] = reader
+        event.listen(engine.sync_engine, "engine_disposed", _dispose_reader)
+    return reader
+
+
+def _dispose_reader(writer: Engine) -> None:
+    # Runs inside AsyncEngine.dispose()'s greenlet, so the sync dispose may close aiosqlite connections.
+    reader = _READERS.pop(writer, None)
+    if reader is not None:
+        reader.sync_engine.dispose()
+
+
 def make_read_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
-    """Sessions for read-only work (on SQLite a deferred transaction that does not block writers)."""
-    reader = engine.execution_options(**{_BEGIN_OPTION: "DEFERRED"})
-    return async_sessionmaker(reader, expire_on_commit=False)
+    """Sessions for read-only work: on SQLite they never take or wait for the writer lock; writes fail."""
+    return async_sessionmaker(read_engine(engine), expire_on_commit=False)
 
 
 @dataclass(frozen=True)

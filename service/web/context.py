@@ -150,12 +150,11 @@ class RequestContext:
 
 
 async def _load_session(request: Request, services: Services) -> WebSession | None:
-    # A short transaction of its own: on SQLite every write transaction holds the writer lock from BEGIN,
-    # so a request must not sit on one while it waits for the queue or the EHR.
-    async with services.sessionmaker() as db:
-        session = await services.sessions.load(db, request.cookies.get(cookie_name(services.settings)))
-        await db.commit()
-    return session
+    # A read session: on SQLite it neither takes nor waits for the writer lock, so a burst of requests does
+    # not queue behind the worker's writes just to learn who is asking. An expired or unreadable row that
+    # load() marks for deletion is left to the expiry sweep (this session never commits).
+    async with services.read_sessions()() as db:
+        return await services.sessions.load(db, request.cookies.get(cookie_name(services.settings)))
 
 
 async def _csrf_candidate(request: Request) -> str | None:
