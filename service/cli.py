@@ -8,6 +8,8 @@ import contextlib
 import os
 import socket
 import sys
+import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -88,7 +90,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def demo_settings(*, data_dir: Path, fhir_base: str, auth_base: str, ehr_origin: str, port: int) -> Settings:
+def demo_settings(
+    *, data_dir: Path, fhir_base: str, auth_base: str, ehr_origin: str, port: int, ehr_url: str | None = None
+) -> Settings:
     """Embedded defaults: SQLite and a key file under the data dir, the tiny model, the sandbox EHR."""
     from service.ehrs import origin_of
 
@@ -109,7 +113,22 @@ def demo_settings(*, data_dir: Path, fhir_base: str, auth_base: str, ehr_origin:
         # The sandbox's staff identity provider, so the demo's compliance console can be signed in to.
         staff_oidc=StaffOidcSettings(issuer=f"{auth_base}/staff", client_id="carecanvas-staff"),
         embedded_worker=True,
+        demo_ehr_url=ehr_url,
     )
+
+
+def _announce_when_ready(ready_url: str, announcement: str, *, timeout: float = 600.0) -> None:
+    """Print ``announcement`` once ``ready_url`` answers 200 (polled every 0.2 s)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(ready_url, timeout=2.0).status_code == 200:
+                print(announcement, flush=True)
+                return
+        time.sleep(0.2)
+    print(f"CareCanvas did not become ready within {timeout:.0f} s; see the log above.", flush=True)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -134,6 +153,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             auth_base=sandbox.auth_base,
             ehr_origin=origin_of(sandbox.ehr_url),
             port=port,
+            ehr_url=sandbox.ehr_url,
         )
         # A backend client for `carecanvas audit push --ehr sandbox`, and the registration in the data dir
         # so that command (another process) finds this EHR.
@@ -147,16 +167,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
             )
         )
         write_demo_ehrs(settings)
-        print(
+        announcement = (
             f"\nCareCanvas demo is running.\n"
             f"  Sandbox EHR:  {sandbox.ehr_url}   <- open this, pick a patient, press Launch\n"
             f"  CareCanvas:   {app_url}\n"
             f"  Compliance:   {app_url}/compliance   <- staff sign-in at the sandbox identity provider\n"
             f"  FHIR server:  {sandbox.fhir_base}\n"
             f"  Data dir:     {settings.data_dir.resolve()}\n"
-            f"The test model has random weights: its pictures are noise. Ctrl-C stops everything.\n",
+            f"The test model has random weights: its pictures are noise. Ctrl-C stops everything.\n"
+        )
+        # The URLs are printed only once CareCanvas answers /readyz: a newcomer who clicks at once must not
+        # get "refused to connect" inside the EHR's frame.
+        print(
+            "Starting CareCanvas (the sandbox EHR is up; the app and its test model are loading)...",
             flush=True,
         )
+        threading.Thread(
+            target=_announce_when_ready, args=(f"{app_url}/readyz", announcement), daemon=True
+        ).start()
         with contextlib.suppress(KeyboardInterrupt):
             _serve(settings, host="127.0.0.1", port=port)
     return 0

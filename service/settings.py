@@ -116,6 +116,8 @@ class Settings(BaseSettings):
     # Optional: every checkpoint is also POSTed as JSON here (https, or http to loopback); the file stays.
     audit_checkpoint_url: str | None = None
     public_url: str = "http://127.0.0.1:8000"
+    # The demo's sandbox EHR page, linked from the landing page (set by `carecanvas demo` only).
+    demo_ehr_url: str | None = None
     ehrs: list[EhrSettings] = Field(default_factory=list)
     ehrs_file: Path | None = None
     # Staff sign-in (OIDC) for the compliance console; None = the console is switched off.

@@ -8,6 +8,7 @@ from service.ehrs import EhrRegistry
 from service.settings import Settings
 from service.web import (
     routes_compliance,
+    routes_home,
     routes_jobs,
     routes_jwks,
     routes_launch,
@@ -21,6 +22,7 @@ from service.web.errors import install_error_pages
 from service.web.security import SecurityHeadersMiddleware, log_cookie_mode
 
 ROUTERS = (
+    routes_home,
     routes_launch,
     routes_jwks,
     routes_portal,

@@ -1,4 +1,4 @@
-"""`carecanvas demo` as a newcomer runs it: prints the sandbox EHR URL, serves, stops cleanly on Ctrl-C."""
+"""`carecanvas demo` as a newcomer runs it: prints its URLs once they answer, serves, stops on Ctrl-C."""
 
 from __future__ import annotations
 
@@ -35,13 +35,24 @@ def test_demo_starts_everything_on_loopback_and_stops_on_ctrl_c(tmp_path: Path) 
             if not line:
                 break
             output.append(line)
-            if "worker started" in line:
+            if "Ctrl-C stops everything" in line:
                 break
         text = "".join(output)
         ehr_url = re.search(r"Sandbox EHR:\s+(http://127\.0\.0\.1:\d+/ehr)", text)
         app_url = re.search(r"CareCanvas:\s+(http://127\.0\.0\.1:\d+)", text)
         assert ehr_url, text
         assert app_url, text
+        # Printed only once CareCanvas answers: the very first request, with no retry, succeeds.
+        assert httpx.get(f"{app_url.group(1)}/readyz", timeout=5).json() == {"status": "ready"}
+        assert text.index("Starting CareCanvas") < text.index("Sandbox EHR:")
+        # The printed address is a page, not {"detail":"Not Found"}: / leads to the landing page.
+        home = httpx.get(app_url.group(1), timeout=30, follow_redirects=True)
+        assert home.status_code == 200
+        assert str(home.url).endswith("/welcome")
+        assert 'data-testid="demo-ehr"' in home.text
+        assert ehr_url.group(1) in home.text
+        icon = httpx.get(f"{app_url.group(1)}/favicon.ico", timeout=30)
+        assert (icon.status_code, icon.headers["content-type"]) == (200, "image/x-icon")
         page = httpx.get(ehr_url.group(1), timeout=30)
         assert page.status_code == 200
         assert "Launch CareCanvas" in page.text
