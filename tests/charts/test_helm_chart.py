@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ CRD_SCHEMA_FILES = {
     ("keda.sh/v1alpha1", "ScaledObject"): "scaledobject-keda-v1alpha1.json",
     ("keda.sh/v1alpha1", "TriggerAuthentication"): "triggerauthentication-keda-v1alpha1.json",
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitor-monitoring-v1.json",
+    ("monitoring.coreos.com/v1", "PrometheusRule"): "prometheusrule-monitoring-v1.json",
 }
 
 # Distinctive stand-ins for every kind of secret the chart accepts, so a leak is unmistakable.
@@ -712,3 +714,81 @@ def test_ephemeral_audit_checkpoints_are_mounted_and_warned_about(chart: helm.Ch
     # The service creates the checkpoint directory; on a read-only root it must still be a mount.
     volume = next(v for v in api["spec"]["template"]["spec"]["volumes"] if v["name"] == "audit-checkpoints")
     assert "emptyDir" in volume
+
+
+# --- alerts ---------------------------------------------------------------------------------------
+
+ALERTS = {
+    "CareCanvasQueueStalled": "queue-stalled",
+    "CareCanvasJobsQuarantined": "jobs-quarantined",
+    "CareCanvasWriteBackFailing": "write-back-failing",
+    "CareCanvasEhrErrors": "ehr-errors",
+    "CareCanvasAuditCheckpointStale": "audit-checkpoint-stale",
+    "CareCanvasNotReady": "not-ready",
+    "CareCanvasMetricsDatabaseDown": "metrics-database-down",
+}
+
+
+def exported_metric_names() -> set[str]:
+    """Every series name CareCanvas exports (service.metrics: process registry and database gauges)."""
+    from prometheus_client import REGISTRY
+
+    from service import metrics
+
+    snapshot = metrics.DatabaseSnapshot(buckets=[metrics.BucketQueue("b", 1, 1.0, 0)])
+    collectors = [*REGISTRY.collect(), *metrics.SnapshotCollector(snapshot).collect()]
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+    names = {f"{family.name}{suffix}" for family in collectors for suffix in suffixes.get(family.type, ("",))}
+    names.add("carecanvas_metrics_database_up")
+    return names
+
+
+def _rules(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    rule = find(objects, "PrometheusRule", f"{RELEASE}-carecanvas")
+    return {r["alert"]: r for group in rule["spec"]["groups"] for r in group["rules"]}
+
+
+def test_prometheus_rule_alerts_on_metrics_the_service_exports(chart: helm.Chart) -> None:
+    objects = render(chart, load_values("full-values.yaml"))
+    rule = find(objects, "PrometheusRule", f"{RELEASE}-carecanvas")
+    validate_object(rule)
+    assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    alerts = _rules(objects)
+    assert set(alerts) == set(ALERTS)
+    exported = exported_metric_names()
+    operations = (REPO_ROOT / "docs" / "operations.md").read_text(encoding="utf-8")
+    anchors = {_anchor(line) for line in operations.splitlines() if line.startswith("#")}
+    for name, alert in alerts.items():
+        used = set(re.findall(r"\bcarecanvas_[a-z_]+\b", alert["expr"]))
+        assert used, name
+        assert used <= exported, f"{name} uses {sorted(used - exported)}, which the service does not export"
+        assert alert["labels"]["severity"] in {"warning", "critical"}
+        # Each alert links to its runbook, and that section exists in docs/operations.md.
+        runbook = alert["annotations"]["runbook_url"]
+        assert runbook == f"https://docs.hospital.example/carecanvas/operations#{ALERTS[name]}"
+        assert ALERTS[name] in anchors, f"docs/operations.md has no section #{ALERTS[name]}"
+    # Helm did not eat Prometheus's own template syntax.
+    assert "{{ $labels.bucket }}" in alerts["CareCanvasQueueStalled"]["annotations"]["description"]
+    assert alerts["CareCanvasQueueStalled"]["expr"].endswith("> 900")
+
+
+def test_prometheus_rule_thresholds_follow_values_and_it_is_off_by_default(chart: helm.Chart) -> None:
+    assert [
+        o for o in render(chart, load_values("existing-secrets-values.yaml")) if o["kind"] == "PrometheusRule"
+    ] == []
+    values = merged(
+        load_values("full-values.yaml"),
+        {"prometheusRule": {"queueOldestAgeSeconds": 120, "writeBackFailures": 1, "notReadyFor": "2m"}},
+    )
+    alerts = _rules(render(chart, values))
+    assert alerts["CareCanvasQueueStalled"]["expr"].endswith("> 120")
+    assert alerts["CareCanvasWriteBackFailing"]["expr"].endswith(">= 1")
+    assert alerts["CareCanvasNotReady"]["for"] == "2m"
+    report = helm.lint(CHART_DIR, {"prometheusRule": {"writeBackFailures": 0}}, strict=True)
+    assert any("writeBackFailures" in error for error in report["errors"]), report
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor for a Markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = heading.lstrip("#").strip().lower()
+    return re.sub(r"[^a-z0-9 -]", "", text).replace(" ", "-")

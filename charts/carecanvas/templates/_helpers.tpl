@@ -65,6 +65,18 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- end }}
 
+{{/* GPU workers run the CUDA build of the same image (the Dockerfile's TORCH_VARIANT): <tag><workerTagSuffix>. */}}
+{{- define "carecanvas.workerImage" -}}
+{{- if .Values.image.digest }}
+{{- if not .Values.image.workerDigest }}
+{{- fail "image.digest is set: set image.workerDigest too (the CUDA build's digest; a digest takes no tag suffix)" }}
+{{- end }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.workerDigest }}
+{{- else }}
+{{- printf "%s:%s%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) .Values.image.workerTagSuffix }}
+{{- end }}
+{{- end }}
+
 {{/* Two ConfigMaps: envFrom would also export file keys such as ehrs.json as variables. */}}
 {{- define "carecanvas.envConfigMapName" -}}
 {{- printf "%s-env" (include "carecanvas.fullname" .) }}
