@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import structlog
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.documents import SafetyCheck, load_document, save_content
 from service.generation.engine import DiffusionEngine, select_device_and_dtype
@@ -14,7 +15,7 @@ from service.generation.models import ModelSpec
 from service.generation.safety import SafetyClassifier, load_safety_classifier
 from service.generation.tiny import build_tiny_pipeline
 from service.services import Services
-from service.worker import Worker
+from service.worker import ResultRecorder, Worker
 
 log = structlog.get_logger("carecanvas.runtime")
 
@@ -56,20 +57,21 @@ def configured_safety_classifier(services: Services) -> SafetyClassifier | None:
     return load_safety_classifier(services.settings.safety_classifier)
 
 
-def document_result_recorder(services: Services) -> Any:
-    """Records a job's result (the safety verdict) in its draft document, which the review page reads."""
+def document_result_recorder(services: Services) -> ResultRecorder:
+    """Records a job's result (the safety verdict) in its draft document, which the review page reads.
 
-    async def record(job_id: str, result: Mapping[str, Any]) -> None:
+    It runs in the worker's completion transaction: the verdict and the image commit together.
+    """
+
+    async def record(db: AsyncSession, job_id: str, result: Mapping[str, Any]) -> None:
         if "safety" not in result:
             return  # the safety verdict is the only result a draft shows
         safety = SafetyCheck.model_validate(result["safety"])
-        async with services.sessionmaker() as db:
-            document = await load_document(db, keyring=services.keyring, job_id=job_id)
-            if document is None:
-                return  # jobs without a review draft (benchmarks, scripts) have nowhere to show it
-            content = document.content.model_copy(update={"safety": safety})
-            await save_content(db, keyring=services.keyring, document=document, content=content)
-            await db.commit()
+        document = await load_document(db, keyring=services.keyring, job_id=job_id)
+        if document is None:
+            return  # jobs without a review draft (benchmarks, scripts) have nowhere to show it
+        content = document.content.model_copy(update={"safety": safety})
+        await save_content(db, keyring=services.keyring, document=document, content=content)
 
     return record
 

@@ -130,6 +130,36 @@ def latents_to_preview(latents: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(frame, mode="RGB") for frame in pixels]
 
 
+class PendingPreview:
+    """Latent previews copied off the device without waiting for it; ``images()`` waits and decodes.
+
+    Made in the step callback: the projection to RGB and the copy are queued on the device, so the denoising
+    loop never blocks on a host sync; whoever calls ``images()`` (another thread) pays for the wait.
+    """
+
+    def __init__(self, latents: torch.Tensor) -> None:
+        if latents.ndim != 4 or latents.shape[1] != 4:
+            raise ValueError(f"previews need latents shaped (batch, 4, h, w), got {tuple(latents.shape)}")
+        projection = _SD_LATENT_TO_RGB.to(device=latents.device)
+        rgb = torch.einsum("bchw,cr->bhwr", latents.detach().float(), projection)
+        pixels = ((rgb + 1.0) * 127.5).clamp(0, 255).to(torch.uint8)
+        self._event: Any = None
+        if pixels.device.type == "cuda":
+            self._host = pixels.to("cpu", non_blocking=True)  # into pinned memory, ordered on the stream
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = pixels.clone()  # the pipeline reuses its latents buffer on the next step
+
+    def images(self) -> list[Image.Image]:
+        if self._event is not None:
+            self._event.synchronize()
+        return [Image.fromarray(frame, mode="RGB") for frame in self._host.numpy()]
+
+
+PendingPreviewCallback = Callable[[int, PendingPreview], None]
+
+
 @dataclass(frozen=True)
 class ItemOutcome:
     """The result of one request run on its own: an image, or the error that stopped it."""
@@ -257,14 +287,24 @@ class DiffusionEngine:
         on_step: StepCallback | None = None,
         should_cancel: CancelCheck | None = None,
         on_preview: PreviewCallback | None = None,
+        on_pending_preview: PendingPreviewCallback | None = None,
+        preview_every: int = 1,
     ) -> list[Image.Image]:
         """Generate one PIL image per request in one pipeline call (all requests must share a bucket).
 
         `on_step(k, n)` is called after step k of n; `should_cancel()` is checked before the call and after
-        every step and stops the run with GenerationCancelled; `on_preview(k, images)` gets latent previews.
+        every step and stops the run with GenerationCancelled; `on_preview(k, images)` gets latent previews
+        (decoded in the callback: a host sync); `on_pending_preview(k, pending)` gets them still on their way
+        off the device, to decode elsewhere. Both come after the first step, then every `preview_every`.
         """
         images = self._run(
-            requests, output_type="pil", on_step=on_step, should_cancel=should_cancel, on_preview=on_preview
+            requests,
+            output_type="pil",
+            on_step=on_step,
+            should_cancel=should_cancel,
+            on_preview=on_preview,
+            on_pending_preview=on_pending_preview,
+            preview_every=preview_every,
         )
         return list(images)
 
@@ -276,9 +316,7 @@ class DiffusionEngine:
         should_cancel: CancelCheck | None = None,
     ) -> list[np.ndarray]:
         """Like generate, but returns the decoded float32 arrays (H, W, 3 in [0, 1]) before 8-bit rounding."""
-        arrays = self._run(
-            requests, output_type="np", on_step=on_step, should_cancel=should_cancel, on_preview=None
-        )
+        arrays = self._run(requests, output_type="np", on_step=on_step, should_cancel=should_cancel)
         return [np.asarray(array, dtype=np.float32) for array in arrays]
 
     def generate_one_by_one(
@@ -333,9 +371,13 @@ class DiffusionEngine:
         output_type: str,
         on_step: StepCallback | None,
         should_cancel: CancelCheck | None,
-        on_preview: PreviewCallback | None,
+        on_preview: PreviewCallback | None = None,
+        on_pending_preview: PendingPreviewCallback | None = None,
+        preview_every: int = 1,
     ) -> Sequence[Any]:
         self._check_batch(requests)
+        if preview_every < 1:
+            raise ValueError(f"preview_every must be at least 1, got {preview_every}")
         pipeline = self.pipeline
         first = requests[0]
         if should_cancel is not None and should_cancel():
@@ -367,9 +409,15 @@ class DiffusionEngine:
             state["step"] = step_index + 1
             if on_step is not None:
                 on_step(step_index + 1, total)
+            # The first step (something to show early), then every `preview_every` steps.
+            due = step_index == 0 or (step_index + 1) % preview_every == 0
+            wants_preview = due and (on_preview is not None or on_pending_preview is not None)
             is_sd_latent = isinstance(latents, torch.Tensor) and latents.ndim == 4 and latents.shape[1] == 4
-            if on_preview is not None and is_sd_latent:
-                on_preview(step_index + 1, latents_to_preview(latents))
+            if wants_preview and is_sd_latent:
+                if on_preview is not None:
+                    on_preview(step_index + 1, latents_to_preview(latents))
+                if on_pending_preview is not None:
+                    on_pending_preview(step_index + 1, PendingPreview(latents))
             if should_cancel is not None and should_cancel():
                 state["cancelled"] = True
                 return True

@@ -9,9 +9,13 @@ from PIL import Image
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _ENCODABLE_MODES = ("1", "L", "LA", "P", "RGB", "RGBA")
+# Chosen by measurement (bench/bench_png.py, docs/benchmarks.md "PNG compress level"): see there for the
+# level vs time vs size table at 512² and 1024².
+DEFAULT_COMPRESS_LEVEL = 6
+PREVIEW_COMPRESS_LEVEL = 1  # a thumbnail replaced a few steps later: speed over size
 
 
-def encode_png(image: Image.Image, *, compress_level: int = 6) -> bytes:
+def encode_png(image: Image.Image, *, compress_level: int = DEFAULT_COMPRESS_LEVEL) -> bytes:
     """Encode as PNG with only IHDR, (PLTE,) IDAT and IEND chunks.
 
     The pixels are copied into a fresh image so nothing in `image.info` (text, ICC profile, EXIF, dpi,

@@ -8,24 +8,40 @@ taken by BEGIN IMMEDIATE (see service.db.engine), so claims are serialised.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+import structlog
+from sqlalchemy import case, delete, func, insert, literal_column, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.sql.elements import ColumnClause
 
 from service.crypto.envelope import aad_for
 from service.crypto.keyring import Keyring
 from service.db.models import ARTIFACT_KINDS, Artifact, Job
-from service.jobs.types import TERMINAL_STATUSES, JobStatus
+from service.jobs.progress import LiveProgress, ProgressBoard
+from service.jobs.types import TERMINAL_STATUSES, JobPriority, JobStatus
+
+log = structlog.get_logger("carecanvas.jobs")
 
 _MAX_REASON = 300
+# A job whose worker died under it this many times is claimed alone from then on: if it is the poison, only it
+# is charged for the next crash; if it is not, it runs without the poison and succeeds.
+SOLO_AFTER_CRASHES = 2
+LEASE_EXPIRED = "lease expired (worker stopped or stalled)"
+# Written as SQL literals, not bound parameters, so the planner can match the partial claim indexes.
+_QUEUED: ColumnClause[str] = literal_column("'queued'")
+_CLAIM_ORDER = (Job.priority, Job.created_at, Job.id)
+
+# Runs inside complete_many's transaction with the ids of the jobs it is completing (the safety flag).
+CompletionHook = Callable[[AsyncSession, list[str]], Awaitable[None]]
 
 
 class JobNotFoundError(LookupError):
@@ -39,6 +55,30 @@ class ClaimedJob:
     bucket: str
     attempts: int
     spec: Mapping[str, Any]
+    solo: bool = False  # claimed alone after crashing its worker: never batch it with others
+
+
+@dataclass(frozen=True)
+class SealedArtifact:
+    """An artifact encrypted for its row (made off the event loop), ready to insert."""
+
+    id: str
+    job_id: str
+    kind: str
+    ciphertext: bytes
+    size: int
+    sha256: str
+
+    def row(self, now: datetime) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "job_id": self.job_id,
+            "kind": self.kind,
+            "ciphertext": self.ciphertext,
+            "size": self.size,
+            "sha256": self.sha256,
+            "created_at": now,
+        }
 
 
 @dataclass(frozen=True)
@@ -61,6 +101,9 @@ class JobView:
     updated_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    priority: int = 0
+    crashes: int = 0
+    solo: bool = False
 
     @property
     def finished(self) -> bool:
@@ -100,6 +143,8 @@ class JobQueue:
         self._lease = timedelta(seconds=lease_seconds)
         self._max_attempts = max_attempts
         self._clock = clock
+        # Live progress of the jobs this process's worker runs (embedded mode); empty in an API-only process.
+        self.board = ProgressBoard()
 
     def _now(self) -> datetime:
         return self._clock().astimezone(UTC)
@@ -113,7 +158,7 @@ class JobQueue:
         spec: Mapping[str, Any],
         session_id_hash: str | None,
         job_id: str | None = None,
-        priority: int = 0,
+        priority: int = JobPriority.INTERACTIVE,
     ) -> str:
         """Add a queued job in the caller's transaction (so the caller audits in the same transaction)."""
         if not kind or not bucket:
@@ -145,53 +190,117 @@ class JobQueue:
     async def claim_batch(
         self, *, worker_id: str, max_jobs: int, bucket: str | None = None
     ) -> list[ClaimedJob]:
-        """Claim up to ``max_jobs`` queued jobs of one bucket (the oldest queued job's bucket when None)."""
+        """Claim up to ``max_jobs`` queued jobs of one bucket (the first queued job's bucket when None).
+
+        Order: priority (interactive first), then age. A job marked solo (it crashed its worker twice) is
+        claimed alone. Specs are decrypted one by one: a job whose spec cannot be read is quarantined here,
+        with the reason, in the claim's own transaction, and its batch-mates are returned as usual.
+        """
         if max_jobs < 1:
             return []
         now = self._now()
-        queued = (Job.status == JobStatus.QUEUED) & Job.cancel_requested.is_(False)
-        order = (Job.priority.desc(), Job.created_at, Job.id)
-        if bucket is None:
-            chosen_bucket: Any = (
-                select(Job.bucket).where(queued).order_by(*order).limit(1).with_for_update(skip_locked=True)
-            ).scalar_subquery()
-        else:
-            chosen_bucket = bucket
-        picked = (
-            select(Job.id)
-            .where(queued, Job.bucket == chosen_bucket)
-            .order_by(*order)
-            .limit(max_jobs)
-            .with_for_update(skip_locked=True)
-        )
-        statement = (
-            update(Job)
-            .where(Job.id.in_(picked))
-            .values(
-                status=JobStatus.RUNNING,
-                lease_owner=worker_id,
-                lease_expires_at=now + self._lease,
-                attempts=Job.attempts + 1,
-                started_at=func.coalesce(Job.started_at, now),
-                updated_at=now,
-                progress_step=0,
-            )
-            .returning(Job.id, Job.kind, Job.bucket, Job.attempts, Job.spec, Job.created_at, Job.priority)
-            .execution_options(synchronize_session=False)
-        )
+        queued = (Job.status == _QUEUED) & Job.cancel_requested.is_(False)
         async with self._sessionmaker() as session, session.begin():
-            rows = (await session.execute(statement)).all()
-        rows = sorted(rows, key=lambda r: (-r.priority, r.created_at, r.id))
-        return [
-            ClaimedJob(
-                id=row.id,
-                kind=row.kind,
-                bucket=row.bucket,
-                attempts=row.attempts,
-                spec=json.loads(self._keyring.decrypt(row.spec, aad=_spec_aad(row.id))),
+            if bucket is None:
+                head = (
+                    await session.execute(
+                        select(Job.id, Job.bucket, Job.solo)
+                        .where(queued)
+                        .order_by(*_CLAIM_ORDER)
+                        .limit(1)
+                        .with_for_update(skip_locked=True)
+                    )
+                ).one_or_none()
+                if head is None:
+                    return []
+                bucket = head.bucket
+                picked: list[str] | None = [head.id] if head.solo else None
+            else:
+                picked = None
+            if picked is None:
+                # Selected (and on PostgreSQL locked) first, then updated by id: an UPDATE ... IN (SELECT ...
+                # LIMIT) may re-run its subquery on PostgreSQL and claim more than the limit.
+                picked = list(
+                    (
+                        await session.execute(
+                            select(Job.id)
+                            .where(queued, Job.bucket == bucket, Job.solo.is_(False))
+                            .order_by(*_CLAIM_ORDER)
+                            .limit(max_jobs)
+                            .with_for_update(skip_locked=True)
+                        )
+                    ).scalars()
+                )
+                if not picked:
+                    return []
+            statement = (
+                update(Job)
+                .where(Job.id.in_(picked), Job.status == _QUEUED)
+                .values(
+                    status=JobStatus.RUNNING,
+                    lease_owner=worker_id,
+                    lease_expires_at=now + self._lease,
+                    attempts=Job.attempts + 1,
+                    started_at=func.coalesce(Job.started_at, now),
+                    updated_at=now,
+                    progress_step=0,
+                )
+                .returning(
+                    Job.id,
+                    Job.kind,
+                    Job.bucket,
+                    Job.attempts,
+                    Job.spec,
+                    Job.created_at,
+                    Job.priority,
+                    Job.solo,
+                )
+                .execution_options(synchronize_session=False)
             )
-            for row in rows
-        ]
+            rows = sorted(
+                (await session.execute(statement)).all(), key=lambda r: (r.priority, r.created_at, r.id)
+            )
+            claimed: list[ClaimedJob] = []
+            unreadable: dict[str, str] = {}
+            for row in rows:
+                try:
+                    spec = self._open_spec(row.id, row.spec)
+                except _UnreadableSpecError as error:
+                    unreadable[row.id] = str(error)
+                    continue
+                claimed.append(
+                    ClaimedJob(
+                        id=row.id,
+                        kind=row.kind,
+                        bucket=row.bucket,
+                        attempts=row.attempts,
+                        spec=spec,
+                        solo=row.solo,
+                    )
+                )
+            for job_id, reason in unreadable.items():
+                # Retrying cannot make it readable: quarantined now, so it never shares a batch again.
+                await session.execute(
+                    update(Job)
+                    .where(Job.id == job_id)
+                    .values(**_finished_values(JobStatus.QUARANTINED, now), error=_short_reason(reason))
+                    .execution_options(synchronize_session=False)
+                )
+                log.warning("job quarantined", job_id=job_id, reason=reason)
+        return claimed
+
+    def _open_spec(self, job_id: str, sealed: bytes) -> Mapping[str, Any]:
+        try:
+            plain = self._keyring.decrypt(sealed, aad=_spec_aad(job_id))
+        except Exception as error:  # any failure to open it is this job's alone (tampered, unknown key)
+            raise _UnreadableSpecError(f"spec unreadable: {type(error).__name__}") from None
+        try:
+            spec = json.loads(plain)
+        except ValueError:
+            raise _UnreadableSpecError("spec unreadable: not JSON") from None
+        if not isinstance(spec, dict):
+            raise _UnreadableSpecError("spec unreadable: not a JSON object")
+        return spec
 
     async def heartbeat(self, worker_id: str, job_ids: Iterable[str]) -> set[str]:
         """Extend the leases of the given jobs this worker still owns; returns those job ids."""
@@ -222,6 +331,37 @@ class JobQueue:
             flag = (await session.execute(statement)).scalar_one_or_none()
         return bool(flag)
 
+    async def report_batch_progress(self, job_ids: Iterable[str], step: int, total: int) -> set[str]:
+        """One UPDATE for a whole batch's step k of n; returns the ids whose cancellation was requested."""
+        ids = list(job_ids)
+        if not ids:
+            return set()
+        statement = (
+            update(Job)
+            .where(Job.id.in_(ids), Job.status == JobStatus.RUNNING)
+            .values(progress_step=max(0, step), progress_total=max(0, total), updated_at=self._now())
+            .returning(Job.id, Job.cancel_requested)
+            .execution_options(synchronize_session=False)
+        )
+        async with self._sessionmaker() as session, session.begin():
+            rows = (await session.execute(statement)).all()
+        return {row.id for row in rows if row.cancel_requested}
+
+    def seal(self, job_id: str, kind: str, payload: bytes) -> SealedArtifact:
+        """Encrypt an artifact for its row (CPU work: the worker runs it in its encoding pool)."""
+        if kind not in ARTIFACT_KINDS:
+            raise ValueError(f"artifact kinds must be among {list(ARTIFACT_KINDS)}, not {kind!r}")
+        artifact_id = str(uuid.uuid4())
+        data = bytes(payload)
+        return SealedArtifact(
+            id=artifact_id,
+            job_id=job_id,
+            kind=kind,
+            ciphertext=self._keyring.encrypt(data, aad=_artifact_aad(artifact_id)),
+            size=len(data),
+            sha256=hashlib.sha256(data).hexdigest(),
+        )
+
     async def cancel_requested(self, job_ids: Iterable[str]) -> set[str]:
         """Which of these jobs have a pending cancellation request (or were already cancelled)."""
         ids = list(job_ids)
@@ -239,39 +379,62 @@ class JobQueue:
         A worker whose lease expired may still complete a job that is queued or running elsewhere: steps are
         idempotent and its result is as good; the other worker's completion then becomes the no-op.
         """
-        unknown = set(artifacts) - set(ARTIFACT_KINDS)
-        if unknown:
-            raise ValueError(f"artifact kinds must be among {list(ARTIFACT_KINDS)}, not {sorted(unknown)}")
+        sealed = [self.seal(job_id, kind, payload) for kind, payload in artifacts.items()]
+        return bool(await self.complete_many(worker_id, {job_id: sealed}))
+
+    async def complete_many(
+        self,
+        worker_id: str,
+        results: Mapping[str, Sequence[SealedArtifact]],
+        *,
+        hook: CompletionHook | None = None,
+    ) -> list[str]:
+        """Store a batch's artifacts and mark its jobs succeeded in ONE transaction; returns ids completed.
+
+        Jobs already finished (cancelled, or completed by another worker after a lease was lost) are skipped:
+        with the (job, kind) unique constraint that keeps exactly one result per job. ``hook`` runs in the
+        same transaction, for the jobs being completed, before they turn succeeded.
+        """
+        ids = sorted(results)  # one lock order for every worker: no deadlock between two batches
+        if not ids:
+            return []
         now = self._now()
         async with self._sessionmaker() as session, session.begin():
-            job = await self._locked_job(session, job_id)
-            if job.status in TERMINAL_STATUSES:
-                return False
-            dialect = session.get_bind().dialect.name
-            for kind, payload in artifacts.items():
-                artifact_id = str(uuid.uuid4())
-                values = {
-                    "id": artifact_id,
-                    "job_id": job_id,
-                    "kind": kind,
-                    "ciphertext": self._keyring.encrypt(bytes(payload), aad=_artifact_aad(artifact_id)),
-                    "size": len(payload),
-                    "sha256": hashlib.sha256(payload).hexdigest(),
-                    "created_at": now,
-                }
-                insert = postgresql.insert(Artifact) if dialect == "postgresql" else sqlite.insert(Artifact)
+            rows = (
                 await session.execute(
-                    insert.values(**values).on_conflict_do_nothing(index_elements=["job_id", "kind"])
+                    select(Job.id, Job.status).where(Job.id.in_(ids)).order_by(Job.id).with_for_update()
                 )
-            job.status = JobStatus.SUCCEEDED
-            job.lease_owner = None
-            job.lease_expires_at = None
-            job.error = None
-            if job.progress_total:
-                job.progress_step = job.progress_total
-            job.finished_at = now
-            job.updated_at = now
-        return True
+            ).all()
+            open_ids = [row.id for row in rows if row.status not in TERMINAL_STATUSES]
+            if not open_ids:
+                return []
+            artifacts = [artifact.row(now) for job_id in open_ids for artifact in results[job_id]]
+            if artifacts:
+                dialect = session.get_bind().dialect.name
+                statement = (
+                    postgresql.insert(Artifact) if dialect == "postgresql" else sqlite.insert(Artifact)
+                )
+                await session.execute(
+                    statement.on_conflict_do_nothing(index_elements=["job_id", "kind"]), artifacts
+                )
+            if hook is not None:
+                await hook(session, open_ids)
+            await session.execute(
+                update(Job)
+                .where(Job.id.in_(open_ids))
+                .values(
+                    status=JobStatus.SUCCEEDED,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    error=None,
+                    progress_step=case((Job.progress_total > 0, Job.progress_total), else_=Job.progress_step),
+                    finished_at=now,
+                    updated_at=now,
+                )
+                .execution_options(synchronize_session=False)
+            )
+        self.board.forget(open_ids)
+        return open_ids
 
     async def fail(self, job_id: str, worker_id: str, reason: str) -> str:
         """This worker's attempt failed: re-queue, or quarantine once attempts are used up.
@@ -288,6 +451,42 @@ class JobQueue:
             job.error = _short_reason(reason)
             self._release(job, now)
             return job.status
+
+    async def release(self, worker_id: str, job_ids: Iterable[str]) -> int:
+        """Give back claimed jobs this worker never started (it is stopping): queued, attempt uncounted."""
+        ids = list(job_ids)
+        if not ids:
+            return 0
+        now = self._now()
+        statement = (
+            update(Job)
+            .where(Job.id.in_(ids), Job.status == JobStatus.RUNNING, Job.lease_owner == worker_id)
+            .values(
+                status=JobStatus.QUEUED,
+                lease_owner=None,
+                lease_expires_at=None,
+                attempts=Job.attempts - 1,
+                updated_at=now,
+            )
+            .returning(Job.id)
+            .execution_options(synchronize_session=False)
+        )
+        async with self._sessionmaker() as session, session.begin():
+            released = list((await session.execute(statement)).scalars())
+        self.board.forget(released)
+        return len(released)
+
+    async def quarantine(self, job_id: str, worker_id: str, reason: str) -> str:
+        """This worker's job can never succeed (its spec is unusable): quarantine it now, without retries."""
+        now = self._now()
+        async with self._sessionmaker() as session, session.begin():
+            job = await self._locked_job(session, job_id)
+            if job.status != JobStatus.RUNNING or job.lease_owner != worker_id:
+                return job.status
+            job.error = _short_reason(reason)
+            self._finish(job, JobStatus.QUARANTINED, now)
+        log.warning("job quarantined", job_id=job_id, reason=job.error)
+        return JobStatus.QUARANTINED
 
     async def mark_cancelled(self, job_id: str, worker_id: str) -> bool:
         """The worker stopped a job whose cancellation was requested; returns whether it is now cancelled."""
@@ -312,6 +511,7 @@ class JobQueue:
             elif job.status == JobStatus.RUNNING:
                 job.cancel_requested = True
                 job.updated_at = now
+                self.board.request_cancel(job_id)  # an embedded worker sees it at its next step
             return job.status
 
     async def sweep_expired(self) -> int:
@@ -327,14 +527,50 @@ class JobQueue:
                 query = query.with_for_update(skip_locked=True)
             jobs = (await session.execute(query)).scalars().all()
             for job in jobs:
-                job.error = "lease expired (worker stopped or stalled)"
-                self._release(job, now)
+                self._release_crashed(job, now)
             return len(jobs)
+
+    def _release_crashed(self, job: Job, now: datetime) -> None:
+        """A lease expired: count the crash; a job is quarantined for crashes only after crashing alone."""
+        was_solo = job.solo
+        job.crashes += 1
+        job.error = LEASE_EXPIRED
+        if job.cancel_requested:
+            self._finish(job, JobStatus.CANCELLED, now)
+        elif was_solo and job.attempts >= job.max_attempts:
+            job.error = _short_reason(f"{LEASE_EXPIRED} {job.crashes} times, the last time running alone")
+            self._finish(job, JobStatus.QUARANTINED, now)
+            log.warning("job quarantined", job_id=job.id, reason=job.error, attempts=job.attempts)
+        else:
+            if job.crashes >= SOLO_AFTER_CRASHES or job.attempts >= job.max_attempts:
+                # Crashed in company: it may be a batch-mate's fault. Retried alone before being charged.
+                job.solo = True
+            job.status = JobStatus.QUEUED
+            job.lease_owner = None
+            job.lease_expires_at = None
+            job.updated_at = now
 
     async def get(self, job_id: str) -> JobView | None:
         async with self._sessionmaker() as session, session.begin():
             job = await session.get(Job, job_id)
-            return None if job is None else _view(job)
+            view = None if job is None else _view(job)
+        live = self.board.get(job_id)
+        if view is not None and live is not None and view.status == JobStatus.RUNNING:
+            # The row is written once per reporting interval; this process's worker knows the current step.
+            return dataclasses.replace(view, progress_step=live.step, progress_total=live.total)
+        return view
+
+    def live(self, job_id: str) -> LiveProgress | None:
+        """Step k of n from this process's own worker (embedded mode), without a database read."""
+        return self.board.get(job_id)
+
+    async def list_jobs(self, *, status: JobStatus | None = None, limit: int = 100) -> list[JobView]:
+        """Newest first, for operators: status, attempts, crashes and the reason; never the spec."""
+        query = select(Job).order_by(Job.updated_at.desc(), Job.id).limit(max(1, limit))
+        if status is not None:
+            query = query.where(Job.status == status)
+        async with self._sessionmaker() as session, session.begin():
+            return [_view(job) for job in (await session.execute(query)).scalars().all()]
 
     async def store_preview(self, job_id: str, png: bytes) -> bool:
         """Replace a running job's low-cost preview; False (nothing stored) once the job has finished."""
@@ -359,6 +595,29 @@ class JobQueue:
                 )
             )
         return True
+
+    async def store_previews(self, previews: Sequence[SealedArtifact]) -> int:
+        """Replace the previews of a batch's running jobs in one transaction (three statements, any size)."""
+        if not previews:
+            return 0
+        now = self._now()
+        ids = [preview.job_id for preview in previews]
+        async with self._sessionmaker() as session, session.begin():
+            running = set(
+                (
+                    await session.execute(
+                        select(Job.id).where(Job.id.in_(ids), Job.status == JobStatus.RUNNING)
+                    )
+                ).scalars()
+            )
+            if not running:
+                return 0
+            await session.execute(
+                delete(Artifact).where(Artifact.job_id.in_(running), Artifact.kind == "preview")
+            )
+            rows = [preview.row(now) for preview in previews if preview.job_id in running]
+            await session.execute(insert(Artifact), rows)
+        return len(rows)
 
     async def read_artifact(self, job_id: str, kind: str) -> bytes:
         """The decrypted artifact; raises JobNotFoundError when missing, DecryptionError when tampered."""
@@ -418,12 +677,26 @@ class JobQueue:
             job.updated_at = now
 
     @staticmethod
-    def _finish(job: Job, status: str, now: datetime) -> None:
+    def _finish(job: Job, status: str, now: datetime) -> None:  # keep in step with _finished_values
         job.status = status
         job.lease_owner = None
         job.lease_expires_at = None
         job.finished_at = now
         job.updated_at = now
+
+
+class _UnreadableSpecError(ValueError):
+    """A claimed job's spec cannot be decrypted or parsed (the message is a short category)."""
+
+
+def _finished_values(status: str, now: datetime) -> dict[str, Any]:
+    return {
+        "status": status,
+        "lease_owner": None,
+        "lease_expires_at": None,
+        "finished_at": now,
+        "updated_at": now,
+    }
 
 
 def _view(job: Job) -> JobView:
@@ -444,4 +717,7 @@ def _view(job: Job) -> JobView:
         updated_at=job.updated_at,
         started_at=job.started_at,
         finished_at=job.finished_at,
+        priority=job.priority,
+        crashes=job.crashes,
+        solo=job.solo,
     )

@@ -118,10 +118,17 @@ async def test_lease_expiry_sweep_requeues_then_quarantines(queue, sessionmaker,
     assert again.attempts == 2
     clock.advance(31)
     assert await queue.sweep_expired() == 1
+    # Attempts used up by crashes in company (as far as the queue knows): one more try, alone, first.
     view = await queue.get(job_id)
-    assert view.status == "quarantined"
-    assert "lease expired" in view.error
-    assert await queue.claim_batch(worker_id="w3", max_jobs=1) == []
+    assert (view.status, view.crashes, view.solo) == ("queued", 2, True)
+    [alone] = await queue.claim_batch(worker_id="w3", max_jobs=5)
+    assert alone.attempts == 3
+    clock.advance(31)
+    assert await queue.sweep_expired() == 1
+    view = await queue.get(job_id)
+    assert (view.status, view.crashes) == ("quarantined", 3)
+    assert view.error == "lease expired (worker stopped or stalled) 3 times, the last time running alone"
+    assert await queue.claim_batch(worker_id="w4", max_jobs=1) == []
 
 
 async def test_fail_requeues_until_attempts_are_used_up(queue, sessionmaker, clock):

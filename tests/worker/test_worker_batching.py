@@ -248,7 +248,7 @@ async def test_a_rejected_job_fails_alone_and_its_batch_mates_succeed(
     assert calls == [5]  # the rejected ones never entered the pipeline call
     for job_id in good:
         assert (await queue.get(job_id)).status == "succeeded"
-    # Re-queued once (max_attempts=2), then quarantined with the reason.
+    # Quarantined at once with the reason (a spec that cannot become an image never will): no retry.
     expectations = {
         bad_seed: "rejected: seed must be between 0 and 2**64-1",
         no_prompt: "rejected: job spec lacks 'prompt'",
@@ -256,7 +256,7 @@ async def test_a_rejected_job_fails_alone_and_its_batch_mates_succeed(
     }
     for job_id, reason in expectations.items():
         view = await queue.get(job_id)
-        assert (view.status, view.attempts) == ("quarantined", 2)
+        assert (view.status, view.attempts) == ("quarantined", 1)
         assert view.error.startswith(reason), view.error
     async with sessionmaker() as session:
         images = select(func.count()).select_from(Artifact).where(Artifact.kind == "png")

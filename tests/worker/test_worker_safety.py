@@ -8,7 +8,9 @@ from typing import Any
 import numpy as np
 import pytest
 from PIL import Image
+from sqlalchemy import select
 
+from service.db.models import Job
 from service.generation.engine import ImageRequest, bucket_key
 from service.generation.safety import (
     BlankImageClassifier,
@@ -140,8 +142,9 @@ async def test_flagged_image_is_stored_and_its_flag_recorded_before_success(
     classifier = FlagEverything()
     recorded: list[tuple[str, str, dict[str, Any]]] = []
 
-    async def record(recorded_job: str, result: dict[str, Any]) -> None:
-        status = (await queue.get(recorded_job)).status
+    async def record(session, recorded_job: str, result: dict[str, Any]) -> None:
+        # In the completion's own transaction: the job is not succeeded yet when the flag is recorded.
+        status = (await session.execute(select(Job.status).where(Job.id == recorded_job))).scalar_one()
         recorded.append((recorded_job, status, dict(result)))
 
     await worker_with(queue, worker_engine, safety=classifier, record_result=record).run_once()
@@ -167,7 +170,7 @@ async def test_flagged_image_is_stored_and_its_flag_recorded_before_success(
 async def test_a_result_that_cannot_be_recorded_fails_the_job(queue, sessionmaker, worker_engine) -> None:
     job_id = await enqueue_one(queue, sessionmaker)
 
-    async def broken(recorded_job: str, result: dict[str, Any]) -> None:
+    async def broken(session, recorded_job: str, result: dict[str, Any]) -> None:
         await asyncio.sleep(0)
         raise ConnectionError("database went away")
 
