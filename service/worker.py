@@ -23,6 +23,7 @@ from PIL import Image
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from service import metrics
 from service.generation.engine import DiffusionEngine, GenerationCancelled, ImageRequest, PendingPreview
 from service.generation.png import DEFAULT_COMPRESS_LEVEL, PREVIEW_COMPRESS_LEVEL, encode_png
 from service.generation.safety import SafetyClassifier, safety_result
@@ -389,14 +390,16 @@ class Worker:
                     asyncio.run_coroutine_threadsafe(self._store_previews(job_ids, pending), loop)
                 )
 
-        return await asyncio.to_thread(
-            engine.generate,
-            requests,
-            on_step=on_step,
-            should_cancel=should_cancel,
-            on_pending_preview=on_pending_preview if self._previews else None,
-            preview_every=self._preview_every,
-        )
+        metrics.BATCH_SIZE.observe(len(requests))
+        with metrics.GENERATION_SECONDS.labels(model=engine.spec.name).time():
+            return await asyncio.to_thread(
+                engine.generate,
+                requests,
+                on_step=on_step,
+                should_cancel=should_cancel,
+                on_pending_preview=on_pending_preview if self._previews else None,
+                preview_every=self._preview_every,
+            )
 
     async def _report(self, job_ids: list[str], step: int, total: int, cancelled: set[str]) -> None:
         cancelled.update(await self._queue.report_batch_progress(job_ids, step, total))
@@ -473,7 +476,8 @@ class Worker:
             if verdict["flagged"]:
                 log.warning("image flagged for the reviewer", job_id=job_id, classifier=verdict["classifier"])
         try:
-            await self._queue.complete_many(self.worker_id, sealed, hook=self._hook(safety))
+            done = await self._queue.complete_many(self.worker_id, sealed, hook=self._hook(safety))
+            metrics.IMAGES_STORED.inc(len(done))
             return
         except Exception as error:
             if len(sealed) == 1:
@@ -482,7 +486,10 @@ class Worker:
             log.warning("storing a batch failed, storing one by one", error_type=type(error).__name__)
         for job_id, artifacts in sealed.items():  # one bad record must not cost its batch-mates their images
             try:
-                await self._queue.complete_many(self.worker_id, {job_id: artifacts}, hook=self._hook(safety))
+                done = await self._queue.complete_many(
+                    self.worker_id, {job_id: artifacts}, hook=self._hook(safety)
+                )
+                metrics.IMAGES_STORED.inc(len(done))
             except Exception as error:
                 await self._fail_storing(job_id, error)
 
