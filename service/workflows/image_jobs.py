@@ -7,7 +7,7 @@ import uuid
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.generation.models import ModelSpec
-from service.jobs import ImageJobSpec, JobKind, JobQueue
+from service.jobs import ImageJobSpec, JobKind, JobPriority, JobQueue
 
 
 async def enqueue_image_job(
@@ -20,8 +20,12 @@ async def enqueue_image_job(
     negative_prompt: str | None,
     seed: int,
     session_id_hash: str,
+    priority: JobPriority = JobPriority.INTERACTIVE,
 ) -> str:
     """In the caller's transaction, so the draft and the audit record commit with the job or not at all.
+
+    A clinician's page or a single API request is interactive (claimed ahead of bulk work); batch and bulk
+    callers pass ``JobPriority.BULK``.
 
     Returns the new job's id.
     """
@@ -43,5 +47,6 @@ async def enqueue_image_job(
         spec=spec.to_dict(),
         session_id_hash=session_id_hash,
         job_id=job_id,
+        priority=priority,
     )
     return job_id

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -12,6 +13,8 @@ from service.workflows.errors import JobNotOwnedError
 
 SSE_POLL_SECONDS = 0.25
 SSE_MAX_SECONDS = 600
+# With an embedded worker the stream reads its in-memory progress, and the row only this often (status).
+LIVE_ROW_CHECK_SECONDS = 2.0
 _NOT_OWNED = "It may belong to another session. Start from the workspace."
 
 
@@ -69,6 +72,7 @@ async def follow(
     loop = asyncio.get_running_loop()
     deadline = loop.time() + SSE_MAX_SECONDS
     progress, last = first, None
+    row_read_at = loop.time()
     while True:
         if progress != last:
             yield progress
@@ -76,4 +80,12 @@ async def follow(
         if progress.final or loop.time() >= deadline:
             return
         await asyncio.sleep(poll_seconds)
+        live = queue.live(first.job_id)
+        if live is not None and loop.time() - row_read_at < LIVE_ROW_CHECK_SECONDS:
+            # An embedded worker runs it: its in-memory step, no database read (the row comes every few s).
+            progress = dataclasses.replace(
+                progress, status=JobStatus.RUNNING, step=live.step, total=live.total
+            )
+            continue
         progress = await owned_progress(queue, session_id_hash=session_id_hash, job_id=first.job_id)
+        row_read_at = loop.time()
