@@ -167,7 +167,7 @@ def portrait_choice(ctx: RequestContext, body: PortraitRequest) -> PortraitChoic
             body_type=body.body_type,
             dress=body.dress,
             setting=body.setting,
-            show_people=body.show_people,
+            show_people=body.show_people is not False,
         )
     except ValueError as error:
         raise AppError(400, "Not a valid choice", str(error), code=ErrorCode.INVALID_INPUT) from error
@@ -176,6 +176,8 @@ def portrait_choice(ctx: RequestContext, body: PortraitRequest) -> PortraitChoic
         language=checked_language(body.language),
         depiction=depiction,
         variants=body.variants,
+        people=body.show_people,
+        likeness_note=body.likeness_note,
     )
 
 

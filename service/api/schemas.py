@@ -41,7 +41,9 @@ class PortraitRequest(Input):
     style: str = Field(min_length=1, max_length=40)
     language: str = Field(min_length=2, max_length=5)
     variants: int = Field(default=4, ge=1, le=8)
-    show_people: bool = True
+    # None: as the patient's story says (people only with their likeness consent); else with likeness_note.
+    show_people: bool | None = None
+    likeness_note: str = Field(default="", max_length=1000)
     skin_tone: str = Field(default="varied", min_length=1, max_length=20)
     age_group: str = Field(default="varied", min_length=1, max_length=20)
     body_type: str = Field(default="varied", min_length=1, max_length=20)

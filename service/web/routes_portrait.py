@@ -1,30 +1,45 @@
-"""Portraits: the patient's story from the EHR, style and depiction chosen by the reviewer, N variants."""
+"""Portraits: the patient's story (or the intake that gathers it), the likeness rule, variants, review."""
 
 from __future__ import annotations
 
+import asyncio
 import re
-from typing import Annotated
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.sse import EventSourceResponse
 
+from service.documents import load_document
 from service.generation.prompts import Depiction
 from service.web.choices import LANGUAGES, checked_language, checked_portrait_style
 from service.web.context import ClinicianContext
 from service.web.errors import AppError, ErrorCode
 from service.web.workflow_errors import workflow_errors
-from service.workflows.jobs import owned_progress
+from service.workflows.intake import LIST_FIELDS, IntakeError, StoryIntake, write_story
+from service.workflows.jobs import SSE_MAX_SECONDS, SSE_POLL_SECONDS, owned_progress
 from service.workflows.portrait import (
     MAX_VARIANTS,
+    LikenessConsent,
     PortraitChoice,
+    more_like_this,
     read_story_audited,
     start_portraits_from_story,
 )
+from service.workflows.reviewer import notes_for, review_item, send_for_review
 
 router = APIRouter()
 
 JOB_ID = re.compile(r"[0-9a-f\-]{36}")
 DEFAULT_VARIANTS = 4
+MORE_VARIATIONS = 3
+# "" (the field left out): as the patient's story says.
+SHOW_PEOPLE: dict[str, bool | None] = {"yes": True, "no": False, "": None}
+
+
+def _banner(ctx: ClinicianContext) -> Any:
+    return ctx.session.data.banner
 
 
 @router.get("/portraits", response_class=HTMLResponse)
@@ -39,33 +54,42 @@ async def portrait_page(request: Request, ctx: ClinicianContext) -> Response:
         "portrait.html",
         {
             "story": story.story if story else None,
+            "likeness": story.likeness.value if story else None,
+            "people_allowed": story.people_allowed if story else False,
+            "LikenessConsent": LikenessConsent,
             "styles": services.prompts.portrait_styles,
             "languages": LANGUAGES,
-            "depiction_options": Depiction.ALLOWED,
+            "depiction_options": {k: v for k, v in Depiction.ALLOWED.items()},
             "max_variants": MAX_VARIANTS,
             "default_variants": DEFAULT_VARIANTS,
             "csrf_token": ctx.csrf_token,
+            "banner": _banner(ctx),
+            "can_write_story": ctx.allows("QuestionnaireResponse", "create"),
             "model": services.models.get(services.settings.default_model),
         },
     )
 
 
 def checked_portrait_choice(
-    ctx: ClinicianContext, *, style: str, language: str, variants: int, depiction: dict[str, str]
+    ctx: ClinicianContext,
+    *,
+    style: str,
+    language: str,
+    variants: int,
+    depiction: dict[str, str],
+    show_people: str,
+    likeness_note: str,
 ) -> PortraitChoice:
+    if show_people not in SHOW_PEOPLE:
+        raise AppError(400, "Not a valid choice", "People in the picture: choose yes or no.")
     try:
         return PortraitChoice(
             style=checked_portrait_style(ctx.services.prompts, style),
             language=checked_language(language),
-            depiction=Depiction(
-                skin_tone=depiction["skin_tone"],
-                age_group=depiction["age_group"],
-                body_type=depiction["body_type"],
-                dress=depiction["dress"],
-                setting=depiction["setting"],
-                show_people=depiction["show_people"] != "no",
-            ),
+            depiction=Depiction(**depiction, show_people=SHOW_PEOPLE[show_people] is not False),
             variants=variants,
+            people=SHOW_PEOPLE[show_people],
+            likeness_note=likeness_note,
         )
     except ValueError as error:
         raise AppError(400, "Not a valid choice", str(error), code=ErrorCode.INVALID_INPUT) from error
@@ -78,7 +102,8 @@ async def create_portraits(
     language: Annotated[str, Form(max_length=5)],
     csrf_token: Annotated[str, Form(max_length=100)],
     variants: Annotated[int, Form()] = DEFAULT_VARIANTS,
-    show_people: Annotated[str, Form(max_length=5)] = "yes",
+    show_people: Annotated[str, Form(max_length=5)] = "",
+    likeness_note: Annotated[str, Form(max_length=1000)] = "",
     skin_tone: Annotated[str, Form(max_length=20)] = "varied",
     age_group: Annotated[str, Form(max_length=20)] = "varied",
     body_type: Annotated[str, Form(max_length=20)] = "varied",
@@ -86,7 +111,6 @@ async def create_portraits(
     setting: Annotated[str, Form(max_length=20)] = "varied",
 ) -> Response:
     depiction = {
-        "show_people": show_people,
         "skin_tone": skin_tone,
         "age_group": age_group,
         "body_type": body_type,
@@ -94,7 +118,13 @@ async def create_portraits(
         "setting": setting,
     }
     choice = checked_portrait_choice(
-        ctx, style=style, language=language, variants=variants, depiction=depiction
+        ctx,
+        style=style,
+        language=language,
+        variants=variants,
+        depiction=depiction,
+        show_people=show_people,
+        likeness_note=likeness_note,
     )
     ctx.patient_id()
     async with workflow_errors(ctx.db), ctx.fhir() as fhir:
@@ -103,27 +133,156 @@ async def create_portraits(
     return RedirectResponse(f"/portraits/variants?jobs={','.join(job_ids)}", status_code=303)
 
 
-@router.get("/portraits/variants", response_class=HTMLResponse)
-async def variants_page(
-    request: Request,
-    ctx: ClinicianContext,
-    jobs: Annotated[str, Query(max_length=40 * MAX_VARIANTS)],
-) -> Response:
+def checked_job_ids(jobs: str) -> list[str]:
     job_ids = [job_id for job_id in jobs.split(",") if job_id]
     if not 1 <= len(job_ids) <= MAX_VARIANTS or not all(JOB_ID.fullmatch(job_id) for job_id in job_ids):
         raise AppError(400, "Not a list of portraits", "Start again from the portrait page.")
+    return job_ids
+
+
+JobsQuery = Annotated[str, Query(max_length=40 * MAX_VARIANTS)]
+
+
+@router.get("/portraits/variants", response_class=HTMLResponse)
+async def variants_page(request: Request, ctx: ClinicianContext, jobs: JobsQuery) -> Response:
+    job_ids = checked_job_ids(jobs)
+    workflow = ctx.workflow()
     async with workflow_errors(ctx.db):
         progress = [
             await owned_progress(ctx.services.queue, session_id_hash=ctx.session.id_hash, job_id=job_id)
             for job_id in job_ids
         ]
+        reviews = {job_id: await review_item(workflow, job_id) for job_id in job_ids}
+        notes = {
+            job_id: await notes_for(ctx.db, keyring=ctx.services.keyring, job_id=job_id) for job_id in job_ids
+        }
+        seeds = {job_id: await _seed(ctx, job_id) for job_id in job_ids}
     return ctx.services.templates.TemplateResponse(
         request,
         "portrait_variants.html",
         {
             "variants": [(job.job_id, job) for job in progress],
+            "reviews": reviews,
+            "notes": notes,
+            "seeds": seeds,
             "finished": all(job.final for job in progress),
             "jobs": ",".join(job_ids),
+            "csrf_token": ctx.csrf_token,
+            "banner": _banner(ctx),
+            "has_reviewers": bool(ctx.services.settings.portrait_reviewers),
+            "more_count": MORE_VARIATIONS,
             "model": ctx.services.models.get(ctx.services.settings.default_model),
         },
     )
+
+
+async def _seed(ctx: ClinicianContext, job_id: str) -> int | None:
+    document = await load_document(ctx.db, keyring=ctx.services.keyring, job_id=job_id)
+    return document.content.seed if document else None
+
+
+@router.get("/portraits/variants/events", response_class=EventSourceResponse)
+async def variants_events(ctx: ClinicianContext, jobs: JobsQuery) -> AsyncIterator[dict[str, object]]:
+    """One stream for all variants (one connection, not one per variant): each change of any of them."""
+    job_ids = checked_job_ids(jobs)
+    queue, session = ctx.services.queue, ctx.session.id_hash
+    async with workflow_errors(ctx.db):
+        last = [await owned_progress(queue, session_id_hash=session, job_id=job_id) for job_id in job_ids]
+    for job in last:
+        yield job.to_dict()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + SSE_MAX_SECONDS
+    while not all(job.final for job in last) and loop.time() < deadline:
+        await asyncio.sleep(SSE_POLL_SECONDS)
+        current = [await owned_progress(queue, session_id_hash=session, job_id=job_id) for job_id in job_ids]
+        for before, now in zip(last, current, strict=True):
+            if now != before:
+                yield now.to_dict()
+        last = current
+
+
+@router.post("/portraits/{job_id}/more")
+async def more_variations(
+    job_id: str, ctx: ClinicianContext, csrf_token: Annotated[str, Form(max_length=100)]
+) -> Response:
+    """More like this one: variations from this variant's seed family."""
+    if not JOB_ID.fullmatch(job_id):
+        raise AppError(404, "No such portrait", "Start again from the portrait page.")
+    async with workflow_errors(ctx.db):
+        job_ids = await more_like_this(ctx.workflow(), job_id=job_id, count=MORE_VARIATIONS)
+    await ctx.db.commit()
+    return RedirectResponse(f"/portraits/variants?jobs={','.join(job_ids)}", status_code=303)
+
+
+@router.post("/portraits/{job_id}/send")
+async def send_to_reviewer(
+    job_id: str,
+    ctx: ClinicianContext,
+    csrf_token: Annotated[str, Form(max_length=100)],
+    jobs: Annotated[str, Form(max_length=40 * MAX_VARIANTS)],
+    note: Annotated[str, Form(max_length=1000)] = "",
+) -> Response:
+    """Put one finished variant in the reviewer's queue (again, after a send-back)."""
+    await ctx.owned_job(job_id)
+    back = ",".join(checked_job_ids(jobs))
+    banner = _banner(ctx) or {}
+    async with workflow_errors(ctx.db):
+        await send_for_review(
+            ctx.workflow(), job_id=job_id, patient_name=str(banner.get("display_name", "")), note=note
+        )
+    await ctx.db.commit()
+    return RedirectResponse(f"/portraits/variants?jobs={back}#variant-{job_id}", status_code=303)
+
+
+@router.get("/portraits/story", response_class=HTMLResponse)
+async def intake_page(request: Request, ctx: ClinicianContext) -> Response:
+    ctx.patient_id()
+    return _intake_form(request, ctx, values={}, error=None)
+
+
+def _intake_form(
+    request: Request, ctx: ClinicianContext, *, values: dict[str, str], error: IntakeError | None
+) -> Response:
+    return ctx.services.templates.TemplateResponse(
+        request,
+        "portrait_story.html",
+        {
+            "values": values,
+            "error": error,
+            "csrf_token": ctx.csrf_token,
+            "banner": _banner(ctx),
+            "can_write_story": ctx.allows("QuestionnaireResponse", "create"),
+        },
+        status_code=400 if error else 200,
+    )
+
+
+@router.post("/portraits/story", response_class=HTMLResponse)
+async def write_intake(
+    request: Request,
+    ctx: ClinicianContext,
+    csrf_token: Annotated[str, Form(max_length=100)],
+    places: Annotated[str, Form(max_length=2000)] = "",
+    colours: Annotated[str, Form(max_length=2000)] = "",
+    symbols: Annotated[str, Form(max_length=2000)] = "",
+    avoid: Annotated[str, Form(max_length=2000)] = "",
+    likeness_consent: Annotated[str, Form(max_length=5)] = "",
+    story: Annotated[str, Form(max_length=4000)] = "",
+) -> Response:
+    """Write the story to the EHR, then go on to the portrait page, which reads it back from there."""
+    ctx.patient_id()
+    values = dict(
+        zip(
+            (*LIST_FIELDS, "likeness_consent", "story"),
+            (places, colours, symbols, avoid, likeness_consent, story),
+            strict=True,
+        )
+    )
+    try:
+        intake = StoryIntake.parse(values)
+    except IntakeError as error:
+        return _intake_form(request, ctx, values=values, error=error)
+    async with workflow_errors(ctx.db), ctx.fhir() as fhir:
+        await write_story(ctx.workflow(), fhir, intake)
+    await ctx.db.commit()
+    return RedirectResponse("/portraits?story=saved", status_code=303)

@@ -1,0 +1,319 @@
+"""The portrait reviewer (artist or clinician): drafts across patients, notes, send back, approve."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from service.audit import AuditAction, AuditEntity, CareCanvasObject, canonical_actor, carecanvas_ref
+from service.crypto import Keyring, aad_for
+from service.db.models import PortraitNote, PortraitReview
+from service.documents import load_document
+from service.jobs import JobKind
+from service.settings import Settings
+from service.workflows.context import WorkflowContext
+from service.workflows.errors import JobNotOwnedError, NotAllowedError, NotReadyError
+
+NOTE_MAX = 1000
+
+
+class ReviewStatus(StrEnum):
+    WAITING = "waiting"
+    SENT_BACK = "sent_back"
+    APPROVED = "approved"
+
+
+class NoteKind(StrEnum):
+    NOTE = "note"
+    SENT = "sent"  # the clinician put the draft in the queue
+    SEND_BACK = "send_back"
+    APPROVE = "approve"
+    LIKENESS = "likeness"  # why people are shown other than the story says
+
+
+@dataclass(frozen=True)
+class Reviewer:
+    """A signed-in portrait reviewer: their canonical reference and their role."""
+
+    reference: str
+    role: str
+
+
+@dataclass(frozen=True)
+class ReviewNote:
+    kind: NoteKind
+    author: str | None
+    author_role: str | None
+    text: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class QueueItem:
+    """One portrait draft in the queue (what the reviewer sees before opening it)."""
+
+    job_id: str
+    status: ReviewStatus
+    patient_id: str
+    patient_name: str
+    requested_by: str | None
+    decided_by: str | None
+    decided_role: str | None
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class ReviewDetail:
+    item: QueueItem
+    title: str
+    caption: str
+    alt_text: str
+    style: str
+    seed: int | None
+    notes: tuple[ReviewNote, ...]
+
+
+def reviewer_for(settings: Settings, fhir_user: str | None) -> Reviewer | None:
+    """The reviewer this launch's fhirUser is, from the configured list (None when not a reviewer)."""
+    reference = canonical_actor(fhir_user)
+    if reference is None:
+        return None
+    wanted = {canonical_actor(key) or key: role for key, role in settings.portrait_reviewers.items()}
+    role = wanted.get(reference)
+    return Reviewer(reference=reference, role=role) if role else None
+
+
+def _checked_note(text: str, *, required: bool) -> str:
+    cleaned = " ".join(text.split())
+    if required and not cleaned:
+        raise NotAllowedError("Please write a note: it tells the clinician what to change.")
+    if len(cleaned) > NOTE_MAX:
+        raise NotAllowedError(f"A note can be at most {NOTE_MAX} characters.")
+    return cleaned
+
+
+async def add_note_row(
+    db: AsyncSession,
+    *,
+    keyring: Keyring,
+    job_id: str,
+    kind: NoteKind,
+    text: str,
+    author: str | None,
+    author_role: str | None,
+) -> None:
+    """One encrypted note on a portrait draft (the caller commits)."""
+    note_id = str(uuid.uuid4())
+    body = keyring.encrypt(text.encode("utf-8"), aad=aad_for("portrait_notes", note_id, "body"))
+    db.add(
+        PortraitNote(
+            id=note_id,
+            job_id=job_id,
+            kind=kind.value,
+            author=canonical_actor(author),
+            author_role=author_role,
+            body=body,
+        )
+    )
+
+
+async def notes_for(db: AsyncSession, *, keyring: Keyring, job_id: str) -> tuple[ReviewNote, ...]:
+    rows = (
+        await db.execute(
+            select(PortraitNote)
+            .where(PortraitNote.job_id == job_id)
+            .order_by(PortraitNote.created_at, PortraitNote.id)
+        )
+    ).scalars()
+    return tuple(
+        ReviewNote(
+            kind=NoteKind(row.kind),
+            author=row.author,
+            author_role=row.author_role,
+            text=keyring.decrypt(row.body, aad=aad_for("portrait_notes", row.id, "body")).decode("utf-8"),
+            created_at=row.created_at,
+        )
+        for row in rows
+    )
+
+
+def _item(row: PortraitReview, keyring: Keyring) -> QueueItem:
+    details = json.loads(keyring.decrypt(row.details, aad=aad_for("portrait_reviews", row.job_id, "details")))
+    return QueueItem(
+        job_id=row.job_id,
+        status=ReviewStatus(row.status),
+        patient_id=str(details.get("patient_id", "")),
+        patient_name=str(details.get("patient_name", "")),
+        requested_by=row.requested_by,
+        decided_by=row.decided_by,
+        decided_role=row.decided_role,
+        updated_at=row.updated_at,
+    )
+
+
+async def _row(db: AsyncSession, job_id: str, ehr_name: str) -> PortraitReview | None:
+    statement = (
+        select(PortraitReview)
+        .where(PortraitReview.job_id == job_id, PortraitReview.ehr_name == ehr_name)
+        .execution_options(populate_existing=True)
+    )
+    return (await db.execute(statement)).scalar_one_or_none()
+
+
+async def review_item(ctx: WorkflowContext, job_id: str) -> QueueItem | None:
+    """The queue entry of this draft at this EHR, if it was ever sent for review."""
+    row = await _row(ctx.db, job_id, ctx.ehr.name)
+    return _item(row, ctx.services.keyring) if row else None
+
+
+async def send_for_review(ctx: WorkflowContext, *, job_id: str, patient_name: str, note: str) -> None:
+    """The clinician puts a finished portrait draft in the reviewer's queue (again, after a send-back)."""
+    document = await load_document(ctx.db, keyring=ctx.services.keyring, job_id=job_id)
+    if document is None or document.content.kind != JobKind.PORTRAIT:
+        raise JobNotOwnedError("No such portrait.")
+    if document.content.patient_id != ctx.patient_id:
+        raise JobNotOwnedError("No such portrait.")
+    progress = await ctx.services.queue.get(job_id)
+    if progress is None or progress.status != "succeeded":
+        raise NotReadyError("The portrait is not finished yet.")
+    text = _checked_note(note, required=False)
+    keyring = ctx.services.keyring
+    details = json.dumps({"patient_id": ctx.patient_id, "patient_name": patient_name}).encode("utf-8")
+    row = await _row(ctx.db, job_id, ctx.ehr.name)
+    if row is None:
+        ctx.db.add(
+            PortraitReview(
+                job_id=job_id,
+                ehr_name=ctx.ehr.name,
+                status=ReviewStatus.WAITING.value,
+                details=keyring.encrypt(details, aad=aad_for("portrait_reviews", job_id, "details")),
+                requested_by=canonical_actor(ctx.actor),
+            )
+        )
+    elif row.status == ReviewStatus.APPROVED:
+        raise NotAllowedError("The reviewer has already approved this portrait.")
+    else:
+        row.status = ReviewStatus.WAITING.value
+        row.requested_by = canonical_actor(ctx.actor)
+        row.decided_by = row.decided_role = row.decided_at = None
+    await add_note_row(
+        ctx.db,
+        keyring=keyring,
+        job_id=job_id,
+        kind=NoteKind.SENT,
+        text=text,
+        author=ctx.actor,
+        author_role=ctx.role,
+    )
+    await ctx.audit(
+        AuditAction.PORTRAIT_SEND,
+        entities=[AuditEntity(carecanvas_ref(CareCanvasObject.DRAFT, job_id))],
+        detail={"job_id": job_id, "with_note": bool(text)},
+    )
+
+
+async def review_queue(ctx: WorkflowContext, reviewer: Reviewer) -> list[QueueItem]:
+    """Every portrait draft sent for review at this EHR, across patients, newest change first."""
+    del reviewer  # every reviewer of this EHR sees one shared queue
+    rows = (
+        await ctx.db.execute(
+            select(PortraitReview)
+            .where(PortraitReview.ehr_name == ctx.ehr.name)
+            .order_by(PortraitReview.updated_at.desc())
+            .limit(200)
+        )
+    ).scalars()
+    items = [_item(row, ctx.services.keyring) for row in rows]
+    await ctx.audit(AuditAction.VIEW, resource="portrait review queue", detail={"count": len(items)})
+    return items
+
+
+async def review_detail(ctx: WorkflowContext, reviewer: Reviewer, job_id: str) -> ReviewDetail:
+    """One draft in the queue with its words and notes; viewing it is audited for its patient."""
+    del reviewer
+    row = await _row(ctx.db, job_id, ctx.ehr.name)
+    document = await load_document(ctx.db, keyring=ctx.services.keyring, job_id=job_id)
+    if row is None or document is None:
+        raise JobNotOwnedError("No such portrait in the queue.")
+    item = _item(row, ctx.services.keyring)
+    content = document.content
+    await ctx.audit(
+        AuditAction.VIEW,
+        entities=[AuditEntity(carecanvas_ref(CareCanvasObject.DRAFT, job_id))],
+        patient=item.patient_id,
+        detail={"queue": True},
+    )
+    return ReviewDetail(
+        item=item,
+        title=content.title,
+        caption=content.caption,
+        alt_text=content.alt_text,
+        style=content.style or "",
+        seed=content.seed,
+        notes=await notes_for(ctx.db, keyring=ctx.services.keyring, job_id=job_id),
+    )
+
+
+async def decide(
+    ctx: WorkflowContext, reviewer: Reviewer, *, job_id: str, kind: NoteKind, note: str
+) -> ReviewStatus:
+    """A reviewer's note, send-back (a note is required) or approval, audited for the draft's patient."""
+    row = await _row(ctx.db, job_id, ctx.ehr.name)
+    if row is None:
+        raise JobNotOwnedError("No such portrait in the queue.")
+    text = _checked_note(note, required=kind in (NoteKind.SEND_BACK, NoteKind.NOTE))
+    item = _item(row, ctx.services.keyring)
+    action = AuditAction.PORTRAIT_NOTE
+    if kind in (NoteKind.SEND_BACK, NoteKind.APPROVE):
+        if row.status != ReviewStatus.WAITING:
+            raise NotAllowedError("Only a portrait that is waiting for review can be sent back or approved.")
+        status = ReviewStatus.SENT_BACK if kind is NoteKind.SEND_BACK else ReviewStatus.APPROVED
+        await ctx.db.execute(
+            update(PortraitReview)
+            .where(PortraitReview.job_id == job_id)
+            .values(
+                status=status.value,
+                decided_by=reviewer.reference,
+                decided_role=reviewer.role,
+                decided_at=datetime.now(UTC),
+            )
+        )
+        action = (
+            AuditAction.PORTRAIT_SEND_BACK if kind is NoteKind.SEND_BACK else AuditAction.PORTRAIT_APPROVE
+        )
+    elif kind is not NoteKind.NOTE:
+        raise NotAllowedError("A reviewer can add a note, send back or approve.")
+    await add_note_row(
+        ctx.db,
+        keyring=ctx.services.keyring,
+        job_id=job_id,
+        kind=kind,
+        text=text,
+        author=reviewer.reference,
+        author_role=reviewer.role,
+    )
+    await ctx.audit(
+        action,
+        entities=[AuditEntity(carecanvas_ref(CareCanvasObject.DRAFT, job_id))],
+        patient=item.patient_id,
+        description=f"{reviewer.reference} ({reviewer.role}) {kind.value.replace('_', ' ')} {job_id}",
+        detail={"job_id": job_id, "reviewer_role": reviewer.role, "with_note": bool(text)},
+    )
+    refreshed = await _row(ctx.db, job_id, ctx.ehr.name)
+    return ReviewStatus(refreshed.status if refreshed else row.status)
+
+
+async def approving_reviewer(db: AsyncSession, job_id: str) -> Reviewer | None:
+    """Who approved this portrait as its reviewer (for the Provenance), if anyone did."""
+    row = (
+        await db.execute(select(PortraitReview).where(PortraitReview.job_id == job_id))
+    ).scalar_one_or_none()
+    if row is None or row.status != ReviewStatus.APPROVED or not row.decided_by:
+        return None
+    return Reviewer(reference=row.decided_by, role=row.decided_role or "reviewer")
