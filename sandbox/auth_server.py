@@ -25,6 +25,7 @@ from sandbox.auth.config import (
 from sandbox.auth.data import load_directory
 from sandbox.auth.oauth import FormOAuth2Request, SmartAuthorizationServer
 from sandbox.auth.store import AuthStore
+from sandbox.chart import chart_routes
 from sandbox.ehr_page import TEMPLATES, ehr_routes
 from sandbox.keys import public_jwks
 from sandbox.staff_oidc import STAFF_PATH, StaffOidcConfig, StaffOpenIDProvider, staff_routes
@@ -192,6 +193,7 @@ def create_auth_app(config: AuthServerConfig, *, staff: StaffOidcConfig | None =
         Route("/token", token, methods=["POST"]),
         Route("/introspect", introspect, methods=["POST"]),
         *ehr_routes(server),
+        *chart_routes(server, TEMPLATES),
     ]
     staff_provider = StaffOpenIDProvider(staff or StaffOidcConfig(issuer=f"{config.issuer}{STAFF_PATH}"))
     app = Starlette(routes=[*routes, Mount(STAFF_PATH, routes=staff_routes(staff_provider, TEMPLATES))])

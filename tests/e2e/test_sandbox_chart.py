@@ -1,0 +1,67 @@
+"""The sandbox EHR's chart view shows what CareCanvas wrote back: DocumentReference, Provenance, Device."""
+
+from __future__ import annotations
+
+import re
+
+import httpx
+import pytest
+from harness import CONDITION, RunningApp, csrf_from, launch_session, wait_for_job
+
+from sandbox.run import SandboxEHR
+
+pytestmark = pytest.mark.slow
+
+
+def test_a_saved_picture_is_readable_in_the_ehr_chart(carecanvas: RunningApp, sandbox: SandboxEHR) -> None:
+    with launch_session(carecanvas.url, sandbox, patient="pat-2", practitioner="prac-1") as client:
+        workspace = client.get("/app")
+        csrf = csrf_from(workspace.text)
+        created = client.post(
+            "/illustrations",
+            data={
+                "condition_id": CONDITION.findall(workspace.text)[0],
+                "style": "flat_vector",
+                "language": "en",
+                "csrf_token": csrf,
+            },
+        )
+        job_id = created.headers["location"].rsplit("/", 1)[1]
+        assert wait_for_job(client, job_id)["status"] == "succeeded"
+        saved = client.post(
+            f"/review/{job_id}/approve",
+            data={
+                "caption": "A picture about your health.",
+                "alt_text": "A test drawing.",
+                "csrf_token": csrf,
+            },
+        )
+        assert saved.status_code == 200, saved.text
+    ehr_page = httpx.post(
+        f"{sandbox.auth_base}/ehr/launch", data={"patient": "pat-2", "practitioner": "prac-1"}, timeout=30
+    )
+    assert 'data-testid="chart-link"' in ehr_page.text  # the EHR page links the chart next to the app
+    chart = httpx.get(f"{sandbox.auth_base}/ehr/chart", params={"patient": "pat-2"}, timeout=30)
+    assert chart.status_code == 200
+    rows = re.findall(r'<tr data-testid="chart-document" data-id="([^"]+)">(.*?)</tr>', chart.text, re.S)
+    assert rows, chart.text
+    document_id, row = rows[0]  # newest first
+    assert "current" in row
+    assert 'data-testid="provenance"' in row
+    assert re.search(r'data-testid="device">Made with: [^<]+', row)
+    links = re.findall(r'href="(/ehr/chart/attachment\?doc=[^"]+)"', row)
+    assert links
+    types = set()
+    for link in links:
+        attachment = httpx.get(f"{sandbox.auth_base}{link.replace('&amp;', '&')}", timeout=30)
+        assert attachment.status_code == 200
+        types.add(attachment.headers["content-type"])
+        if attachment.headers["content-type"] == "application/pdf":
+            assert attachment.content.startswith(b"%PDF")
+    assert "application/pdf" in types
+    missing = httpx.get(f"{sandbox.auth_base}/ehr/chart", params={"patient": "nobody"}, timeout=30)
+    assert missing.status_code == 404
+    no_attachment = httpx.get(
+        f"{sandbox.auth_base}/ehr/chart/attachment", params={"doc": document_id, "n": "99"}, timeout=30
+    )
+    assert no_attachment.status_code == 404
