@@ -86,6 +86,8 @@ def make_worker(services: Services) -> Worker:
         batch_size=settings.worker_batch_size,
         batch_wait_ms=settings.worker_batch_wait_ms,
         poll_seconds=settings.worker_poll_seconds,
+        # Three beats per lease, so a short configured lease never expires under a live worker.
+        heartbeat_seconds=min(10.0, max(0.1, settings.job_lease_seconds / 3)),
         safety=safety,
         record_result=document_result_recorder(services),
         previews=settings.worker_previews,
