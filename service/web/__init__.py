@@ -16,6 +16,7 @@ from service.web import (
     routes_portal,
     routes_portrait,
     routes_review,
+    routes_reviewer,
     routes_workspace,
 )
 from service.web.errors import install_error_pages
@@ -30,6 +31,7 @@ ROUTERS = (
     routes_jobs,
     routes_review,
     routes_portrait,
+    routes_reviewer,
     routes_ops,
     routes_compliance,
 )

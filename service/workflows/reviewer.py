@@ -317,3 +317,20 @@ async def approving_reviewer(db: AsyncSession, job_id: str) -> Reviewer | None:
     if row is None or row.status != ReviewStatus.APPROVED or not row.decided_by:
         return None
     return Reviewer(reference=row.decided_by, role=row.decided_role or "reviewer")
+
+
+async def review_image(ctx: WorkflowContext, reviewer: Reviewer, job_id: str) -> bytes:
+    """The picture of a draft in the queue, for its reviewer (audited as viewed for its patient)."""
+    row = await _row(ctx.db, job_id, ctx.ehr.name)
+    if row is None:
+        raise JobNotOwnedError("No such portrait in the queue.")
+    item = _item(row, ctx.services.keyring)
+    png = await ctx.services.queue.read_artifact(job_id, "png")
+    await ctx.audit(
+        AuditAction.VIEW,
+        entities=[AuditEntity(carecanvas_ref(CareCanvasObject.IMAGE, job_id))],
+        patient=item.patient_id,
+        description=f"{reviewer.reference} viewed the image of job {job_id} in the review queue",
+        detail={"job_id": job_id, "queue": True},
+    )
+    return png
