@@ -57,6 +57,11 @@ class EhrSettings(BaseModel):
     pool_wait_seconds: float = Field(default=5.0, gt=0, le=60)
     # Paper the hospital prints handouts on: US Letter, or A4 outside North America.
     handout_page_size: Literal["letter", "a4"] = "letter"
+    # The clinic as its handouts name it (optional): a missing or unusable value (a phone that is not a
+    # number, a logo that is not a readable PNG under 1 MB) is left off the handout, never an error.
+    clinic_name: str | None = None
+    clinic_phone: str | None = None
+    clinic_logo_file: Path | None = None
     # private_key_jwt key rotation: PEM files, oldest first. All are published at /.well-known/jwks.json;
     # the last one signs. Each key's `kid` is its RFC 7638 thumbprint; RSA signs RS384, EC P-384 ES384.
     private_key_files: tuple[Path, ...] = ()
