@@ -64,6 +64,7 @@ class FhirServerProcess:
         profile: str = "generic",
         port: int = 0,
         startup_timeout: float = 30.0,
+        state_file: Path | None = None,
     ) -> None:
         if profile not in PROFILES:
             raise ValueError(f"profile {profile!r} is unknown; allowed: {', '.join(PROFILES)}")
@@ -74,6 +75,8 @@ class FhirServerProcess:
         self.profile = profile
         self.requested_port = port
         self.startup_timeout = startup_timeout
+        # Current resources kept here across restarts (the demo's data dir); None: every start is the seed.
+        self.state_file = state_file
         self.port: int = 0
         self._process: subprocess.Popen[str] | None = None
         self._stderr_lines: list[str] = []
@@ -113,6 +116,8 @@ class FhirServerProcess:
         ]
         if self.smart_config_file is not None:
             command += ["--smart-config-file", str(self.smart_config_file)]
+        if self.state_file is not None:
+            command += ["--state-file", str(self.state_file)]
         # stdin stays open for the server's lifetime: if this process dies, the pipe closes and node exits.
         self._process = subprocess.Popen(
             command,

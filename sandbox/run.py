@@ -107,6 +107,7 @@ class SandboxEHR:
         data_file: Path | None = None,
         portal_url: str | None = None,
         redirect_uris: list[str] | None = None,
+        fhir_state_file: Path | None = None,
     ) -> None:
         self._app_launch_url = app_launch_url
         self._clients = list(clients or [])
@@ -117,6 +118,7 @@ class SandboxEHR:
         self._data_file = Path(data_file) if data_file else DEFAULT_DATA_FILE
         self._portal_url = portal_url
         self._redirect_uris = list(redirect_uris or [])
+        self._fhir_state_file = fhir_state_file
         self._uvicorn: UvicornThread | None = None
         self._server: SmartAuthorizationServer | None = None
         self._staff: StaffOpenIDProvider | None = None
@@ -175,6 +177,7 @@ class SandboxEHR:
             data_file=self._data_file,
             profile=self._fhir_profile,
             port=self._fhir_port,
+            state_file=self._fhir_state_file,
         )
         self._fhir.__enter__()
         config.fhir_base = self._fhir.base_url.rstrip("/")

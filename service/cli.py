@@ -17,6 +17,7 @@ from service.db.migrate_command import add_migrate_parser
 from service.settings import EhrSettings, Settings, StaffOidcSettings
 
 DEMO_CLIENT_ID = "carecanvas-demo"
+DEMO_FHIR_STATE_FILE = "sandbox-fhir.json"
 
 
 def _settings() -> Settings:
@@ -146,7 +147,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     base = _settings()
     port = _free_port(args.port)
     app_url = f"http://127.0.0.1:{port}"
-    with SandboxEHR(app_launch_url=f"{app_url}/launch", redirect_uris=[f"{app_url}/callback"]) as sandbox:
+    # The sandbox's FHIR data lives in the data dir next to CareCanvas's database, so a restart keeps both
+    # (never documents in CareCanvas that point at an EHR which forgot them). Synthetic data only.
+    base.data_dir.mkdir(parents=True, exist_ok=True)
+    with SandboxEHR(
+        app_launch_url=f"{app_url}/launch",
+        redirect_uris=[f"{app_url}/callback"],
+        fhir_state_file=base.data_dir / DEMO_FHIR_STATE_FILE,
+    ) as sandbox:
         settings = demo_settings(
             data_dir=base.data_dir,
             fhir_base=sandbox.fhir_base,

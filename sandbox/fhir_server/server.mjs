@@ -1,5 +1,6 @@
 // Sandbox FHIR R4 server: Medplum's FhirRouter and in-memory repository behind our HTTP, auth and profile layer.
-import { readFile } from 'node:fs/promises';
+import { readFile, rename, writeFile } from 'node:fs/promises';
+import { existsSync } from 'node:fs';
 import { createServer } from 'node:http';
 import { parseArgs } from 'node:util';
 import { getStatus, isResourceType, OperationOutcomeError } from '@medplum/core';
@@ -32,6 +33,8 @@ function parseCommandLine() {
       profile: { type: 'string', default: 'generic' },
       'max-body-bytes': { type: 'string', default: String(DEFAULT_MAX_BODY_BYTES) },
       'smart-config-file': { type: 'string' },
+      // Keep the current resources in this file across restarts (synthetic data only: the demo's data dir).
+      'state-file': { type: 'string' },
     },
     strict: true,
   });
@@ -48,7 +51,8 @@ function parseCommandLine() {
 }
 
 class State {
-  constructor({ profile, dataFile, maxBodyBytes }) {
+  constructor({ profile, dataFile, maxBodyBytes, stateFile }) {
+    this.stateFile = stateFile;
     this.profile = profile;
     this.maxBodyBytes = maxBodyBytes;
     this.armed503 = profile === 'commit-then-503';
@@ -72,6 +76,28 @@ class State {
     this.armed503 = profile === 'commit-then-503';
   }
 
+  /** Starts from the state file when there is one (the demo's data survives a restart), else from the seed. */
+  async start() {
+    if (this.stateFile && existsSync(this.stateFile)) {
+      const bundle = JSON.parse(await readFile(this.stateFile, 'utf8'));
+      await this.repo.load(bundle);
+      return;
+    }
+    await this.reset();
+  }
+
+  /** Writes every current resource to the state file (a new file renamed over the old: never half written). */
+  async save() {
+    if (!this.stateFile) return;
+    const entry = [];
+    for (const byId of this.repo.resources.values()) {
+      for (const resource of byId.values()) entry.push({ resource });
+    }
+    const partial = `${this.stateFile}.partial`;
+    await writeFile(partial, JSON.stringify({ resourceType: 'Bundle', type: 'collection', entry }));
+    await rename(partial, this.stateFile);
+  }
+
   async reset() {
     const bundle = this.dataFile ? JSON.parse(await readFile(this.dataFile, 'utf8')) : { entry: [] };
     if (bundle.resourceType && bundle.resourceType !== 'Bundle') {
@@ -80,6 +106,7 @@ class State {
     await this.repo.load(bundle);
     this.pager.clear();
     this.requestLog = [];
+    await this.save();
   }
 
   /** Runs `work` alone: writes, transaction snapshots and the per-request patient limits must not interleave. */
@@ -368,8 +395,9 @@ async function main() {
     profile: options.profile,
     dataFile: options.data,
     maxBodyBytes: Number(options['max-body-bytes']),
+    stateFile: options['state-file'],
   });
-  await state.reset();
+  await state.start();
   const verify = createTokenVerifier({ jwksUrl: options['jwks-url'], issuer: options.issuer });
   let api;
 
@@ -396,6 +424,9 @@ async function main() {
         await handleAdmin(state, req, res, segments[1], rawBody);
       } else if (segments[0] === 'fhir') {
         await api.handle(req, res, segments.slice(1), url, rawBody);
+        if (state.stateFile && req.method !== 'GET' && req.method !== 'HEAD' && res.statusCode < 400) {
+          await state.exclusive(() => state.save());
+        }
       } else {
         throw new HttpError(404, 'nothing here; the FHIR base is /fhir');
       }
