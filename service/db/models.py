@@ -116,9 +116,11 @@ class Job(Base):
         Index("ix_jobs_status_bucket_created_at", "status", "bucket", "created_at"),
         Index("ix_jobs_status_lease_expires_at", "status", "lease_expires_at"),
         # The claim's two queries walk these in ORDER BY order and stop at LIMIT (no sort of the queue);
-        # partial, so they hold only queued rows. The claim writes status = 'queued' as a literal to match.
+        # partial, so they hold only queued rows. The claim writes status = 'queued' as a literal to match;
+        # status leads so that SQLite's planner (no statistics) prefers them to the plain status index.
         Index(
             "ix_jobs_queued_claim_order",
+            "status",
             "priority",
             "created_at",
             "id",
@@ -127,6 +129,7 @@ class Job(Base):
         ),
         Index(
             "ix_jobs_queued_bucket_claim_order",
+            "status",
             "bucket",
             "priority",
             "created_at",

@@ -199,18 +199,9 @@ class JobQueue:
         if max_jobs < 1:
             return []
         now = self._now()
-        queued = (Job.status == _QUEUED) & Job.cancel_requested.is_(False)
         async with self._sessionmaker() as session, session.begin():
             if bucket is None:
-                head = (
-                    await session.execute(
-                        select(Job.id, Job.bucket, Job.solo)
-                        .where(queued)
-                        .order_by(*_CLAIM_ORDER)
-                        .limit(1)
-                        .with_for_update(skip_locked=True)
-                    )
-                ).one_or_none()
+                head = (await session.execute(claim_head_query())).one_or_none()
                 if head is None:
                     return []
                 bucket = head.bucket
@@ -220,17 +211,7 @@ class JobQueue:
             if picked is None:
                 # Selected (and on PostgreSQL locked) first, then updated by id: an UPDATE ... IN (SELECT ...
                 # LIMIT) may re-run its subquery on PostgreSQL and claim more than the limit.
-                picked = list(
-                    (
-                        await session.execute(
-                            select(Job.id)
-                            .where(queued, Job.bucket == bucket, Job.solo.is_(False))
-                            .order_by(*_CLAIM_ORDER)
-                            .limit(max_jobs)
-                            .with_for_update(skip_locked=True)
-                        )
-                    ).scalars()
-                )
+                picked = list((await session.execute(claim_bucket_query(bucket, max_jobs))).scalars())
                 if not picked:
                     return []
             statement = (
@@ -683,6 +664,32 @@ class JobQueue:
         job.lease_expires_at = None
         job.finished_at = now
         job.updated_at = now
+
+
+def _claimable() -> Any:
+    return (Job.status == _QUEUED) & Job.cancel_requested.is_(False)
+
+
+def claim_head_query() -> Any:
+    """The first queued job in claim order (walks ix_jobs_queued_claim_order)."""
+    return (
+        select(Job.id, Job.bucket, Job.solo)
+        .where(_claimable())
+        .order_by(*_CLAIM_ORDER)
+        .limit(1)
+        .with_for_update(skip_locked=True)
+    )
+
+
+def claim_bucket_query(bucket: str, limit: int) -> Any:
+    """Up to ``limit`` queued jobs of one bucket in claim order (walks ix_jobs_queued_bucket_claim_order)."""
+    return (
+        select(Job.id)
+        .where(_claimable(), Job.bucket == bucket, Job.solo.is_(False))
+        .order_by(*_CLAIM_ORDER)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
 
 
 class _UnreadableSpecError(ValueError):

@@ -5,7 +5,8 @@ Revises: 0001_initial
 Create Date: 2026-12-01
 
 The claim picks the first queued job by (priority, created_at, id), then up to a batch of its bucket in the
-same order; both walk these indexes and stop at LIMIT instead of sorting every queued job. A job whose worker
+same order; both walk these indexes and stop at LIMIT instead of sorting every queued job (status leads
+so that SQLite's planner, without statistics, prefers them to the plain status index). A job whose worker
 died under it twice is claimed alone (``solo``), so only a poison job is charged for the crashes it causes.
 """
 
@@ -26,14 +27,14 @@ def upgrade() -> None:
     op.create_index(
         "ix_jobs_queued_claim_order",
         "jobs",
-        ["priority", "created_at", "id"],
+        ["status", "priority", "created_at", "id"],
         postgresql_where=QUEUED,
         sqlite_where=QUEUED,
     )
     op.create_index(
         "ix_jobs_queued_bucket_claim_order",
         "jobs",
-        ["bucket", "priority", "created_at", "id"],
+        ["status", "bucket", "priority", "created_at", "id"],
         postgresql_where=QUEUED,
         sqlite_where=QUEUED,
     )
