@@ -51,7 +51,7 @@ from service.workflows.portrait import PortraitChoice, start_portraits_from_stor
 from service.workflows.regenerate import RegenerationChoice, start_regeneration
 from service.workflows.retract import retract_document
 from service.workflows.review import ArtifactKind, read_owned_artifact, review_draft
-from service.workflows.workspace import load_workspace
+from service.workflows.workspace import load_conditions, load_history
 
 API_BASE = "/api/v1"
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -101,7 +101,7 @@ async def conditions(ctx: ApiContext) -> ConditionsOut:
     """The launched patient's active conditions (audited as a search)."""
     ctx.patient_id()
     async with workflow_errors(ctx.db), ctx.fhir() as fhir:
-        view = await load_workspace(ctx.workflow(), fhir, banner=False)
+        found = await load_conditions(ctx.workflow(), fhir)
     await ctx.db.commit()
     return ConditionsOut(
         conditions=[
@@ -112,7 +112,7 @@ async def conditions(ctx: ApiContext) -> ConditionsOut:
                 onset=item.onset,
                 codes=[CodingOut(system=c.system, code=c.code, display=c.display) for c in item.codes],
             )
-            for item in view.conditions
+            for item in found
         ]
     )
 
@@ -123,7 +123,7 @@ async def documents(ctx: ApiContext) -> DocumentsOut:
     ctx.patient_id()
     require(ctx, "DocumentReference", "search")
     async with workflow_errors(ctx.db), ctx.fhir() as fhir:
-        view = await load_workspace(ctx.workflow(), fhir, banner=False)
+        view = await load_history(ctx.workflow(), fhir)
     await ctx.db.commit()
     return DocumentsOut(
         documents=[

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from fhir_adapters import (
@@ -21,6 +22,7 @@ from fhir_adapters import (
 )
 from service.audit import AuditAction, AuditOutcome
 from service.documents import HistoryEntry, documents_by_identifier, history_from_search
+from service.generation.languages import LanguagePreference, preferred_language
 from service.workflows.approve import IDENTIFIER_SYSTEM
 from service.workflows.context import WorkflowContext
 
@@ -34,6 +36,8 @@ class Workspace:
     conditions: list[ConditionSummary]
     history: list[HistoryEntry] = field(default_factory=list)
     history_unavailable: bool = False
+    # From Patient.communication, when the Patient was read (the banner); None otherwise.
+    preferred_language: LanguagePreference | None = None
 
 
 @dataclass
@@ -71,13 +75,23 @@ async def _read_history(fhir: FhirClient, patient_id: str, reads: _Reads) -> Non
         reads.history_error = error
 
 
-async def _read_all(ctx: WorkflowContext, fhir: FhirClient, patient_id: str, *, banner: bool) -> _Reads:
+class Part(StrEnum):
+    """One of the workspace's EHR reads; a caller asks only for the parts it shows."""
+
+    PATIENT = "patient"
+    ENCOUNTER = "encounter"
+    CONDITIONS = "conditions"
+    HISTORY = "history"
+
+
+async def _read_all(
+    ctx: WorkflowContext, fhir: FhirClient, patient_id: str, parts: frozenset[Part]
+) -> _Reads:
     """The EHR reads run side by side: the page waits for the slowest, not for their sum."""
     reads = _Reads()
 
     async def patient() -> None:
-        if banner:
-            reads.patient = await fhir.read("Patient", patient_id)
+        reads.patient = await fhir.read("Patient", patient_id)
 
     async def conditions() -> None:
         reads.conditions = await active_conditions(fhir, patient_id)
@@ -89,10 +103,16 @@ async def _read_all(ctx: WorkflowContext, fhir: FhirClient, patient_id: str, *, 
         if ctx.scopes.allows("DocumentReference", "search"):
             await _read_history(fhir, patient_id, reads)
 
+    steps = {
+        Part.PATIENT: patient,
+        Part.CONDITIONS: conditions,
+        Part.ENCOUNTER: encounter,
+        Part.HISTORY: history,
+    }
     try:
         async with asyncio.TaskGroup() as group:
-            for step in (patient, conditions, encounter, history):
-                group.create_task(step())
+            for part in sorted(parts):
+                group.create_task(steps[part]())
     except ExceptionGroup as failed:
         # The first failure stands for the page (an ended session, the EHR's error): callers and the
         # error pages handle plain exceptions, not groups.
@@ -102,40 +122,57 @@ async def _read_all(ctx: WorkflowContext, fhir: FhirClient, patient_id: str, *, 
 
 async def load_workspace(ctx: WorkflowContext, fhir: FhirClient, *, banner: bool) -> Workspace:
     """Reads the EHR (no database transaction open), then audits each read before anything is shown."""
+    parts = {Part.ENCOUNTER, Part.CONDITIONS, Part.HISTORY} | ({Part.PATIENT} if banner else set())
+    return await _load(ctx, fhir, frozenset(parts))
+
+
+async def load_conditions(ctx: WorkflowContext, fhir: FhirClient) -> list[ConditionSummary]:
+    """Only the active conditions (one search, one audit record): what the API's condition list needs."""
+    return (await _load(ctx, fhir, frozenset({Part.CONDITIONS}))).conditions
+
+
+async def load_history(ctx: WorkflowContext, fhir: FhirClient) -> Workspace:
+    """Only the documents CareCanvas wrote (one search, one audit record); conditions stay empty."""
+    return await _load(ctx, fhir, frozenset({Part.HISTORY}))
+
+
+async def _load(ctx: WorkflowContext, fhir: FhirClient, parts: frozenset[Part]) -> Workspace:
     patient_id = ctx.patient_id or ""
     try:
-        reads = await _read_all(ctx, fhir, patient_id, banner=banner)
+        reads = await _read_all(ctx, fhir, patient_id, parts)
     except FhirError as error:
         await ctx.db.rollback()
         await ctx.audit(
             AuditAction.FHIR_SEARCH,
             AuditOutcome.FAILURE,
-            resource="Condition",
+            resource="Condition" if Part.CONDITIONS in parts else "DocumentReference",
             detail={"status": error.status},
         )
         await ctx.db.commit()
         raise
-    await _audit_reads(ctx, reads)
+    await _audit_reads(ctx, reads, parts)
     return Workspace(
         banner=summarize_patient(reads.patient) if reads.patient is not None else None,
         encounter=summarize_encounter(reads.encounter) if reads.encounter is not None else None,
         conditions=[c for c in (summarize_condition(r) for r in reads.conditions) if c.is_active],
         history=await _history(ctx, reads),
         history_unavailable=reads.history_error is not None,
+        preferred_language=preferred_language(reads.patient) if reads.patient is not None else None,
     )
 
 
-async def _audit_reads(ctx: WorkflowContext, reads: _Reads) -> None:
+async def _audit_reads(ctx: WorkflowContext, reads: _Reads, parts: frozenset[Part]) -> None:
     if reads.patient is not None:
         await ctx.audit(AuditAction.FHIR_READ, resource=f"Patient/{ctx.patient_id}")
     if reads.encounter is not None:
         await ctx.audit(AuditAction.FHIR_READ, resource=f"Encounter/{ctx.encounter_id}")
-    await ctx.audit(
-        AuditAction.READ_CONDITIONS,
-        resource="Condition",
-        detail={"count": len(reads.conditions)},
-        description=f"{ctx.actor_reference} read the patient's conditions ({len(reads.conditions)})",
-    )
+    if Part.CONDITIONS in parts:
+        await ctx.audit(
+            AuditAction.READ_CONDITIONS,
+            resource="Condition",
+            detail={"count": len(reads.conditions)},
+            description=f"{ctx.actor_reference} read the patient's conditions ({len(reads.conditions)})",
+        )
     if reads.history is not None:
         await ctx.audit(
             AuditAction.FHIR_SEARCH, resource="DocumentReference", detail={"count": len(reads.history)}
