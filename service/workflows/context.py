@@ -13,6 +13,7 @@ from service.audit import AuditAction, AuditEntity, AuditOutcome, canonical_acto
 from service.ehr_profile import EhrProfile
 from service.services import Services
 from service.settings import EhrSettings
+from service.workflows.job_caps import JobOwner
 
 
 @dataclass
@@ -34,6 +35,20 @@ class WorkflowContext:
     def actor_reference(self) -> str:
         """Who acts, as audit descriptions name them (`Practitioner/prac-2`; never a name)."""
         return canonical_actor(self.actor) or "CareCanvas"
+
+    def job_owner(self) -> JobOwner:
+        """Whose jobs these are, with the caps that apply (per session, and per user at this EHR)."""
+        settings = self.services.settings
+        user = canonical_actor(self.actor)
+        owner_key = (
+            self.services.keyring.keyed_digest(f"job-owner\x00{self.ehr.name}\x00{user}") if user else None
+        )
+        return JobOwner(
+            session_id_hash=self.session_id_hash,
+            owner_key=owner_key,
+            per_session=settings.max_queued_jobs_per_session,
+            per_user=settings.max_queued_jobs_per_user,
+        )
 
     async def profile(self, fhir: FhirClient) -> EhrProfile:
         """This EHR's quirks (attachments, transactions, updates), from the app's one capabilities fetch."""

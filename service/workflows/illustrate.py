@@ -51,7 +51,7 @@ async def start_illustration(ctx: WorkflowContext, fhir: FhirClient, choice: Ill
         prompt=prompt.positive,
         negative_prompt=prompt.negative,
         seed=seed,
-        session_id_hash=ctx.session_id_hash,
+        owner=ctx.job_owner(),
     )
     content = _draft_content(ctx, choice, summary, prompt, model_name=model.name, seed=seed)
     await create_draft(

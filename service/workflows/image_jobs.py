@@ -8,6 +8,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.generation.models import ModelSpec
 from service.jobs import ImageJobSpec, JobKind, JobPriority, JobQueue
+from service.workflows.job_caps import JobOwner, check_room, tag_owner
 
 
 async def enqueue_image_job(
@@ -19,7 +20,7 @@ async def enqueue_image_job(
     prompt: str,
     negative_prompt: str | None,
     seed: int,
-    session_id_hash: str,
+    owner: JobOwner,
     priority: JobPriority = JobPriority.INTERACTIVE,
 ) -> str:
     """In the caller's transaction, so the draft and the audit record commit with the job or not at all.
@@ -27,8 +28,10 @@ async def enqueue_image_job(
     A clinician's page or a single API request is interactive (claimed ahead of bulk work); batch and bulk
     callers pass ``JobPriority.BULK``.
 
+    Refused with TooManyJobsError when the owner's session or user is at its cap of unfinished jobs.
     Returns the new job's id.
     """
+    await check_room(db, owner)
     spec = ImageJobSpec(
         model=model.name,
         prompt=prompt,
@@ -45,8 +48,9 @@ async def enqueue_image_job(
         kind=kind,
         bucket=spec.bucket,
         spec=spec.to_dict(),
-        session_id_hash=session_id_hash,
+        session_id_hash=owner.session_id_hash,
         job_id=job_id,
         priority=priority,
     )
+    await tag_owner(db, job_id, owner)
     return job_id

@@ -306,7 +306,7 @@ async def _enqueue_variant(
         prompt=content.prompt,
         negative_prompt=content.negative_prompt,
         seed=content.seed or 0,
-        session_id_hash=ctx.session_id_hash,
+        owner=ctx.job_owner(),
     )
     content = content.model_copy(update={"variant": index + 1, "variants": variants})
     await create_draft(

@@ -1,0 +1,68 @@
+"""Caps on unfinished (queued or running) jobs per session and per user, checked where a job is queued.
+
+Checked in the transaction that queues, and the faces roll that transaction back on the refusal, so a
+request that would pass the cap queues nothing at all (a portrait's variants come all together or not).
+Two requests of one session racing each other may both pass: the cap is exact up to that overlap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from service.db.models import Job
+from service.jobs import JobStatus
+from service.workflows.errors import Reason, WorkflowError
+
+UNFINISHED = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
+
+
+class TooManyJobsError(WorkflowError, RuntimeError):
+    """This session (or this user, over all their sessions) already has as many unfinished jobs as allowed."""
+
+    reason = Reason.NOT_ALLOWED  # TEMP until Reason.TOO_MANY_JOBS lands
+
+
+@dataclass(frozen=True)
+class JobOwner:
+    """Who a job is queued for: the session (or bearer caller) and, where known, the user's keyed digest."""
+
+    session_id_hash: str
+    owner_key: str | None
+    per_session: int
+    per_user: int
+
+
+async def unfinished_jobs(
+    db: AsyncSession, *, session_id_hash: str | None = None, owner_key: str | None = None
+) -> int:
+    query = select(func.count()).select_from(Job).where(Job.status.in_(UNFINISHED))
+    if session_id_hash is not None:
+        query = query.where(Job.session_id_hash == session_id_hash)
+    if owner_key is not None:
+        query = query.where(Job.owner_key == owner_key)
+    return int((await db.execute(query)).scalar_one())
+
+
+async def check_room(db: AsyncSession, owner: JobOwner) -> None:
+    """Raise TooManyJobsError unless one more job fits under both caps (jobs flushed so far count)."""
+    if await unfinished_jobs(db, session_id_hash=owner.session_id_hash) >= owner.per_session:
+        raise TooManyJobsError(_message(owner.per_session, everywhere=False))
+    if owner.owner_key is not None and await unfinished_jobs(db, owner_key=owner.owner_key) >= owner.per_user:
+        raise TooManyJobsError(_message(owner.per_user, everywhere=True))
+
+
+async def tag_owner(db: AsyncSession, job_id: str, owner: JobOwner) -> None:
+    """Record whose job it is, so the per-user cap can count it."""
+    if owner.owner_key is not None:
+        await db.execute(update(Job).where(Job.id == job_id).values(owner_key=owner.owner_key))
+
+
+def _message(cap: int, *, everywhere: bool) -> str:
+    where = " in all your open CareCanvas windows" if everywhere else ""
+    return (
+        f"You already have {cap} pictures waiting to be made{where}. "
+        "Please wait for some of them to finish, then try again. Nothing new was added."
+    )
