@@ -365,19 +365,22 @@ class Worker:
         cancelled = outcome.cancelled
         board.publish(job_ids, 0, requests[0].steps)
         last = {"report": float("-inf")}
+        reports: list[concurrent.futures.Future[Any]] = []
+        previews: list[concurrent.futures.Future[Any]] = []
 
-        def in_flight() -> bool:
-            return bool(outcome.side_writes) and not all(f.done() for f in outcome.side_writes)
+        def in_flight(writes: list[concurrent.futures.Future[Any]]) -> bool:
+            return bool(writes) and not writes[-1].done()
 
         def on_step(step: int, total: int) -> None:
             board.publish(job_ids, step, total)  # a dict write: readers in this process see every step
             now = time.monotonic()
             # One coalesced row write per batch per interval; never two at once, never waited for here.
-            if now - last["report"] >= self._progress_interval and not in_flight():
+            if now - last["report"] >= self._progress_interval and not in_flight(reports):
                 last["report"] = now
-                outcome.side_writes.append(
+                reports.append(
                     asyncio.run_coroutine_threadsafe(self._report(job_ids, step, total, cancelled), loop)
                 )
+                outcome.side_writes.append(reports[-1])
 
         def should_cancel() -> bool:
             cancelled.update(board.cancel_requested(job_ids))
@@ -385,10 +388,11 @@ class Worker:
             return len(cancelled) >= len(job_ids)
 
         def on_pending_preview(step: int, pending: PendingPreview) -> None:
-            if not in_flight():
-                outcome.side_writes.append(
+            if not in_flight(previews):  # skipped while the last one is still being written
+                previews.append(
                     asyncio.run_coroutine_threadsafe(self._store_previews(job_ids, pending), loop)
                 )
+                outcome.side_writes.append(previews[-1])
 
         metrics.BATCH_SIZE.observe(len(requests))
         with metrics.GENERATION_SECONDS.labels(model=engine.spec.name).time():
