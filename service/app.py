@@ -8,11 +8,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import structlog
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI, Request
 from fastapi.staticfiles import StaticFiles
 
 from service.api import install_api
 from service.ehrs import EhrRegistry
+from service.logging import bind_path_fields
 from service.metrics import record_checkpoint_round
 from service.services import Services, build_services
 from service.settings import Settings
@@ -51,6 +52,11 @@ async def _start_embedded_worker(services: Services, stop: asyncio.Event) -> asy
     return await start_embedded_worker(services, stop)
 
 
+async def _log_fields(request: Request) -> None:
+    # Async, so it runs in the request's own task: what it binds reaches every log line of the route.
+    bind_path_fields(request.path_params)
+
+
 def create_app(settings: Settings) -> FastAPI:
     """One app per settings object; the embedded worker starts with it when configured."""
     # Built once here (signing keys load once) and handed to both the web layer and the services.
@@ -73,7 +79,14 @@ def create_app(settings: Settings) -> FastAPI:
             await checkpoints
             await services.aclose()
 
-    app = FastAPI(title="CareCanvas", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(
+        title="CareCanvas",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        dependencies=[Depends(_log_fields)],
+    )
     app.state.settings = settings
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     # Added before the web's middleware, so it runs inside the security headers (a 429 carries the CSP).

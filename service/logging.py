@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 import structlog
@@ -54,6 +54,19 @@ _ALLOWED_KEYS = frozenset(
         "seq",
     }
 )
+
+
+def bind_path_fields(path_params: Mapping[str, Any]) -> None:
+    """Bind the job a request is about (its route's ``job_id``), so every line of that request names it."""
+    job_id = path_params.get("job_id")
+    if isinstance(job_id, str) and job_id:
+        structlog.contextvars.bind_contextvars(job_id=job_id[:64])
+
+
+def bind_ehr(ehr: str | None) -> None:
+    """Bind the EHR of the session a request runs under (a registered name, never patient data)."""
+    if ehr:
+        structlog.contextvars.bind_contextvars(ehr=ehr)
 
 
 def redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:

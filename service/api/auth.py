@@ -25,6 +25,7 @@ from fastapi import Depends, Request
 from fhir_adapters import FhirError, GrantedScopes, SmartConfiguration, discover
 from fhir_adapters.client import origin_of
 from service.audit import AuditAction, AuditOutcome
+from service.logging import bind_ehr
 from service.services import Services
 from service.sessions import SessionData, SessionKind, WebSession
 from service.settings import EhrSettings
@@ -291,6 +292,7 @@ async def bearer_context(
         await _audit_token_use(services, info, rid)
     config = await verifier.config(services, ehr)
     session = ephemeral_session(services, info, token, config)
+    bind_ehr(session.ehr_name)
     return RequestContext(services=services, db=db, session=session, request_id=rid)
 
 

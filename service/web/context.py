@@ -21,6 +21,7 @@ from fhir_adapters import FhirClient, GrantedScopes
 from fhir_adapters.scopes import Interaction
 from service.audit import AuditAction, AuditOutcome
 from service.fhir_access import open_fhir
+from service.logging import bind_ehr
 from service.services import Services
 from service.sessions import SessionKind, WebSession
 from service.settings import EhrSettings
@@ -192,6 +193,7 @@ async def _context(
     if session.data.kind is not kind:
         raise _wrong_kind(kind)
     await check_csrf(request, session)
+    bind_ehr(session.ehr_name)
     return RequestContext(services=services, db=db, session=session, request_id=rid)
 
 
@@ -231,6 +233,7 @@ async def any_launch_context(
     if session is None or not session.authenticated or session.data.kind is SessionKind.STAFF:
         raise session_ended(SESSION_ENDED_MESSAGE)
     await check_csrf(request, session)
+    bind_ehr(session.ehr_name)
     return RequestContext(services=services, db=db, session=session, request_id=rid)
 
 

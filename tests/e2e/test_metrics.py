@@ -1,9 +1,14 @@
-"""/metrics after a real launch → generate → approve run: the application metrics exist and moved."""
+"""After a real launch, generation and approval: the metrics moved; log lines name request, job and EHR."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import httpx
 import pytest
+import structlog
+import structlog.testing
 from harness import CONDITION, RunningApp, csrf_from, launch_session, wait_for_job
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -33,10 +38,23 @@ def total(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: s
     )
 
 
-def test_metrics_move_after_an_end_to_end_run(sandbox: SandboxEHR, carecanvas: RunningApp) -> None:
+@dataclass
+class Run:
+    before: dict[tuple[str, tuple[tuple[str, str], ...]], float]
+    after: dict[tuple[str, tuple[tuple[str, str], ...]], float]
+    logs: list[dict[str, Any]]
+    job_id: str
+
+
+@pytest.fixture(scope="module")
+def run(sandbox: SandboxEHR, carecanvas: RunningApp) -> Run:
+    """One clinician run, every structlog line of the app captured (contextvars merged as in production)."""
     assert httpx.get(f"{carecanvas.url}/readyz", timeout=30).status_code == 200
     before = scrape(carecanvas.url)
-    with launch_session(carecanvas.url, sandbox) as client:
+    with (
+        structlog.testing.capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs,
+        launch_session(carecanvas.url, sandbox) as client,
+    ):
         workspace = client.get("/app")
         csrf = csrf_from(workspace.text)
         created = client.post(
@@ -54,7 +72,11 @@ def test_metrics_move_after_an_end_to_end_run(sandbox: SandboxEHR, carecanvas: R
         assert finished["status"] == "succeeded", finished
         form = {"caption": "A picture about your health.", "alt_text": "Drawing.", "csrf_token": csrf}
         assert client.post(f"/review/{job_id}/approve", data=form).status_code == 200
-    after = scrape(carecanvas.url)
+    return Run(before=before, after=scrape(carecanvas.url), logs=list(logs), job_id=job_id)
+
+
+def test_metrics_move_after_an_end_to_end_run(run: Run) -> None:
+    before, after = run.before, run.after
 
     def moved(name: str, **labels: str) -> float:
         return total(after, name, **labels) - total(before, name, **labels)
@@ -77,3 +99,18 @@ def test_metrics_move_after_an_end_to_end_run(sandbox: SandboxEHR, carecanvas: R
     # No label carries patient data: the only EHR label values are registered EHR names.
     ehr_values = {dict(labels).get("ehr") for _, labels in after if dict(labels).get("ehr")}
     assert ehr_values <= {"sandbox"}
+
+
+def test_log_lines_carry_request_job_and_ehr(run: Run) -> None:
+    fhir_lines = [line for line in run.logs if line.get("event") == "fhir.request"]
+    assert fhir_lines, "no FHIR request was logged"
+    request_lines = [line for line in fhir_lines if "request_id" in line]
+    # Every FHIR call made while handling a request names that request and the session's EHR ...
+    assert request_lines
+    assert all(line.get("ehr") == "sandbox" for line in request_lines), request_lines[:3]
+    # ... and the write-back's calls (POST /review/{job_id}/approve) name the job too.
+    posts = [line for line in request_lines if line.get("method") == "POST"]
+    assert posts
+    assert all(line.get("job_id") == run.job_id for line in posts)
+    # One request's lines share one id; different requests have different ids.
+    assert len({line["request_id"] for line in request_lines}) >= 2
