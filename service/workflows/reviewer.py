@@ -174,14 +174,15 @@ async def review_item(ctx: WorkflowContext, job_id: str) -> QueueItem | None:
 
 async def send_for_review(ctx: WorkflowContext, *, job_id: str, patient_name: str, note: str) -> None:
     """The clinician puts a finished portrait draft in the reviewer's queue (again, after a send-back)."""
+    # The queue reads on a connection of its own: before this transaction takes one (SQLite has one).
+    progress = await ctx.services.queue.get(job_id)
+    if progress is None or progress.status != "succeeded":
+        raise NotReadyError("The portrait is not finished yet.")
     document = await load_document(ctx.db, keyring=ctx.services.keyring, job_id=job_id)
     if document is None or document.content.kind != JobKind.PORTRAIT:
         raise JobNotOwnedError("No such portrait.")
     if document.content.patient_id != ctx.patient_id:
         raise JobNotOwnedError("No such portrait.")
-    progress = await ctx.services.queue.get(job_id)
-    if progress is None or progress.status != "succeeded":
-        raise NotReadyError("The portrait is not finished yet.")
     text = _checked_note(note, required=False)
     keyring = ctx.services.keyring
     details = json.dumps({"patient_id": ctx.patient_id, "patient_name": patient_name}).encode("utf-8")
@@ -321,11 +322,15 @@ async def approving_reviewer(db: AsyncSession, job_id: str) -> Reviewer | None:
 
 async def review_image(ctx: WorkflowContext, reviewer: Reviewer, job_id: str) -> bytes:
     """The picture of a draft in the queue, for its reviewer (audited as viewed for its patient)."""
+    # Read before this transaction takes its connection (the queue uses one of its own); shown only if queued.
+    try:
+        png = await ctx.services.queue.read_artifact(job_id, "png")
+    except LookupError:
+        raise JobNotOwnedError("No such portrait in the queue.") from None
     row = await _row(ctx.db, job_id, ctx.ehr.name)
     if row is None:
         raise JobNotOwnedError("No such portrait in the queue.")
     item = _item(row, ctx.services.keyring)
-    png = await ctx.services.queue.read_artifact(job_id, "png")
     await ctx.audit(
         AuditAction.VIEW,
         entities=[AuditEntity(carecanvas_ref(CareCanvasObject.IMAGE, job_id))],
