@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time
 from pathlib import Path
-from typing import Literal, cast
+from typing import Literal, Protocol, cast
 
 from fpdf import FPDF
 
@@ -134,6 +134,22 @@ def clinic_details(name: object, phone: object, logo_file: object) -> ClinicDeta
         except (OSError, ValueError) as error:
             log.warning("handout: the clinic logo is left off (%s)", type(error).__name__)
     return ClinicDetails(name=_clean_line(name, max_chars=80), phone=clean_phone, logo_png=logo)
+
+
+class ClinicFields(Protocol):
+    """The registration fields a handout uses (service.settings.EhrSettings has them)."""
+
+    @property
+    def clinic_name(self) -> str | None: ...
+    @property
+    def clinic_phone(self) -> str | None: ...
+    @property
+    def clinic_logo_file(self) -> Path | None: ...
+
+
+def clinic_details_of(registration: ClinicFields) -> ClinicDetails:
+    """The clinic details of an EHR registration (see :func:`clinic_details` for what is left off)."""
+    return clinic_details(registration.clinic_name, registration.clinic_phone, registration.clinic_logo_file)
 
 
 def find_unicode_fonts() -> tuple[Path, Path]:

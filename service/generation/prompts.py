@@ -848,6 +848,16 @@ class PromptLibrary:
         )
         return tuple(ranked[:_CLOSEST_COUNT])
 
+    def sections(self, topic_id: str | None, language: str) -> TopicSections | None:
+        """The handout sections of a topic in a language (None for no or an unknown topic: a portrait)."""
+        if not topic_id:
+            return None
+        try:
+            words = self.topic(topic_id).text.get(language)
+        except ValueError:
+            return None
+        return words.sections if words else None
+
     def condition_label(
         self, text: str, codes: Sequence[tuple[str, str]], *, language: str = "en", unspecified: str = ""
     ) -> str:

@@ -13,9 +13,10 @@ from PIL import Image
 from pypdf import PdfReader
 
 from service.generation import handout
-from service.generation.handout import ClinicDetails, clinic_details, render_handout_pdf
+from service.generation.handout import ClinicDetails, clinic_details, clinic_details_of, render_handout_pdf
 from service.generation.languages import LANGUAGE_CODES
 from service.generation.prompts import PromptLibrary, load_prompt_library
+from service.settings import EhrSettings
 
 
 def png_bytes(width: int = 64, height: int = 48) -> bytes:
@@ -403,3 +404,19 @@ def test_a_language_without_its_font_names_the_package(monkeypatch: pytest.Monke
 def test_a_long_handout_with_sections_stays_on_one_page() -> None:
     for language in ("en", "ru"):
         assert len(PdfReader(io.BytesIO(full_handout(language, "heart-failure"))).pages) == 1
+
+
+def test_clinic_details_come_from_the_ehr_registration(tmp_path: Path) -> None:
+    logo = tmp_path / "logo.png"
+    logo.write_bytes(png_bytes(30, 10))
+    ehr = EhrSettings(
+        name="lakeside",
+        iss="https://ehr.example/fhir",
+        client_id="carecanvas",
+        clinic_name="Lakeside Clinic",
+        clinic_phone="+1 555 010 0100",
+        clinic_logo_file=logo,
+    )
+    assert clinic_details_of(ehr) == ClinicDetails("Lakeside Clinic", "+1 555 010 0100", logo.read_bytes())
+    bare = EhrSettings(name="bare", iss="https://ehr.example/fhir", client_id="carecanvas")
+    assert clinic_details_of(bare) == ClinicDetails()

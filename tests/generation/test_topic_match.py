@@ -152,3 +152,11 @@ def test_match_form_folds_case_accents_punctuation_and_arabic_marks() -> None:
     assert match_form("Hipertensión") == "hipertension"
     assert match_form("فَقْر الدَّم") == "فقر الدم"
     assert match_form("고혈압") == "고혈압"  # Hangul syllables survive the accent folding
+
+
+def test_sections_of_a_topic_for_the_handout(library: PromptLibrary) -> None:
+    sections = library.sections("asthma", "ar")
+    assert sections is not None
+    assert sections.what_it_is.startswith("الربو")
+    assert library.sections(None, "en") is None  # a portrait has no topic
+    assert library.sections("no-such-topic", "en") is None
