@@ -272,3 +272,13 @@ def test_reading_grade_says_which_formula_or_that_there_is_none() -> None:
             False,
             False,
         )
+
+
+@pytest.mark.parametrize("language", LANGUAGE_CODES)
+def test_portrait_words_exist_in_every_language(library: PromptLibrary, language: str) -> None:
+    words = library.portrait.text[language]
+    script = library.languages[language].script
+    for text in (words.title, words.alt_text_symbolic, words.alt_text_person):
+        assert share_in_script(text, script) >= 0.8, f"{language}: {text!r}"
+    for pattern in (words.places, words.colours, words.symbols):
+        assert "{items}" in pattern
