@@ -22,6 +22,8 @@ Exception hierarchy::
         └── StateError
 
     ResourceValidationError        a resource we built is invalid: our bug, nothing was sent
+    RequestLimitError              one request of a write would be over the EHR's body limit on its own;
+                                   content_type, request_bytes, limit_bytes, max_data_bytes; nothing sent
 """
 
 from fhir_adapters.client import FhirClient, TokenSource, WriteResult, fhir_pool
@@ -47,6 +49,7 @@ from fhir_adapters.errors import (
     InvalidResponseError,
     NotFoundError,
     PreconditionFailedError,
+    RequestLimitError,
     RequestTooLargeError,
     ResourceValidationError,
     SmartError,
@@ -78,9 +81,12 @@ from fhir_adapters.validate import validate_resource
 from fhir_adapters.write import (
     AttachmentPolicy,
     BinaryUpload,
+    RequestPlan,
     WrittenDocument,
     apply_attachment_policy,
     attachment_policy_from_capabilities,
+    body_bytes,
+    fit_request_limit,
     mark_entered_in_error,
     supports_transactions,
     write_document_set,
@@ -116,6 +122,8 @@ __all__ = [
     "PendingAuthorization",
     "PortraitStory",
     "PreconditionFailedError",
+    "RequestLimitError",
+    "RequestPlan",
     "RequestTooLargeError",
     "ResourceValidationError",
     "SmartConfiguration",
@@ -135,6 +143,7 @@ __all__ = [
     "attachment_policy_from_capabilities",
     "backend_services_token",
     "begin_authorization",
+    "body_bytes",
     "build_binary",
     "build_document_reference",
     "build_model_device",
@@ -144,6 +153,7 @@ __all__ = [
     "discover",
     "exchange_code",
     "fhir_pool",
+    "fit_request_limit",
     "mark_entered_in_error",
     "refresh",
     "requested_scopes",

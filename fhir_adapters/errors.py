@@ -145,6 +145,29 @@ class StateError(SmartError):
     """The callback's state does not match a pending authorization, or that authorization expired."""
 
 
+class RequestLimitError(Exception):
+    """A request of the write would be over the EHR's body limit even on its own; nothing was sent.
+
+    `content_type` names the attachment whose Binary is too large (None: a resource without attachments);
+    `max_data_bytes` is the most attachment bytes one Binary request under this limit can carry.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        content_type: str | None,
+        request_bytes: int,
+        limit_bytes: int,
+        max_data_bytes: int,
+    ) -> None:
+        super().__init__(message)
+        self.content_type = content_type
+        self.request_bytes = request_bytes
+        self.limit_bytes = limit_bytes
+        self.max_data_bytes = max_data_bytes
+
+
 class ResourceValidationError(Exception):
     """A resource we built does not validate against the FHIR models: our bug, never sent to a server."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import json
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -14,8 +15,10 @@ from fhir_adapters.client import FhirClient, WriteResult
 from fhir_adapters.errors import (
     InvalidResponseError,
     PreconditionFailedError,
+    RequestLimitError,
     TemporaryFhirError,
 )
+from fhir_adapters.us_core import check_us_core
 from fhir_adapters.validate import validate_resource
 from fhir_adapters.writeback import build_binary
 
@@ -133,6 +136,150 @@ def apply_attachment_policy(
     return result, tuple(uploads)
 
 
+def body_bytes(resource: Mapping[str, Any]) -> int:
+    """The size of `resource` as FhirClient sends it (compact JSON, UTF-8)."""
+    return len(json.dumps(resource, separators=(",", ":")).encode("utf-8"))
+
+
+def max_binary_data_bytes(limit: int, *, content_type: str = "image/png") -> int:
+    """The most attachment bytes one Binary request under `limit` can carry (base64 takes 4 per 3)."""
+    empty = body_bytes(
+        {
+            "resourceType": "Binary",
+            "contentType": content_type,
+            "securityContext": {"reference": "Patient/" + "x" * 64},
+        }
+    ) + len(',"data":""')
+    return max(0, (limit - empty) // 4 * 3)
+
+
+@dataclass(frozen=True)
+class RequestPlan:
+    """How one write fits the EHR's body limit: Binaries sent on their own first, the rest as before."""
+
+    document: dict[str, Any]
+    binaries: tuple[BinaryUpload, ...]  # inside the transaction (or in order, without one)
+    separate: tuple[BinaryUpload, ...]  # each in its own request, before anything else
+
+
+def fit_request_limit(
+    document: Mapping[str, Any],
+    binaries: Sequence[BinaryUpload],
+    *,
+    device: Mapping[str, Any],
+    provenance: Mapping[str, Any],
+    limit: int,
+    transaction: bool,
+    conditions: tuple[str, str] = ("", ""),
+    ceiling: int | None = None,
+) -> RequestPlan:
+    """Move attachments (largest first) out of the transaction, or out of the DocumentReference, into
+    Binaries of their own until every request is within `limit`; RequestLimitError if one cannot be.
+
+    `limit` is what to aim for; `ceiling` (default: `limit`) what is known to be refused above, so one
+    attachment between the two is still tried. Pure: nothing is sent. Without a transaction every Binary is
+    its own request anyway. `conditions` are
+    the transaction's (document, device) ifNoneExist queries, so its size is measured as it will be sent.
+    """
+    hard = limit if ceiling is None else max(limit, ceiling)
+    result = copy.deepcopy(dict(document))
+    inside = list(binaries)
+    separate: list[BinaryUpload] = []
+    patient_id = str((result.get("subject") or {}).get("reference", "")).removeprefix("Patient/")
+    while True:
+        size = (
+            body_bytes(_transaction_bundle(result, device, provenance, inside, *conditions))
+            if transaction
+            else body_bytes(result)
+        )
+        if size <= limit:
+            break
+        movable = _largest_movable(result, inside if transaction else [])
+        if movable is None:
+            if size <= hard:
+                break
+            raise RequestLimitError(
+                f"the document and its resources alone are {size} bytes, over the {limit}-byte limit",
+                content_type=None,
+                request_bytes=size,
+                limit_bytes=limit,
+                max_data_bytes=0,
+            )
+        if isinstance(movable, BinaryUpload):
+            inside.remove(movable)
+            separate.append(movable)
+        else:
+            separate.append(_inline_to_binary(result, movable, patient_id))
+    for upload in [*separate, *([] if transaction else inside)]:
+        size = body_bytes(upload.resource)
+        if size > hard:
+            content_type = str(upload.resource.get("contentType"))
+            raise RequestLimitError(
+                f"one {content_type} attachment alone is a {size}-byte request, over the {hard}-byte limit",
+                content_type=content_type,
+                request_bytes=size,
+                limit_bytes=hard,
+                max_data_bytes=max_binary_data_bytes(limit, content_type=content_type),
+            )
+    for what in (device, provenance):
+        size = body_bytes(what)
+        if size > hard:
+            raise RequestLimitError(
+                f"a {what.get('resourceType')} alone is {size} bytes, over the {hard}-byte limit",
+                content_type=None,
+                request_bytes=size,
+                limit_bytes=hard,
+                max_data_bytes=0,
+            )
+    return RequestPlan(document=result, binaries=tuple(inside), separate=tuple(separate))
+
+
+def _largest_movable(
+    document: Mapping[str, Any], inside: Sequence[BinaryUpload]
+) -> BinaryUpload | int | None:
+    """The biggest thing that can leave the request: a Binary inside it, or an inline attachment's index."""
+    candidates: list[tuple[int, BinaryUpload | int]] = [
+        (len(str(upload.resource.get("data", ""))), upload) for upload in inside
+    ]
+    for index, item in enumerate(document.get("content") or []):
+        data = item["attachment"].get("data")
+        if isinstance(data, str):
+            candidates.append((len(data), index))
+    if not candidates:
+        return None
+    return max(candidates, key=lambda candidate: candidate[0])[1]
+
+
+def _inline_to_binary(document: dict[str, Any], index: int, patient_id: str) -> BinaryUpload:
+    attachment = document["content"][index]["attachment"]
+    placeholder = f"urn:uuid:{uuid.uuid4()}"
+    upload = BinaryUpload(
+        content_index=index,
+        resource=build_binary(
+            content_type=attachment["contentType"],
+            data=base64.b64decode(attachment["data"]),
+            patient_id=patient_id,
+        ),
+        placeholder_url=placeholder,
+    )
+    del attachment["data"]
+    attachment["url"] = placeholder
+    return upload
+
+
+async def _upload_separately(
+    client: FhirClient, document: Mapping[str, Any], uploads: Sequence[BinaryUpload]
+) -> dict[str, Any]:
+    """Create each Binary in its own request; the document then points at them by url."""
+    result = copy.deepcopy(dict(document))
+    for upload in uploads:
+        binary = await client.create(upload.resource)
+        if binary.id is None:
+            raise InvalidResponseError("the created Binary has no id")
+        result["content"][upload.content_index]["attachment"]["url"] = f"Binary/{binary.id}"
+    return result
+
+
 def supports_transactions(capability_statement: Mapping[str, Any]) -> bool:
     """Whether rest[0].interaction lists 'transaction'."""
     rest = capability_statement.get("rest") or []
@@ -170,6 +317,48 @@ def _with_references(provenance: Mapping[str, Any], *, document_ref: str, device
         if who.startswith(("Device/", "urn:uuid:")):
             agent["who"] = {"reference": device_ref}
     return result
+
+
+def _transaction_bundle(
+    document: Mapping[str, Any],
+    device: Mapping[str, Any],
+    provenance: Mapping[str, Any],
+    binaries: Sequence[BinaryUpload],
+    document_condition: str,
+    device_condition: str,
+) -> dict[str, Any]:
+    device_url, document_url = f"urn:uuid:{uuid.uuid4()}", f"urn:uuid:{uuid.uuid4()}"
+    entries: list[dict[str, Any]] = [
+        {
+            "fullUrl": device_url,
+            "resource": dict(device),
+            "request": {"method": "POST", "url": "Device", "ifNoneExist": device_condition},
+        }
+    ]
+    for upload in binaries:
+        # The server rewrites the placeholder in attachment.url to the Binary's id (FHIR R4 §3.1.0.11.2).
+        entries.append(
+            {
+                "fullUrl": upload.placeholder_url,
+                "resource": upload.resource,
+                "request": {"method": "POST", "url": "Binary"},
+            }
+        )
+    entries.append(
+        {
+            "fullUrl": document_url,
+            "resource": dict(document),
+            "request": {"method": "POST", "url": "DocumentReference", "ifNoneExist": document_condition},
+        }
+    )
+    entries.append(
+        {
+            "fullUrl": f"urn:uuid:{uuid.uuid4()}",
+            "resource": _with_references(provenance, document_ref=document_url, device_ref=device_url),
+            "request": {"method": "POST", "url": "Provenance"},
+        }
+    )
+    return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
 
 
 def _id_from_location(location: str | None, resource_type: str) -> tuple[str, str | None]:
@@ -212,11 +401,16 @@ async def write_document_set(
     identifier_system: str,
     identifier_value: str,
     binaries: Sequence[BinaryUpload] = (),
+    max_request_bytes: int | None = None,
+    request_ceiling_bytes: int | None = None,
 ) -> WrittenDocument:
     """Write the set once: a transaction where offered, else Device, Binaries, DocumentReference, Provenance.
 
     Safe to call again after any failure: the DocumentReference is looked up by its identifier first and
-    created only conditionally, and the Provenance only when none targets that document.
+    created only conditionally, and the Provenance only when none targets that document. With
+    `max_request_bytes`, attachments that would make a request larger go first as Binaries of their own
+    (RequestLimitError, before anything is sent, when one of them alone is over `request_ceiling_bytes`,
+    by default the same).
     """
     _check_identifier(document, identifier_system, identifier_value, "document")
     device_system, device_value = _first_identifier(device, "device")
@@ -227,12 +421,34 @@ async def write_document_set(
     # Everything is validated before anything is sent: a half-written set is worse than none.
     for resource in (document, device, provenance, *(u.resource for u in binaries)):
         validate_resource(resource)
+        check_us_core(resource)
 
     existing = await _find_document(client, identifier_system, identifier_value)
     if existing is not None:
         return await _finish_existing(client, existing, provenance=provenance, device=device)
 
-    if supports_transactions(await client.capabilities()):
+    transactional = supports_transactions(await client.capabilities())
+    if max_request_bytes is not None:
+        plan = fit_request_limit(
+            document,
+            binaries,
+            device=device,
+            provenance=provenance,
+            limit=max_request_bytes,
+            ceiling=request_ceiling_bytes,
+            transaction=transactional,
+            conditions=(
+                _identifier_query(identifier_system, identifier_value),
+                _identifier_query(device_system, device_value),
+            ),
+        )
+        # Binaries are not conditional: a retry after a failure below may leave an unreferenced one behind,
+        # never a second document.
+        document = await _upload_separately(client, plan.document, plan.separate)
+        binaries = plan.binaries
+        validate_resource(document)
+
+    if transactional:
         try:
             return await _write_transaction(
                 client,
@@ -312,38 +528,8 @@ async def _write_transaction(
     document_condition: str,
     device_condition: str,
 ) -> WrittenDocument:
-    device_url, document_url = f"urn:uuid:{uuid.uuid4()}", f"urn:uuid:{uuid.uuid4()}"
-    entries: list[dict[str, Any]] = [
-        {
-            "fullUrl": device_url,
-            "resource": dict(device),
-            "request": {"method": "POST", "url": "Device", "ifNoneExist": device_condition},
-        }
-    ]
-    for upload in binaries:
-        # The server rewrites the placeholder in attachment.url to the Binary's id (FHIR R4 §3.1.0.11.2).
-        entries.append(
-            {
-                "fullUrl": upload.placeholder_url,
-                "resource": upload.resource,
-                "request": {"method": "POST", "url": "Binary"},
-            }
-        )
-    entries.append(
-        {
-            "fullUrl": document_url,
-            "resource": dict(document),
-            "request": {"method": "POST", "url": "DocumentReference", "ifNoneExist": document_condition},
-        }
-    )
-    entries.append(
-        {
-            "fullUrl": f"urn:uuid:{uuid.uuid4()}",
-            "resource": _with_references(provenance, document_ref=document_url, device_ref=device_url),
-            "request": {"method": "POST", "url": "Provenance"},
-        }
-    )
-    response = await client.transaction({"resourceType": "Bundle", "type": "transaction", "entry": entries})
+    bundle = _transaction_bundle(document, device, provenance, binaries, document_condition, device_condition)
+    response = await client.transaction(bundle)
     answers = [entry.get("response") or {} for entry in response["entry"]]
     device_id, _ = _id_from_location(answers[0].get("location"), "Device")
     document_answer = answers[len(binaries) + 1]

@@ -76,7 +76,8 @@ class DocumentReferenceInput:
     identifier_value: str
     patient_id: str
     practitioner_id: str
-    organization_id: str | None
+    # The custodian (US Core): the registration's organization, or the clinician's PractitionerRole's.
+    organization_id: str
     encounter_id: str | None
     condition_id: str | None
     description: str
@@ -118,9 +119,9 @@ def build_document_reference(spec: DocumentReferenceInput) -> dict[str, Any]:
     content = _document_content(spec)
     context = _document_context(spec, related_ref)
     document = _document_header(spec)
-    if spec.organization_id is not None:
-        organization = _check_id("organization_id", spec.organization_id)
-        document["custodian"] = {"reference": f"Organization/{organization}"}
+    document["custodian"] = {
+        "reference": f"Organization/{_check_id('organization_id', spec.organization_id)}"
+    }
     if spec.replaces is not None:
         replaced = f"DocumentReference/{_check_id('replaces', spec.replaces)}"
         document["relatesTo"] = [{"code": "replaces", "target": {"reference": replaced}}]
@@ -257,7 +258,7 @@ def build_provenance(
     target_ref: str,
     device_ref: str,
     practitioner_id: str,
-    organization_id: str | None,
+    organization_id: str,
     condition_id: str | None,
     prompt_markdown: str,
     started: datetime,
@@ -328,14 +329,11 @@ def _participant(code: str) -> dict[str, Any]:
     }
 
 
-def _provenance_agents(
-    device_ref: str, practitioner_id: str, organization_id: str | None
-) -> list[dict[str, Any]]:
-    on_behalf_of = (
-        {"onBehalfOf": {"reference": f"Organization/{_check_id('organization_id', organization_id)}"}}
-        if organization_id is not None
-        else {}
-    )
+def _provenance_agents(device_ref: str, practitioner_id: str, organization_id: str) -> list[dict[str, Any]]:
+    # US Core provenance-1: a Device or Practitioner agent acts on behalf of an Organization.
+    on_behalf_of = {
+        "onBehalfOf": {"reference": f"Organization/{_check_id('organization_id', organization_id)}"}
+    }
     ai_role = {
         "coding": [
             {

@@ -1,10 +1,11 @@
 """Every vendor quirk of one EHR in one place: built once from its CapabilityStatement and registration.
 
 EhrProfile        attachments (images? inline size), transactions, document update (supersede,
-                  withdraw), scope syntax, portal scopes — what workflows ask instead of poking
-                  at the CapabilityStatement or the registration themselves
+                  withdraw), request-body limit, scope syntax, portal scopes — what workflows ask
+                  instead of poking at the CapabilityStatement or the registration themselves
 EhrProfiles       the app's cache: one CapabilityStatement fetch per EHR (refreshed hourly), seeded
-                  into every FhirClient so no request fetches /metadata again
+                  into every FhirClient so no request fetches /metadata again; and the body limits
+                  learned from the EHR's refusals (kept for the process's life)
 """
 
 from __future__ import annotations
@@ -20,6 +21,26 @@ from fhir_adapters.write import attachment_policy_from_capabilities, supports_tr
 from service.settings import EhrSettings
 
 CAPABILITIES_MAX_AGE_SECONDS = 3600.0
+# Below this no write-back fits (a Device or a Provenance alone is a few kilobytes).
+MIN_REQUEST_BYTES = 10_000
+# Body limits front proxies and gateways are commonly set to (nginx, Apache, IIS, cloud gateways).
+COMMON_BODY_LIMITS = (
+    64 * 1024,
+    100_000,
+    128 * 1024,
+    250_000,
+    256 * 1024,
+    500_000,
+    512 * 1024,
+    1_000_000,
+    1024 * 1024,
+    2_000_000,
+    2 * 1024 * 1024,
+    4 * 1024 * 1024,
+    5_000_000,
+    8 * 1024 * 1024,
+    10 * 1024 * 1024,
+)
 
 
 @dataclass(frozen=True)
@@ -67,6 +88,14 @@ def offers_interaction(capabilities: Mapping[str, Any], resource_type: str, inte
 
 
 @dataclass(frozen=True)
+class LearnedLimit:
+    """Body limits learned from refusals: aim for `target`; above `ceiling` a body is known to be refused."""
+
+    target: int
+    ceiling: int
+
+
+@dataclass(frozen=True)
 class EhrProfile:
     name: str
     attachments: AttachmentPolicy
@@ -75,9 +104,16 @@ class EhrProfile:
     portal_scopes: tuple[str, ...]
     # A Communication can record that the patient was given a handout (FHIR's "education provided").
     records_handouts: bool = False
+    # The request body size to aim for: the registration's, or lower where the EHR refused one; and the
+    # size known to be refused above (a request between the two is still tried).
+    max_request_bytes: int = 1_000_000
+    request_ceiling_bytes: int = 1_000_000
 
     @classmethod
-    def build(cls, ehr: EhrSettings, capabilities: Mapping[str, Any]) -> EhrProfile:
+    def build(
+        cls, ehr: EhrSettings, capabilities: Mapping[str, Any], *, learned: LearnedLimit | None = None
+    ) -> EhrProfile:
+        limit = ehr.max_request_bytes
         return cls(
             name=ehr.name,
             attachments=merge_attachment_policy(
@@ -87,6 +123,8 @@ class EhrProfile:
             updates_documents=offers_interaction(capabilities, "DocumentReference", "update"),
             portal_scopes=tuple(ehr.portal_scopes),
             records_handouts=offers_interaction(capabilities, "Communication", "create"),
+            max_request_bytes=limit if learned is None else min(limit, learned.target),
+            request_ceiling_bytes=limit if learned is None else min(limit, learned.ceiling),
         )
 
     @staticmethod
@@ -107,6 +145,7 @@ class EhrProfiles:
     def __init__(self, *, max_age_seconds: float = CAPABILITIES_MAX_AGE_SECONDS) -> None:
         self._max_age = max_age_seconds
         self._cached: dict[str, _Cached] = {}
+        self._request_limits: dict[str, LearnedLimit] = {}
 
     def capabilities(self, ehr_name: str) -> Mapping[str, Any] | None:
         """The cached CapabilityStatement to seed a new FhirClient with (None: it fetches its own)."""
@@ -124,4 +163,34 @@ class EhrProfiles:
         if capabilities is None:
             capabilities = await fhir.capabilities()
             self._cached[ehr.name] = _Cached(capabilities, time.monotonic())
-        return EhrProfile.build(ehr, capabilities)
+        return EhrProfile.build(ehr, capabilities, learned=self._request_limits.get(ehr.name))
+
+    def learn_request_limit(
+        self, ehr_name: str, *, current: LearnedLimit, refused_bytes: int | None, stated_limit: int | None
+    ) -> LearnedLimit | None:
+        """Remember lower body limits after the EHR refused `refused_bytes` as too large.
+
+        The answer's own figure wins where it gave one. Else everything from `refused_bytes` up is known to
+        be refused (the ceiling), and the target becomes the largest common proxy limit below it (1 MiB,
+        512 KiB, ...: a guess on the safe side). None: nothing lower is left, trying again would not help.
+        """
+        if refused_bytes is None:
+            return None
+        if stated_limit is not None and stated_limit < refused_bytes:
+            ceiling = target = stated_limit
+        else:
+            ceiling = refused_bytes - 1
+            if refused_bytes > current.ceiling:
+                # Sent over our own ceiling (a request we do not size): lower it by the excess.
+                ceiling = current.ceiling - (refused_bytes - current.ceiling)
+            target = max((size for size in COMMON_BODY_LIMITS if size <= ceiling), default=ceiling // 2)
+        learned = LearnedLimit(
+            target=min(target, current.target, ceiling), ceiling=min(ceiling, current.ceiling)
+        )
+        if learned.ceiling < MIN_REQUEST_BYTES or learned == current:
+            return None
+        known = self._request_limits.get(ehr_name)
+        if known is not None:
+            learned = LearnedLimit(min(learned.target, known.target), min(learned.ceiling, known.ceiling))
+        self._request_limits[ehr_name] = learned
+        return learned

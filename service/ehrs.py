@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from joserfc import jwk
 
-from fhir_adapters import EhrRegistration
+from fhir_adapters import EhrRegistration, GrantedScopes
 from service.settings import EhrSettings, Settings
 
 SigningAlg = Literal["RS384", "ES384"]
@@ -85,8 +85,27 @@ def signing_keys_of(ehr: EhrSettings) -> list[ClientSigningKey]:
     return keys
 
 
+def check_organization_source(ehr: EhrSettings) -> None:
+    """US Core needs an organization on every document (custodian) and Provenance agent (onBehalfOf).
+
+    It comes from `organization_id`, else from the clinician's PractitionerRole read at approval, which
+    needs a PractitionerRole search scope; a registration with neither cannot write a conforming note.
+    """
+    if ehr.organization_id:
+        return
+    if GrantedScopes.parse(ehr.scopes).allows("PractitionerRole", "search"):
+        return
+    raise ValueError(
+        f"EHR {ehr.name!r}: set organization_id (the Organization written as DocumentReference.custodian "
+        "and Provenance.agent.onBehalfOf, which US Core requires), or add a scope such as "
+        "user/PractitionerRole.rs so CareCanvas can read it from the clinician's PractitionerRole"
+    )
+
+
 class EhrRegistry:
     def __init__(self, ehrs: list[EhrSettings], *, redirect_uri: str) -> None:
+        for ehr in ehrs:
+            check_organization_source(ehr)
         self._by_iss = {ehr.iss: ehr for ehr in ehrs}
         self._by_name = {ehr.name: ehr for ehr in ehrs}
         self._redirect_uri = redirect_uri

@@ -41,6 +41,8 @@ class EhrSettings(BaseModel):
         "patient/QuestionnaireResponse.crs",
         # "Give to patient": a Communication records that the handout was handed over.
         "patient/Communication.c",
+        # Where organization_id is not set, the clinician's organization (US Core custodian) comes from it.
+        "user/PractitionerRole.rs",
     )
     # Origins allowed to frame the app (CSP frame-ancestors) and to host the SMART endpoints.
     frame_origins: tuple[str, ...] = ()

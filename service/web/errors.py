@@ -40,6 +40,8 @@ class ErrorCode(StrEnum):
     EHR_FORBIDDEN = "ehr_forbidden"
     EHR_UNAVAILABLE = "ehr_unavailable"
     EHR_ERROR = "ehr_error"
+    EHR_TOO_LARGE = "ehr_too_large"  # the EHR refuses the write-back's size: retrying never helps
+    NO_ORGANIZATION = "no_organization"  # no organization for the document's custodian (US Core)
     TOO_LARGE = "request_too_large"
     UNAUTHENTICATED = "unauthenticated"
     RATE_LIMITED = "rate_limited"

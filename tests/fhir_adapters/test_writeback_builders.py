@@ -97,10 +97,8 @@ def test_attachment_size_and_hash_describe_the_bytes() -> None:
 
 
 def test_optional_parts() -> None:
-    built = document(
-        organization_id=None, encounter_id=None, period_start=None, replaces="old-doc-1", language="es"
-    )
-    assert "custodian" not in built
+    built = document(encounter_id=None, period_start=None, replaces="old-doc-1", language="es")
+    assert built["custodian"] == {"reference": "Organization/org-1"}  # US Core: never optional here
     assert "encounter" not in built["context"]
     assert "period" not in built["context"]
     assert built["relatesTo"] == [
@@ -155,9 +153,11 @@ def test_provenance_matches_the_shared_example() -> None:
 
 
 def test_provenance_variants_and_errors() -> None:
-    placeholder = provenance(target_ref="urn:uuid:1b4e28ba-2fa1-11d2-883f-0016d3cca427", organization_id=None)
-    assert all("onBehalfOf" not in agent for agent in placeholder["agent"])
+    placeholder = provenance(target_ref="urn:uuid:1b4e28ba-2fa1-11d2-883f-0016d3cca427")
+    assert all(agent["onBehalfOf"] == {"reference": "Organization/org-1"} for agent in placeholder["agent"])
     validate_resource(placeholder)
+    with pytest.raises(ValueError, match="organization_id"):
+        provenance(organization_id="")
     with pytest.raises(ValueError, match="target_ref"):
         provenance(target_ref="Patient/1")
     with pytest.raises(ValueError, match="device_ref"):
