@@ -18,7 +18,8 @@ from service.metrics import record_checkpoint_round
 from service.services import Services, build_services
 from service.settings import Settings
 from service.web import install_routes
-from service.web.rate_limit import RateLimitMiddleware
+from service.web.rate_limit import RateLimitMiddleware, too_many_jobs
+from service.workflows.job_caps import TooManyJobsError
 
 log = structlog.get_logger("carecanvas.app")
 
@@ -93,4 +94,5 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(RateLimitMiddleware, settings=settings)
     install_routes(app, settings, registry)
     install_api(app, settings)
+    app.add_exception_handler(TooManyJobsError, too_many_jobs)
     return app

@@ -1,5 +1,8 @@
 """Per-client rate limits (token buckets in memory) on sign-ins and job-creating POSTs; 429 with Retry-After.
 
+The cap on a session's or user's unfinished jobs (service.workflows.job_caps) is answered here as well:
+429 with code `too_many_jobs`, as a page or JSON.
+
 One bucket per client address and group, per process: each replica limits on its own, which bounds what
 one client can make a replica do. Behind a proxy the address is the one uvicorn takes from
 X-Forwarded-For for the proxies it trusts (FORWARDED_ALLOW_IPS).
@@ -107,8 +110,8 @@ def too_many_requests(group: RateGroup, retry_after: int) -> AppError:
     return AppError(429, "Too many requests", message, code=ErrorCode.RATE_LIMITED)
 
 
-def refusal(request: Request, error: AppError, retry_after: int) -> Response:
-    """The API's JSON error or the error page, with Retry-After."""
+def refusal(request: Request, error: AppError, retry_after: int | None) -> Response:
+    """The API's JSON error or the error page, with Retry-After when there is a time to give."""
     if request.url.path.startswith(API_PREFIX):
         response = error_json(request, error)
     else:
@@ -119,7 +122,16 @@ def refusal(request: Request, error: AppError, retry_after: int) -> Response:
         else:
             context = {"title": error.title, "message": error.message, "status": 429, "code": error.code}
             response = services.templates.TemplateResponse(request, "error.html", context, status_code=429)
-    response.headers["Retry-After"] = str(retry_after)
+    if retry_after is not None:
+        response.headers["Retry-After"] = str(retry_after)
+    return response
+
+
+async def too_many_jobs(request: Request, error: Exception) -> Response:
+    """The exception handler for TooManyJobsError; nothing was queued (the transaction is rolled back as the
+    request's database session closes)."""
+    refused = AppError(429, "Too many pictures waiting", str(error), code=ErrorCode.TOO_MANY_JOBS)
+    response = refusal(request, refused, retry_after=None)
     return response
 
 

@@ -1,7 +1,7 @@
 """Caps on unfinished (queued or running) jobs per session and per user, checked where a job is queued.
 
-Checked in the transaction that queues, and the faces roll that transaction back on the refusal, so a
-request that would pass the cap queues nothing at all (a portrait's variants come all together or not).
+Checked in the transaction that queues, which is rolled back on the refusal, so a request that would
+pass the cap queues nothing at all (a portrait's variants come all together or not).
 Two requests of one session racing each other may both pass: the cap is exact up to that overlap.
 """
 
@@ -14,15 +14,21 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.db.models import Job
 from service.jobs import JobStatus
-from service.workflows.errors import Reason, WorkflowError
 
 UNFINISHED = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
 
 
-class TooManyJobsError(WorkflowError, RuntimeError):
-    """This session (or this user, over all their sessions) already has as many unfinished jobs as allowed."""
+class TooManyJobsError(RuntimeError):
+    """This session (or this user, over all their sessions) already has as many unfinished jobs as allowed.
 
-    reason = Reason.NOT_ALLOWED  # TEMP until Reason.TOO_MANY_JOBS lands
+    Not a WorkflowError on purpose: it passes through `workflow_errors` untouched and the faces' handler
+    (service.web.errors) answers 429 with code `too_many_jobs`; the request's transaction, holding the
+    jobs flushed so far, is rolled back when its database session closes.
+    """
+
+    @property
+    def message(self) -> str:
+        return str(self)
 
 
 @dataclass(frozen=True)

@@ -4,22 +4,30 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
 import pytest
-from harness import RunningApp, launch_session
-from sqlalchemy import func, select, update
+from harness import CONDITION, RunningApp, csrf_from, launch_session
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
 from test_launch_security import authorize, outbound_requests, start, token_requests
 
 from sandbox.run import SandboxEHR
 from service.cli import main
 from service.crypto.keyring import Keyring, new_key_material
 from service.db.engine import make_engine, make_sessionmaker, migrate
-from service.db.models import SpentLaunchState, WebSession
+from service.db.models import Job, SpentLaunchState, WebSession
+from service.generation.models import ModelRegistry
+from service.generation.readability import caption_grade
+from service.jobs import JobKind, JobQueue
 from service.sessions import PendingLaunchSeal, hash_session_id, sweep_expired
 from service.settings import Settings
+from service.workflows import job_caps
+from service.workflows.image_jobs import enqueue_image_job
+from service.workflows.job_caps import TooManyJobsError
 
 COOKIE = "carecanvas_session"
 
@@ -200,3 +208,165 @@ def test_sweep_keeps_live_rows_and_the_cli_sweeps_too(
     assert main(["sessions", "sweep"]) == 0
     assert "deleted 1 expired sessions and 0 spent launch states" in capsys.readouterr().out
     assert asyncio.run(left()) == ["live"]
+
+
+# ---- caps on unfinished jobs ------------------------------------------------------------------------------
+
+
+def place_running_jobs(
+    app: RunningApp, count: int, *, session_id_hash: str, owner_key: str | None
+) -> list[str]:
+    """Jobs another worker holds (running, long lease): they count as unfinished and no worker takes them."""
+    ids = [str(uuid.uuid4()) for _ in range(count)]
+    now = datetime.now(UTC)
+
+    async def place() -> None:
+        async with app.services.sessionmaker() as db:
+            for job_id in ids:
+                db.add(
+                    Job(
+                        id=job_id,
+                        kind="illustration",
+                        bucket="held-by-test",
+                        status="running",
+                        lease_owner="test-worker",
+                        lease_expires_at=now + timedelta(hours=1),
+                        spec=b"-",
+                        session_id_hash=session_id_hash,
+                        owner_key=owner_key,
+                        created_at=now,
+                        updated_at=now,
+                    )
+                )
+            await db.commit()
+
+    app.call(place())
+    return ids
+
+
+def remove_jobs(app: RunningApp, ids: list[str]) -> None:
+    async def remove() -> None:
+        async with app.services.sessionmaker() as db:
+            await db.execute(delete(Job).where(Job.id.in_(ids)))
+            await db.commit()
+
+    app.call(remove())
+
+
+def jobs_of(app: RunningApp, session_id_hash: str) -> int:
+    async def count() -> int:
+        async with app.services.sessionmaker() as db:
+            query = select(func.count()).select_from(Job).where(Job.session_id_hash == session_id_hash)
+            return int((await db.execute(query)).scalar_one())
+
+    return app.call(count())  # type: ignore[no-any-return]
+
+
+def user_key(app: RunningApp, user: str = "Practitioner/prac-1") -> str:
+    return app.services.keyring.keyed_digest(f"job-owner\x00sandbox\x00{user}")
+
+
+def test_a_session_at_its_cap_gets_a_clear_page_and_json_and_nothing_is_queued(
+    sandbox: SandboxEHR, carecanvas: RunningApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 11: one session could queue 200 jobs. Now unfinished jobs per session are capped."""
+    monkeypatch.setattr(carecanvas.services.settings, "max_queued_jobs_per_session", 3)
+    with launch_session(carecanvas.url, sandbox) as client:
+        id_hash = hash_session_id(client.cookies[COOKIE])
+        held = place_running_jobs(carecanvas, 3, session_id_hash=id_hash, owner_key=None)
+        try:
+            workspace = client.get("/app")
+            csrf = csrf_from(workspace.text)
+            form = {
+                "condition_id": CONDITION.findall(workspace.text)[0],
+                "style": "flat_vector",
+                "language": "en",
+            }
+            refused = client.post("/illustrations", data={**form, "csrf_token": csrf})
+            assert refused.status_code == 429
+            assert "You already have 3 pictures waiting to be made." in refused.text
+            assert "<h1" in refused.text
+            assert "Traceback" not in refused.text
+            api = client.post("/api/v1/illustrations", json=form, headers={"X-CSRF-Token": csrf})
+            assert api.status_code == 429
+            assert api.json()["code"] == "too_many_jobs"
+            assert jobs_of(carecanvas, id_hash) == 3  # nothing half-queued: no job, no draft
+            remove_jobs(carecanvas, held[:1])  # one finishes: room for one more
+            created = client.post("/illustrations", data={**form, "csrf_token": csrf})
+            assert created.status_code == 303, created.text
+            assert jobs_of(carecanvas, id_hash) == 3
+        finally:
+            remove_jobs(carecanvas, held)
+
+
+def test_a_user_at_the_cap_over_all_sessions_is_refused_in_a_new_session(
+    sandbox: SandboxEHR, carecanvas: RunningApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(carecanvas.services.settings, "max_queued_jobs_per_user", 2)
+    held = place_running_jobs(
+        carecanvas, 2, session_id_hash="another-session", owner_key=user_key(carecanvas)
+    )
+    try:
+        with launch_session(carecanvas.url, sandbox) as client:
+            workspace = client.get("/app")
+            form = {
+                "condition_id": CONDITION.findall(workspace.text)[0],
+                "style": "flat_vector",
+                "language": "en",
+                "csrf_token": csrf_from(workspace.text),
+            }
+            refused = client.post("/illustrations", data=form)
+            assert refused.status_code == 429
+            assert "2 pictures waiting to be made in all your open CareCanvas windows" in refused.text
+        with launch_session(carecanvas.url, sandbox, practitioner="prac-2") as other:
+            workspace = other.get("/app")
+            form["csrf_token"] = csrf_from(workspace.text)
+            assert other.post("/illustrations", data=form).status_code == 303  # another user is not capped
+    finally:
+        remove_jobs(carecanvas, held)
+
+
+def test_cap_refusals_are_plain_language() -> None:
+    for everywhere in (False, True):
+        message = TooManyJobsError(job_caps._message(24, everywhere=everywhere)).message
+        assert caption_grade(message, "en") <= 6, message
+
+
+async def test_variants_over_the_cap_queue_none_of_them(tmp_path: Path) -> None:
+    """A request for several jobs (a portrait's variants) that would pass the cap queues none."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'carecanvas.db'}"
+    await migrate(url)
+    engine = make_engine(url)
+    keyring = Keyring(new_key_material())
+    sessionmaker = make_sessionmaker(engine)
+    queue = JobQueue(sessionmaker, keyring)
+    model = ModelRegistry.from_dicts(Settings(data_dir=tmp_path).model_entries()).get("carecanvas-tiny-test")
+    owner = job_caps.JobOwner(session_id_hash="s", owner_key="u", per_session=3, per_user=10)
+
+    async def enqueue(db: AsyncSession) -> str:
+        return await enqueue_image_job(
+            db,
+            queue=queue,
+            model=model,
+            kind=JobKind.PORTRAIT,
+            prompt="p",
+            negative_prompt=None,
+            seed=1,
+            owner=owner,
+        )
+
+    try:
+        async with sessionmaker() as db:
+            await enqueue(db)
+            await db.commit()
+        async with sessionmaker() as db:
+            await enqueue(db)
+            await enqueue(db)  # two of four variants flushed, then the third is one too many
+            with pytest.raises(TooManyJobsError):
+                await enqueue(db)
+            await db.rollback()  # as the faces do on any refusal
+        async with sessionmaker() as db:
+            assert await job_caps.unfinished_jobs(db, session_id_hash="s") == 1
+            assert await job_caps.unfinished_jobs(db, owner_key="u") == 1
+    finally:
+        await engine.dispose()
