@@ -16,6 +16,7 @@ from service.ehrs import EhrRegistry
 from service.logging import bind_path_fields
 from service.metrics import record_checkpoint_round
 from service.services import Services, build_services
+from service.sessions import sweep_expired
 from service.settings import Settings
 from service.web import install_routes
 from service.web.rate_limit import RateLimitMiddleware, too_many_jobs
@@ -45,6 +46,18 @@ async def checkpoint_periodically(
             return
 
 
+async def sweep_periodically(services: Services, stop: asyncio.Event, *, every_seconds: float) -> None:
+    """Expired sessions and spent launch states are deleted at start and then every `every_seconds`."""
+    while not stop.is_set():
+        try:
+            async with services.sessionmaker() as db:
+                await sweep_expired(db)
+        except Exception as error:  # a failed sweep must not stop the app; the next one retries
+            log.warning("session sweep failed", error_type=type(error).__name__)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=every_seconds)
+
+
 async def _start_embedded_worker(services: Services, stop: asyncio.Event) -> asyncio.Task[None]:
     # Only embedded mode runs a pipeline in this process: the import (torch, diffusers) happens here, so a
     # `carecanvas serve` process never loads them.
@@ -70,6 +83,14 @@ def create_app(settings: Settings) -> FastAPI:
         stop = asyncio.Event()
         worker_task = await _start_embedded_worker(services, stop) if settings.embedded_worker else None
         checkpoints = asyncio.create_task(checkpoint_periodically(services, stop), name="audit-checkpoints")
+        sweeps = (
+            asyncio.create_task(
+                sweep_periodically(services, stop, every_seconds=settings.session_sweep_seconds),
+                name="session-sweeps",
+            )
+            if settings.session_sweep_seconds > 0
+            else None
+        )
         log.info("carecanvas ready")
         try:
             yield
@@ -78,6 +99,8 @@ def create_app(settings: Settings) -> FastAPI:
             if worker_task is not None:
                 await worker_task
             await checkpoints
+            if sweeps is not None:
+                await sweeps
             await services.aclose()
 
     app = FastAPI(

@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from test_launch_security import authorize, outbound_requests, start, token_requests
 
 from sandbox.run import SandboxEHR
+from service.app import create_app
 from service.cli import main
 from service.crypto.keyring import Keyring, new_key_material
 from service.db.engine import make_engine, make_sessionmaker, migrate
@@ -370,3 +371,24 @@ async def test_variants_over_the_cap_queue_none_of_them(tmp_path: Path) -> None:
             assert await job_caps.unfinished_jobs(db, owner_key="u") == 1
     finally:
         await engine.dispose()
+
+
+async def test_the_app_sweeps_on_a_timer_without_any_sign_in(tmp_path: Path) -> None:
+    app = create_app(Settings(data_dir=tmp_path, embedded_worker=False, session_sweep_seconds=0.2))
+    async with app.router.lifespan_context(app):
+        services = app.state.services
+        long_ago = datetime.now(UTC) - timedelta(hours=2)
+        async with services.sessionmaker() as db:
+            db.add(
+                WebSession(
+                    id_hash="stale", expires_at=long_ago, csrf_token="c", data=b"x", created_at=long_ago
+                )
+            )
+            await db.commit()
+        for _ in range(50):
+            await asyncio.sleep(0.1)
+            async with services.sessionmaker() as db:
+                if await db.get(WebSession, "stale") is None:
+                    break
+        else:
+            raise AssertionError("the expired session was not swept")
