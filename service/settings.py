@@ -150,8 +150,8 @@ class Settings(BaseSettings):
     # A rate of 0 switches that limit off.
     launch_rate_per_minute: float = Field(default=60.0, ge=0)
     launch_burst: int = Field(default=60, ge=1)
-    job_post_rate_per_minute: float = Field(default=120.0, ge=0)
-    job_post_burst: int = Field(default=60, ge=1)
+    job_post_rate_per_minute: float = Field(default=240.0, ge=0)
+    job_post_burst: int = Field(default=120, ge=1)
     # /readyz writes a probe row and a probe file at most this often; the answer is reused in between.
     readiness_cache_seconds: float = Field(default=2.0, ge=0)
     readiness_timeout_seconds: float = Field(default=5.0, gt=0)
