@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import re
@@ -267,11 +268,44 @@ def render_handout_pdf(
         _required("alt_text", alt_text),
     )
     pixel_width, pixel_height = _image_size(png)
-    pack = packs[language]
+    return _render(
+        png,
+        (pixel_width, pixel_height),
+        title,
+        caption,
+        alt_text,
+        language,
+        created,
+        page_size,
+        bool(test_model_notice),
+        sections,
+        _clean_line(patient_name, max_chars=120),
+        _clean_line(approved_by, max_chars=120),
+        clinic or ClinicDetails(),
+    )
+
+
+# The same handout is often asked for several times in a row (the review page's page count, then each
+# page image): identical inputs give identical bytes, so a few recent ones are kept in memory.
+@functools.lru_cache(maxsize=8)
+def _render(
+    png: bytes,
+    pixels: tuple[int, int],
+    title: str,
+    caption: str,
+    alt_text: str,
+    language: str,
+    created: date,
+    page_size: PageSize,
+    test_model: bool,
+    sections: TopicSections | None,
+    patient: str | None,
+    approver: str | None,
+    clinic: ClinicDetails,
+) -> bytes:
+    pixel_width, pixel_height = pixels
+    pack = default_language_packs()[language]
     words = pack.chrome
-    clinic = clinic or ClinicDetails()
-    patient = _clean_line(patient_name, max_chars=120)
-    approver = _clean_line(approved_by, max_chars=120)
     texts = _texts(title, caption, alt_text, sections, words, pack, clinic, patient, approver, created)
 
     pdf = FPDF(orientation="portrait", unit="mm", format=PAGE_SIZES[page_size])
@@ -301,7 +335,7 @@ def render_handout_pdf(
     pdf.set_display_mode(zoom="fullpage")
     pdf.add_page()
     writer = _Writer(pdf, pack)
-    notice = words.test_model_notice if test_model_notice else ""
+    notice = words.test_model_notice if test_model else ""
 
     blocks = _blocks(texts, sections, words, notice)
     text_height = sum(

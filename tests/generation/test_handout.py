@@ -420,3 +420,9 @@ def test_clinic_details_come_from_the_ehr_registration(tmp_path: Path) -> None:
     assert clinic_details_of(ehr) == ClinicDetails("Lakeside Clinic", "+1 555 010 0100", logo.read_bytes())
     bare = EhrSettings(name="bare", iss="https://ehr.example/fhir", client_id="carecanvas")
     assert clinic_details_of(bare) == ClinicDetails()
+
+
+def test_the_same_handout_asked_for_again_is_not_laid_out_again() -> None:
+    first = render(language="es", caption="Su corazón empuja la sangre.")
+    assert render(language="es", caption="Su corazón empuja la sangre.") is first  # kept in memory
+    assert render(language="es", caption="Otra frase.") != first
