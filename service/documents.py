@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from fhir_adapters import clean_text
@@ -109,6 +109,7 @@ class DocumentView:
     version: int
     approved_at: datetime | None = None
     error: str | None = None
+    created_at: datetime | None = None
 
 
 def _aad(document_id: str) -> bytes:
@@ -153,6 +154,32 @@ async def documents_by_identifier(
     return {row.identifier: _view(row, keyring) for row in rows if row.identifier}
 
 
+async def recent_documents(
+    db: AsyncSession, *, keyring: Keyring, ehr_name: str, statuses: tuple[str, ...], limit: int = 50
+) -> list[DocumentView]:
+    """This EHR's newest documents in these statuses (the caller filters by patient: that is encrypted)."""
+    statement = (
+        select(Document)
+        .where(Document.ehr_name == ehr_name, Document.status.in_(statuses))
+        .order_by(Document.created_at.desc())
+        .limit(limit)
+    )
+    rows = (await db.execute(statement.execution_options(populate_existing=True))).scalars()
+    return [_view(row, keyring) for row in rows]
+
+
+async def delete_draft(db: AsyncSession, *, document: DocumentView, from_statuses: tuple[str, ...]) -> bool:
+    """Remove a never-approved draft (compare-and-set on status and version, like transition)."""
+    result = await db.execute(
+        delete(Document).where(
+            Document.id == document.id,
+            Document.version == document.version,
+            Document.status.in_(from_statuses),
+        )
+    )
+    return result.rowcount == 1  # type: ignore[attr-defined]
+
+
 def _view(row: Document, keyring: Keyring) -> DocumentView:
     return DocumentView(
         id=row.id,
@@ -165,6 +192,7 @@ def _view(row: Document, keyring: Keyring) -> DocumentView:
         version=row.version,
         approved_at=row.approved_at,
         error=row.error,
+        created_at=row.created_at,
     )
 
 
@@ -222,6 +250,8 @@ class HistoryEntry:
     replaces: str | None
     job_id: str | None  # set when this CareCanvas knows the document (so it can replace or withdraw it)
     local_status: str | None
+    time: str = ""  # HH:MM of `date`, as the EHR wrote it
+    approver: str | None = None  # the author reference (Practitioner/…): who approved it
 
 
 STATUS_LABELS = {
@@ -256,17 +286,28 @@ def history_from_search(
             None,
         )
         known = local.get(identifier)
+        written = clean_text(resource.get("date"), max_length=40)
+        approver = next(
+            (
+                str(item.get("reference"))
+                for item in resource.get("author") or []
+                if isinstance(item, dict) and str(item.get("reference", "")).startswith("Practitioner/")
+            ),
+            None,
+        )
         entries.append(
             HistoryEntry(
                 fhir_document_id=resource["id"],
                 identifier=identifier,
                 status=str(resource.get("status") or "unknown"),
-                date=clean_text(resource.get("date"), max_length=40)[:10],
+                date=written[:10],
                 description=clean_text(resource.get("description")) or "Education picture",
                 replaces=replaces or None,
                 job_id=known.job_id if known else None,
                 local_status=known.status if known else None,
+                time=written[11:16] if len(written) >= 16 and written[10] == "T" else "",
+                approver=approver,
             )
         )
-    entries.sort(key=lambda entry: entry.date, reverse=True)
+    entries.sort(key=lambda entry: (entry.date, entry.time), reverse=True)
     return entries

@@ -69,6 +69,7 @@ class SessionData(BaseModel):
     visit: dict[str, Any] | None = None
     # The patient's preferred language (Patient.communication), as the workspace found it.
     preferred_language: str | None = None
+    language_note: str | None = None
     # A staff (compliance) sign-in's identity; see service.staff_auth.
     staff: dict[str, Any] | None = None
 

@@ -209,7 +209,7 @@ async def job_events(job: OwnedJob, ctx: ApiContext) -> AsyncIterator[JobOut]:
         yield job_out(progress)
 
 
-def draft_out(document: DocumentView, grade: float, too_hard: bool) -> DraftOut:
+def draft_out(document: DocumentView, grade: float | None, too_hard: bool) -> DraftOut:
     content = document.content
     base = f"{API_BASE}/jobs/{document.job_id}"
     return DraftOut(

@@ -28,7 +28,7 @@ class Output(BaseModel):
 class IllustrationRequest(Input):
     condition_id: str = Field(pattern=FHIR_ID_PATTERN, description="One of the patient's active Conditions.")
     style: str = Field(min_length=1, max_length=40, description="A style name from the prompt library.")
-    language: str = Field(min_length=2, max_length=5, description="en or es.")
+    language: str = Field(min_length=2, max_length=16, description="An offered BCP-47 code.")
     depiction: str = Field(
         default="varied",
         min_length=1,
@@ -39,7 +39,7 @@ class IllustrationRequest(Input):
 
 class PortraitRequest(Input):
     style: str = Field(min_length=1, max_length=40)
-    language: str = Field(min_length=2, max_length=5)
+    language: str = Field(min_length=2, max_length=16)
     variants: int = Field(default=4, ge=1, le=8)
     # None: as the patient's story says (people only with their likeness consent); else with likeness_note.
     show_people: bool | None = None
@@ -75,7 +75,7 @@ class RegenerateRequest(Input):
     """What may change in a new version; omitted fields keep the old document's values."""
 
     style: str | None = Field(default=None, min_length=1, max_length=40)
-    language: str | None = Field(default=None, min_length=2, max_length=5)
+    language: str | None = Field(default=None, min_length=2, max_length=16)
     depiction: str = Field(default="varied", min_length=1, max_length=200)
 
 
@@ -129,7 +129,7 @@ class DraftOut(Output):
     caption: str
     alt_text: str
     language: str
-    reading_grade: float
+    reading_grade: float | None  # None: no readability formula for this language
     caption_too_hard: bool
     image_url: str
     preview_url: str

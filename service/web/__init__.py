@@ -8,6 +8,7 @@ from service.ehrs import EhrRegistry
 from service.settings import Settings
 from service.web import (
     routes_compliance,
+    routes_documents,
     routes_home,
     routes_jobs,
     routes_jwks,
@@ -30,6 +31,7 @@ ROUTERS = (
     routes_workspace,
     routes_jobs,
     routes_review,
+    routes_documents,
     routes_portrait,
     routes_reviewer,
     routes_ops,

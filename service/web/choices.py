@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import re
 
+from service.generation.languages import available_languages
 from service.generation.prompts import Depiction, PromptLibrary
 from service.web.errors import AppError, ErrorCode
 from service.workflows.illustrate import IllustrationChoice
 
-LANGUAGES = {"en": "English", "es": "Español"}
+# Every language a handout can be made in (the language templates), named in the language itself.
+LANGUAGES = {pack.code: pack.name for pack in available_languages()}
 FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 
 

@@ -1,27 +1,28 @@
-"""Review and chart actions: approve and write back, make a new version of a saved picture, withdraw it."""
+"""Review before approval: the draft, its live reading grade and handout pages, and approving it."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
 from fastapi import APIRouter, Form, Request
-from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.responses import HTMLResponse, Response
 
 from fhir_adapters.scopes import Interaction
-from service.web.choices import checked_depiction, checked_language, checked_style
+from service.web.choices import checked_language
+from service.web.chrome import clinician_chrome
 from service.web.context import ClinicianContext
 from service.web.errors import AppError, ErrorCode
 from service.web.routes_jobs import OwnedJob
 from service.web.workflow_errors import workflow_errors
-from service.workflows.approve import Approval, approve_and_write_back
-from service.workflows.regenerate import RegenerationChoice, start_regeneration
-from service.workflows.retract import retract_document
+from service.workflows.approve import ABOVE_TARGET_LABELS, AboveTargetReason, Approval, approve_and_write_back
+from service.workflows.drafts import DraftChange, handout_page_image, handout_pages, revise_draft
 from service.workflows.review import ArtifactKind, GradedCaption, read_owned_artifact, review_draft
 
 router = APIRouter()
+_NO_STORE = {"Cache-Control": "private, no-store"}
 
 
-def _require(ctx: ClinicianContext, resource_type: str, interaction: Interaction, title: str) -> None:
+def require(ctx: ClinicianContext, resource_type: str, interaction: Interaction, title: str) -> None:
     if not ctx.allows(resource_type, interaction):
         raise AppError(
             403,
@@ -35,19 +36,22 @@ def _require(ctx: ClinicianContext, resource_type: str, interaction: Interaction
 async def review_page(request: Request, job: OwnedJob, ctx: ClinicianContext) -> Response:
     async with workflow_errors(ctx.db):
         draft = await review_draft(ctx.workflow(), job.job_id)
+        await ctx.db.commit()
+        pages = await handout_pages(ctx.workflow(), job)
     await ctx.db.commit()
     return ctx.services.templates.TemplateResponse(
         request,
         "review.html",
         {
+            **clinician_chrome(ctx),
             "job_id": job.job_id,
             "job": job,
-            "banner": ctx.session.data.banner,
             "document": draft.document,
             "content": draft.document.content,
-            "grade": GradedCaption(draft.caption_grade),
+            "grade": draft.graded,
+            "pages": pages,
             "model": draft.model,
-            "csrf_token": ctx.csrf_token,
+            "above_target_reasons": ABOVE_TARGET_LABELS,
             "can_write": ctx.allows("DocumentReference", "create"),
         },
     )
@@ -59,11 +63,48 @@ async def live_grade(
     job: OwnedJob,
     ctx: ClinicianContext,
     caption: Annotated[str, Form(max_length=2000)],
-    language: Annotated[str, Form(max_length=5)],
+    language: Annotated[str, Form(max_length=16)],
 ) -> Response:
     """The reading grade of the caption as it is being typed (an htmx fragment; nothing is stored)."""
     grade = GradedCaption.of(caption, checked_language(language))
     return ctx.services.templates.TemplateResponse(request, "_grade.html", {"grade": grade})
+
+
+@router.post("/review/{job_id}/draft", response_class=HTMLResponse)
+async def live_revision(
+    request: Request,
+    job: OwnedJob,
+    ctx: ClinicianContext,
+    caption: Annotated[str, Form(max_length=2000)],
+    alt_text: Annotated[str, Form(max_length=1000)],
+    above_target_reason: Annotated[str, Form(max_length=40)] = "",
+) -> Response:
+    """As the clinician types: keep the edit, answer the new grade and redrawn handout (htmx fragments)."""
+    async with workflow_errors(ctx.db):
+        revised = await revise_draft(ctx.workflow(), job, DraftChange(caption=caption, alt_text=alt_text))
+    await ctx.db.commit()
+    return ctx.services.templates.TemplateResponse(
+        request,
+        "_revision.html",
+        {
+            "job_id": job.job_id,
+            "grade": revised.grade,
+            "pages": revised.pages,
+            "content": revised.document.content,
+            "above_target_reasons": ABOVE_TARGET_LABELS,
+            "selected_reason": above_target_reason,
+        },
+        headers=_NO_STORE,
+    )
+
+
+@router.get("/review/{job_id}/handout/{page:int}.png")
+async def handout_page(job: OwnedJob, page: int, ctx: ClinicianContext) -> Response:
+    """One page of the handout as approval would write it (the draft as it stands now)."""
+    async with workflow_errors(ctx.db):
+        png = await handout_page_image(ctx.workflow(), job, page)
+    await ctx.db.commit()
+    return Response(png, media_type="image/png", headers=_NO_STORE)
 
 
 @router.get("/artifacts/{job_id}/{kind}")
@@ -73,7 +114,21 @@ async def artifact(job: OwnedJob, kind: str, ctx: ClinicianContext) -> Response:
     async with workflow_errors(ctx.db):
         png = await read_owned_artifact(ctx.workflow(), job, ArtifactKind(kind))
     await ctx.db.commit()
-    return Response(png, media_type="image/png", headers={"Cache-Control": "private, no-store"})
+    return Response(png, media_type="image/png", headers=_NO_STORE)
+
+
+def checked_above_target(value: str) -> AboveTargetReason | None:
+    if not value:
+        return None
+    try:
+        return AboveTargetReason(value)
+    except ValueError:
+        raise AppError(
+            400,
+            "Unknown reason",
+            "Pick one of the reasons offered on the page.",
+            code=ErrorCode.INVALID_INPUT,
+        ) from None
 
 
 @router.post("/review/{job_id}/approve", response_class=HTMLResponse)
@@ -84,16 +139,23 @@ async def approve(
     caption: Annotated[str, Form(max_length=2000)],
     alt_text: Annotated[str, Form(max_length=1000)],
     csrf_token: Annotated[str, Form(max_length=100)],
+    above_target_reason: Annotated[str, Form(max_length=40)] = "",
 ) -> Response:
-    _require(ctx, "DocumentReference", "create", "Write-back is not allowed for this launch")
+    require(ctx, "DocumentReference", "create", "Write-back is not allowed for this launch")
+    approval = Approval(
+        job_id=job.job_id,
+        caption=caption,
+        alt_text=alt_text,
+        reading_target=True,
+        above_target=checked_above_target(above_target_reason),
+    )
     async with workflow_errors(ctx.db), ctx.fhir() as fhir:
-        result = await approve_and_write_back(
-            ctx.workflow(), fhir, Approval(job_id=job.job_id, caption=caption, alt_text=alt_text)
-        )
+        result = await approve_and_write_back(ctx.workflow(), fhir, approval)
     return ctx.services.templates.TemplateResponse(
         request,
         "approved.html",
         {
+            **clinician_chrome(ctx),
             "job_id": job.job_id,
             "fhir_document_id": result.fhir_document_id,
             "already_written": result.already_written,
@@ -101,52 +163,6 @@ async def approve(
             "notes": result.notes,
             "replaced_document_id": result.replaced_document_id,
             "superseded": result.superseded,
-        },
-    )
-
-
-@router.post("/documents/{job_id}/regenerate")
-async def regenerate(
-    job_id: str,
-    ctx: ClinicianContext,
-    csrf_token: Annotated[str, Form(max_length=100)],
-    style: Annotated[str, Form(max_length=40)] = "",
-    language: Annotated[str, Form(max_length=5)] = "",
-    depiction: Annotated[str, Form(max_length=40)] = "varied",
-) -> Response:
-    """A new version of a saved picture; approving it replaces the old document in the chart."""
-    choice = RegenerationChoice(
-        previous_job_id=job_id,
-        style=checked_style(ctx.services.prompts, style) if style else None,
-        language=checked_language(language) if language else None,
-        depiction=checked_depiction(depiction),
-    )
-    ctx.patient_id()
-    async with workflow_errors(ctx.db), ctx.fhir() as fhir:
-        new_job_id = await start_regeneration(ctx.workflow(), fhir, choice)
-    await ctx.db.commit()
-    return RedirectResponse(f"/jobs/{new_job_id}", status_code=303)
-
-
-@router.post("/documents/{job_id}/retract", response_class=HTMLResponse)
-async def retract(
-    request: Request,
-    job_id: str,
-    ctx: ClinicianContext,
-    csrf_token: Annotated[str, Form(max_length=100)],
-) -> Response:
-    """Withdraw a saved picture: the EHR's DocumentReference becomes entered-in-error."""
-    _require(ctx, "DocumentReference", "update", "Withdrawing is not allowed for this launch")
-    ctx.patient_id()
-    async with workflow_errors(ctx.db), ctx.fhir() as fhir:
-        result = await retract_document(ctx.workflow(), fhir, job_id)
-    return ctx.services.templates.TemplateResponse(
-        request,
-        "approved.html",
-        {
-            "job_id": job_id,
-            "fhir_document_id": result.fhir_document_id,
-            "retracted": True,
-            "already_retracted": result.already_retracted,
+            "can_give": ctx.allows("Communication", "create"),
         },
     )

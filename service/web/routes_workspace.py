@@ -10,13 +10,29 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from fhir_adapters.conditions import UNSPECIFIED_CONDITION
 from service.documents import STATUS_LABELS
+from service.generation.languages import LanguagePreference
 from service.web.choices import LANGUAGES, checked_illustration_choice
 from service.web.context import ClinicianContext
 from service.web.workflow_errors import workflow_errors
+from service.workflows.drafts import pending_drafts
 from service.workflows.illustrate import start_illustration
+from service.workflows.topics import condition_topics
 from service.workflows.workspace import load_workspace
 
 router = APIRouter()
+
+
+def language_note(preference: LanguagePreference | None) -> str | None:
+    """What the page says about the patient's preferred language (None: nothing to say)."""
+    if preference is None or preference.requested is None:
+        return None
+    wanted = preference.requested_display or preference.requested
+    if preference.language is None:
+        return (
+            f"This patient prefers {wanted}, and CareCanvas has no handouts in that language yet. "
+            "Choose the language the patient reads best, or ask for a medical interpreter."
+        )
+    return f"Language set to the patient's preferred language ({LANGUAGES[preference.language]})."
 
 
 @router.get("/app", response_class=HTMLResponse)
@@ -25,10 +41,16 @@ async def workspace(request: Request, ctx: ClinicianContext) -> Response:
     async with ctx.fhir() as fhir:
         view = await load_workspace(ctx.workflow(), fhir, banner=ctx.session.data.need_patient_banner)
     if view.banner is not None:
-        # Kept (encrypted, in the server-side session) so the job and review pages show the same banner
-        # without reading the Patient again.
+        # Kept (encrypted, in the server-side session) so every clinician page shows the same banner and
+        # visit line without reading the Patient again.
         ctx.session.data.banner = dataclasses.asdict(view.banner)
+        ctx.session.data.visit = dataclasses.asdict(view.encounter) if view.encounter else None
+        preference = view.preferred_language
+        ctx.session.data.preferred_language = preference.language if preference else None
+        ctx.session.data.language_note = language_note(preference)
         await ctx.services.sessions.save(ctx.db, ctx.session)
+    await ctx.db.commit()
+    drafts = await pending_drafts(ctx.workflow())
     await ctx.db.commit()
     services = ctx.services
     return services.templates.TemplateResponse(
@@ -48,6 +70,11 @@ async def workspace(request: Request, ctx: ClinicianContext) -> Response:
             "status_labels": STATUS_LABELS,
             "can_update": ctx.allows("DocumentReference", "update"),
             "unspecified_text": UNSPECIFIED_CONDITION,
+            "topics": condition_topics(services.prompts, view.conditions, unspecified=UNSPECIFIED_CONDITION),
+            "drafts": drafts,
+            "default_language": ctx.session.data.preferred_language or "en",
+            "language_note": ctx.session.data.language_note,
+            "current_user": ctx.fhir_user,
         },
     )
 
@@ -57,7 +84,7 @@ async def create_illustration(
     ctx: ClinicianContext,
     condition_id: Annotated[str, Form(max_length=64)],
     style: Annotated[str, Form(max_length=40)],
-    language: Annotated[str, Form(max_length=5)],
+    language: Annotated[str, Form(max_length=16)],
     csrf_token: Annotated[str, Form(max_length=100)],
     depiction: Annotated[str, Form(max_length=40)] = "varied",
 ) -> Response:

@@ -51,6 +51,7 @@ from service.workflows.errors import (
     WriteBackFailedError,
 )
 from service.workflows.regenerate import SupersedeOutcome, supersede_document
+from service.workflows.reviewer import Reviewer, approving_reviewer, provenance_agent
 
 log = structlog.get_logger("carecanvas.approve")
 
@@ -309,8 +310,10 @@ class _WriteBack:
         content = document.content
         self.replaces = content.replaces.fhir_document_id if content.replaces else None
         self.model = ctx.services.models.get(content.model)
+        self.reviewer: Reviewer | None = None  # a portrait's approving reviewer, named in the Provenance
 
     async def run(self) -> WriteBackResult:
+        self.reviewer = await approving_reviewer(self.ctx.db, self.document.job_id)
         fhir_document_id = await self._write_or_fail()
         superseded: SupersedeOutcome | None = None
         if self.replaces is not None:
@@ -437,6 +440,13 @@ class _WriteBack:
         )
 
     def _provenance(self, now: datetime) -> dict[str, Any]:
+        provenance = self._base_provenance(now)
+        if self.reviewer is not None:
+            agents = provenance["agent"]
+            agents.append(provenance_agent(self.reviewer, agents[-1].get("onBehalfOf")))
+        return provenance
+
+    def _base_provenance(self, now: datetime) -> dict[str, Any]:
         content = self.document.content
         return build_provenance(
             # Placeholders: write_document_set points them at the real DocumentReference and Device.

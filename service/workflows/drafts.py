@@ -1,19 +1,29 @@
-"""Edit a draft before approval (caption, alt text) and preview its handout; both audited."""
+"""Drafts before approval: edit caption and alt text, preview the handout, list pending ones, discard."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from service.audit import AuditAction, AuditEntity, CareCanvasObject, EntityRole, carecanvas_ref
-from service.documents import DocumentView, load_document, save_content
+from service.documents import (
+    DocumentView,
+    DraftContent,
+    delete_draft,
+    load_document,
+    recent_documents,
+    save_content,
+)
 from service.generation.handout import render_handout_pdf
 from service.generation.text import normalise_free_text
 from service.jobs import JobStatus
+from service.pdf_pages import PdfPageError, page_count, page_png
 from service.workflows.approve import TEST_MODEL_NOTICE
 from service.workflows.context import WorkflowContext
 from service.workflows.errors import ArtifactNotReadyError, JobNotOwnedError, NotReadyError
 from service.workflows.jobs import JobProgress
+from service.workflows.review import GradedCaption
 
 # Only a draft may change: once approved, the chart holds what was approved.
 _EDITABLE = frozenset({"draft", "failed"})
@@ -61,8 +71,7 @@ async def edit_draft(ctx: WorkflowContext, job_id: str, change: DraftChange) -> 
     return document
 
 
-async def handout_preview(ctx: WorkflowContext, job: JobProgress) -> bytes:
-    """The printable handout as approval would write it, from the draft as it stands now (audited)."""
+async def _draft_handout(ctx: WorkflowContext, job: JobProgress) -> tuple[bytes, DraftContent]:
     if job.status is not JobStatus.SUCCEEDED:
         raise ArtifactNotReadyError("The image is not finished yet.")
     # The queue read first: it has a transaction of its own, and on SQLite the draft read below holds
@@ -81,6 +90,41 @@ async def handout_preview(ctx: WorkflowContext, job: JobProgress) -> bytes:
         page_size=ctx.ehr.handout_page_size,
         test_model_notice=TEST_MODEL_NOTICE if model.is_test_model else None,
     )
+    return pdf, content
+
+
+def handout_revision(content: DraftContent) -> str:
+    """Changes whenever the handout's text does, so the browser fetches new page images."""
+    text = "\x1f".join((content.title, content.caption, content.alt_text, content.language))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class HandoutPages:
+    """How many page images the draft's handout has, and its revision (for the image URLs)."""
+
+    count: int
+    revision: str
+
+
+async def handout_pages(ctx: WorkflowContext, job: JobProgress) -> HandoutPages:
+    """The draft's handout page count as it stands now (nothing shown yet, so nothing audited)."""
+    pdf, content = await _draft_handout(ctx, job)
+    return HandoutPages(count=page_count(pdf), revision=handout_revision(content))
+
+
+async def handout_page_image(ctx: WorkflowContext, job: JobProgress, page: int) -> bytes:
+    """One page of the draft's handout as a PNG, exactly as approval would print it (audited)."""
+    pdf = await handout_preview(ctx, job)
+    try:
+        return page_png(pdf, page)
+    except PdfPageError as error:
+        raise ArtifactNotReadyError(f"The handout has no page {page}.") from error
+
+
+async def handout_preview(ctx: WorkflowContext, job: JobProgress) -> bytes:
+    """The printable handout as approval would write it, from the draft as it stands now (audited)."""
+    pdf, content = await _draft_handout(ctx, job)
     await ctx.audit(
         AuditAction.VIEW,
         entities=[AuditEntity(carecanvas_ref(CareCanvasObject.HANDOUT, job.job_id))],
@@ -89,3 +133,102 @@ async def handout_preview(ctx: WorkflowContext, job: JobProgress) -> bytes:
         description=f"{ctx.actor_reference} viewed the handout preview about {content.source_reference}",
     )
     return pdf
+
+
+# Pending drafts listed in the workspace: the newest few of this EHR, of which this patient's are shown.
+_PENDING_SCAN = 200
+_PENDING_SHOWN = 10
+
+
+@dataclass(frozen=True)
+class PendingDraft:
+    """A draft not yet approved (or whose write-back failed), as the workspace lists it."""
+
+    job_id: str
+    title: str
+    caption: str
+    status: str
+    created: str  # YYYY-MM-DD HH:MM UTC
+    replaces: str | None
+    job_status: str = ""
+    resumable: bool = False  # made in this session, so its review page opens here
+
+    @property
+    def discardable(self) -> bool:
+        return self.job_status not in (JobStatus.QUEUED, JobStatus.RUNNING)
+
+
+async def pending_drafts(ctx: WorkflowContext) -> list[PendingDraft]:
+    """This patient's drafts never approved, newest first; the caller commits."""
+    documents = await recent_documents(
+        ctx.db,
+        keyring=ctx.services.keyring,
+        ehr_name=ctx.ehr.name,
+        statuses=tuple(_EDITABLE),
+        limit=_PENDING_SCAN,
+    )
+    mine = [d for d in documents if ctx.patient_id and d.content.patient_id == ctx.patient_id]
+    await ctx.db.commit()  # the queue reads below have transactions of their own
+    pending = []
+    for document in mine[:_PENDING_SHOWN]:
+        job = await ctx.services.queue.get(document.job_id)
+        content = document.content
+        pending.append(
+            PendingDraft(
+                job_id=document.job_id,
+                title=content.title,
+                caption=content.caption,
+                status=document.status,
+                created=document.created_at.strftime("%Y-%m-%d %H:%M") if document.created_at else "",
+                replaces=content.replaces.fhir_document_id if content.replaces else None,
+                job_status=str(job.status) if job else "",
+                resumable=job is not None and job.session_id_hash == ctx.session_id_hash,
+            )
+        )
+    return pending
+
+
+async def discard_draft(ctx: WorkflowContext, job_id: str) -> None:
+    """Throw away a never-approved draft of this patient (audited as rejected); the caller commits."""
+    # The queue first: it has a transaction of its own, and the draft read below opens the caller's.
+    job = await ctx.services.queue.get(job_id)
+    document = await _owned_document(ctx, job_id)
+    if document.content.patient_id != ctx.patient_id or document.ehr_name != ctx.ehr.name:
+        raise JobNotOwnedError("There is no draft for this picture. Start again from the workspace.")
+    if document.status not in _EDITABLE:
+        raise NotReadyError("This picture was already approved; withdraw it from the chart instead.")
+    if job is not None and job.status in (JobStatus.QUEUED, JobStatus.RUNNING):
+        raise NotReadyError("This picture is still being made. Cancel it first, or wait until it is done.")
+    if not await delete_draft(ctx.db, document=document, from_statuses=tuple(_EDITABLE)):
+        raise NotReadyError("This draft changed just now. Reload the workspace and try again.")
+    content = document.content
+    await ctx.audit(
+        AuditAction.REJECT,
+        entities=[
+            AuditEntity(carecanvas_ref(CareCanvasObject.DRAFT, document.id)),
+            AuditEntity(content.source_reference, EntityRole.SOURCE),
+        ],
+        detail={"job_id": job_id, "discarded": True},
+        patient=content.patient_id,
+        description=f"{ctx.actor_reference} discarded the draft about {content.source_reference}",
+    )
+
+
+@dataclass(frozen=True)
+class RevisedDraft:
+    """The draft after a live edit: its caption's grade and its handout's pages, to redraw the review page."""
+
+    document: DocumentView
+    grade: GradedCaption
+    pages: HandoutPages
+
+
+async def revise_draft(ctx: WorkflowContext, job: JobProgress, change: DraftChange) -> RevisedDraft:
+    """Save the edit as it is typed (nothing is lost on navigation), then measure and re-count the handout."""
+    document = await edit_draft(ctx, job.job_id, change)
+    await ctx.db.commit()  # the edit is kept before the handout is rendered (no writer lock held meanwhile)
+    pages = await handout_pages(ctx, job)
+    content = document.content
+    return RevisedDraft(
+        document=document, grade=GradedCaption.of(content.caption, content.language), pages=pages
+    )

@@ -10,6 +10,7 @@
       ├── ApprovalInProgressError         approval_in_progress
       ├── BinaryScopeMissingError         binary_scope_missing
       ├── NotAllowedError                 not_allowed
+      ├── AboveReadingTargetError         above_reading_target (approve anyway needs a reason)
       ├── PortalFileError                 file_not_available | file_damaged
       └── WriteBackFailedError            write_back_retryable | write_back_rejected
 
@@ -35,6 +36,7 @@ class Reason(StrEnum):
     JOB_NOT_FOUND = "job_not_found"
     FILE_NOT_AVAILABLE = "file_not_available"
     FILE_DAMAGED = "file_damaged"
+    ABOVE_READING_TARGET = "above_reading_target"
 
 
 class WorkflowError(Exception):
@@ -120,3 +122,9 @@ class ArtifactNotReadyError(WorkflowError, LookupError):
     """The image (or its preview) of a job is not there yet."""
 
     reason = Reason.FILE_NOT_AVAILABLE
+
+
+class AboveReadingTargetError(WorkflowError, ValueError):
+    """The caption reads above the plain-language target and no "approve anyway" reason was given."""
+
+    reason = Reason.ABOVE_READING_TARGET

@@ -93,7 +93,12 @@ async def start_regeneration(ctx: WorkflowContext, fhir: FhirClient, choice: Reg
     if draft is None:  # start_illustration always creates one; a missing draft is a bug
         raise RuntimeError("the new draft was not created")
     replaces = Replaces(fhir_document_id=previous.fhir_document_id or "", job_id=choice.previous_job_id)
-    content = draft.content.model_copy(update={"replaces": replaces})
+    update: dict[str, object] = {"replaces": replaces}
+    if previous.content.language == draft.content.language:
+        # The new version starts from the text the clinician approved last time (edits included), not
+        # from a fresh template; the generated text stays remembered, so approval can tell it was edited.
+        update |= {"caption": previous.content.caption, "alt_text": previous.content.alt_text}
+    content = draft.content.model_copy(update=update)
     await save_content(db, keyring=keyring, document=draft, content=content)
     return job_id
 

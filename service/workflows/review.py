@@ -8,7 +8,7 @@ from enum import StrEnum
 from service.audit import AuditAction, AuditEntity, CareCanvasObject, EntityRole, carecanvas_ref
 from service.documents import DocumentView, load_document
 from service.generation.models import ModelSpec
-from service.generation.readability import caption_grade
+from service.generation.readability import FORMULAS, reading_grade
 from service.jobs import JobNotFoundError, JobStatus
 from service.workflows.context import WorkflowContext
 from service.workflows.errors import ArtifactNotReadyError, JobNotOwnedError
@@ -23,30 +23,52 @@ class ArtifactKind(StrEnum):
     PREVIEW = "preview"
 
 
+def measured_grade(text: str, language: str) -> float | None:
+    """The reading grade of `text` with its language's formula; None where no formula exists (or no text)."""
+    return reading_grade(text, language).grade
+
+
 @dataclass(frozen=True)
 class GradedCaption:
-    """A caption's measured reading grade and whether it is above what patients should get."""
+    """A caption's measured reading grade (None: no measure for its language) and whether it is too hard."""
 
-    grade: float
+    grade: float | None
+    language: str = "en"
+
+    @property
+    def formula(self) -> str | None:
+        return FORMULAS.get(self.language.split("-")[0].lower())
+
+    @property
+    def measured(self) -> bool:
+        return self.grade is not None
 
     @property
     def too_hard(self) -> bool:
-        return self.grade > MAX_CAPTION_GRADE
+        return self.grade is not None and self.grade > MAX_CAPTION_GRADE
+
+    @property
+    def target(self) -> float:
+        return MAX_CAPTION_GRADE
 
     @classmethod
     def of(cls, caption: str, language: str) -> GradedCaption:
-        return cls(caption_grade(caption, language))
+        return cls(measured_grade(caption, language), language)
 
 
 @dataclass(frozen=True)
 class ReviewDraft:
     document: DocumentView
-    caption_grade: float
+    caption_grade: float | None
     model: ModelSpec
 
     @property
     def caption_too_hard(self) -> bool:
-        return self.caption_grade > MAX_CAPTION_GRADE
+        return self.caption_grade is not None and self.caption_grade > MAX_CAPTION_GRADE
+
+    @property
+    def graded(self) -> GradedCaption:
+        return GradedCaption(self.caption_grade, self.document.content.language)
 
 
 async def review_draft(ctx: WorkflowContext, job_id: str) -> ReviewDraft:
@@ -67,7 +89,7 @@ async def review_draft(ctx: WorkflowContext, job_id: str) -> ReviewDraft:
     )
     return ReviewDraft(
         document=document,
-        caption_grade=caption_grade(content.caption, content.language),
+        caption_grade=measured_grade(content.caption, content.language),
         model=ctx.services.models.get(content.model),
     )
 

@@ -339,3 +339,22 @@ async def review_image(ctx: WorkflowContext, reviewer: Reviewer, job_id: str) ->
         detail={"job_id": job_id, "queue": True},
     )
     return png
+
+
+def provenance_agent(reviewer: Reviewer, on_behalf_of: dict[str, object] | None) -> dict[str, object]:
+    """The reviewer as a Provenance agent: who shaped the portrait, with their role (artist or clinician)."""
+    agent: dict[str, object] = {
+        "type": {
+            "coding": [
+                {
+                    "system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type",
+                    "code": "verifier",
+                }
+            ]
+        },
+        "role": [{"text": f"portrait reviewer ({reviewer.role})"}],
+        "who": {"reference": reviewer.reference},
+    }
+    if on_behalf_of:
+        agent["onBehalfOf"] = on_behalf_of
+    return agent

@@ -94,7 +94,9 @@ def drive_session(app: RunningApp, ehr: SandboxEHR) -> dict[str, Any]:
         assert client.get(f"/review/{second_job}").status_code == 200
         second_draft_id, second = draft(app, second_job)
         approve(client, second_job, csrf, second.caption, second.alt_text)
-        withdrawn = client.post(f"/documents/{second_job}/retract", data={"csrf_token": csrf})
+        withdrawn = client.post(
+            f"/documents/{second_job}/retract", data={"csrf_token": csrf, "reason": "content-error"}
+        )
         assert withdrawn.status_code == 200, withdrawn.text
     return {
         "condition": f"Condition/{condition_id}",

@@ -159,7 +159,7 @@ def test_workspace_lists_earlier_documents_with_status_and_audits_the_search(
         workspace = client.get("/app")
     assert history_rows(workspace.text) == {document_id: "current"}
     assert "In the chart" in workspace.text
-    assert f"/documents/{job_id}/retract" in workspace.text
+    assert f"/documents/{job_id}/withdraw" in workspace.text  # withdrawing asks first (a page with a reason)
     assert f"/documents/{job_id}/regenerate" in workspace.text
     searches = audit_entries(app, AuditAction.FHIR_SEARCH)[
         : len(audit_entries(app, AuditAction.FHIR_SEARCH)) - before
@@ -182,7 +182,8 @@ def test_history_shows_documents_written_by_an_earlier_launch(
         assert document_for(ehr, job_id)["id"] in history_rows(workspace.text)
         # A later launch for the same patient may still withdraw what an earlier one wrote.
         withdrawn = second.post(
-            f"/documents/{job_id}/retract", data={"csrf_token": csrf_from(workspace.text)}
+            f"/documents/{job_id}/retract",
+            data={"csrf_token": csrf_from(workspace.text), "reason": "content-error"},
         )
         assert withdrawn.status_code == 200, withdrawn.text
     assert document_for(ehr, job_id)["status"] == "entered-in-error"
@@ -212,7 +213,7 @@ def test_new_version_replaces_the_old_document_and_supersedes_it(
     assert document_for(ehr, old_job)["status"] == "superseded"
     assert history_rows(workspace.text) == {new["id"]: "current", old_id: "superseded"}
     assert "Replaced by a newer version" in workspace.text
-    assert f"/documents/{old_job}/retract" not in workspace.text  # only current documents offer actions
+    assert f"/documents/{old_job}/withdraw" not in workspace.text  # only current documents offer actions
     updates = audit_entries(app, AuditAction.SUPERSEDE)
     assert [entry.resource for entry in updates][:1] == [f"DocumentReference/{old_id}"]
     assert updates[0].detail == {"status": "superseded", "replaced_by": new["id"]}
@@ -227,8 +228,10 @@ def test_without_update_permission_the_old_document_stays_current_and_the_page_s
         old_id = document_for(ehr, old_job)["id"]
         workspace = client.get("/app")
         assert f"/documents/{old_job}/regenerate" in workspace.text
-        assert f"/documents/{old_job}/retract" not in workspace.text
-        refused = client.post(f"/documents/{old_job}/retract", data={"csrf_token": csrf})
+        assert f"/documents/{old_job}/withdraw" not in workspace.text
+        refused = client.post(
+            f"/documents/{old_job}/retract", data={"csrf_token": csrf, "reason": "content-error"}
+        )
         assert refused.status_code == 403
         assert "not allowed" in refused.text
         started = client.post(f"/documents/{old_job}/regenerate", data={"csrf_token": csrf})
@@ -249,17 +252,23 @@ def test_withdraw_marks_entered_in_error_once_with_csrf_and_audit(
     with launch_session(app.url, ehr) as client:
         job_id, csrf, _ = saved_picture(client)
         document_id = document_for(ehr, job_id)["id"]
-        forged = client.post(f"/documents/{job_id}/retract", data={"csrf_token": "not-the-token"})
+        forged = client.post(
+            f"/documents/{job_id}/retract", data={"csrf_token": "not-the-token", "reason": "content-error"}
+        )
         assert forged.status_code == 403
         assert document_for(ehr, job_id)["status"] == "current"
         before = len(audit_entries(app, AuditAction.RETRACT))
-        withdrawn = client.post(f"/documents/{job_id}/retract", data={"csrf_token": csrf})
+        withdrawn = client.post(
+            f"/documents/{job_id}/retract", data={"csrf_token": csrf, "reason": "content-error"}
+        )
         assert withdrawn.status_code == 200, withdrawn.text
         assert 'data-testid="retracted"' in withdrawn.text
         assert "already" not in withdrawn.text
         assert document_for(ehr, job_id)["status"] == "entered-in-error"
         assert local_status(app, job_id) == "retracted"
-        again = client.post(f"/documents/{job_id}/retract", data={"csrf_token": csrf})
+        again = client.post(
+            f"/documents/{job_id}/retract", data={"csrf_token": csrf, "reason": "content-error"}
+        )
         assert again.status_code == 200
         assert "it already was" in again.text
         reapproved = approve(client, job_id, csrf)
@@ -285,9 +294,19 @@ def test_another_patients_launch_cannot_withdraw_or_replace(
         job_id, _, _ = saved_picture(client)
     with launch_session(app.url, ehr, patient="pat-2", encounter="enc-2") as other:
         csrf = csrf_from(other.get("/app").text)
-        assert other.post(f"/documents/{job_id}/retract", data={"csrf_token": csrf}).status_code == 404
+        assert (
+            other.post(
+                f"/documents/{job_id}/retract", data={"csrf_token": csrf, "reason": "content-error"}
+            ).status_code
+            == 404
+        )
         assert other.post(f"/documents/{job_id}/regenerate", data={"csrf_token": csrf}).status_code == 404
-        assert other.post("/documents/not-a-job/retract", data={"csrf_token": csrf}).status_code == 404
+        assert (
+            other.post(
+                "/documents/not-a-job/retract", data={"csrf_token": csrf, "reason": "content-error"}
+            ).status_code
+            == 404
+        )
     assert document_for(ehr, job_id)["status"] == "current"
 
 
@@ -362,4 +381,188 @@ def test_conditions_without_text_show_a_sensible_label_and_can_be_illustrated(
         job_id = generate(client, csrf_from(workspace.text), condition_id)
         review = client.get(f"/review/{job_id}")
         assert review.status_code == 200
-        assert "None" not in re.findall(r"<h1>(.*?)</h1>", review.text)[0]
+        assert "None" not in re.findall(r"<h1[^>]*>(.*?)</h1>", review.text)[0]
+
+
+JARGON = (
+    "Persistent hyperglycaemia necessitates comprehensive pharmacological intervention, "
+    "multidisciplinary glycaemic surveillance and individualised nutritional modification."
+)
+
+
+def test_review_shows_the_handout_keeps_edits_and_needs_a_reason_above_the_reading_target(
+    ehr: SandboxEHR, apps: dict[str, RunningApp]
+) -> None:
+    app = apps["full"]
+    with launch_session(app.url, ehr) as client:
+        workspace = client.get("/app")
+        csrf = csrf_from(workspace.text)
+        job_id = generate(client, csrf, CONDITION.findall(workspace.text)[0])
+        review = client.get(f"/review/{job_id}")
+        # The handout as the patient will get it: its pages as images of the real PDF.
+        [page_url] = re.findall(rf'src="(/review/{job_id}/handout/1\.png\?rev=[0-9a-f]+)"', review.text)
+        page = client.get(page_url)
+        assert (page.status_code, page.headers["content-type"]) == (200, "image/png")
+        assert page.content.startswith(b"\x89PNG")
+        # Typing is kept (nothing lost on navigation) and redraws grade and handout.
+        typed = client.post(
+            f"/review/{job_id}/draft",
+            data={"caption": JARGON, "alt_text": "A test drawing."},
+            headers={"X-CSRF-Token": csrf},
+        )
+        assert typed.status_code == 200, typed.text
+        assert "please simplify" in typed.text
+        assert 'id="above_target_reason"' in typed.text
+        assert 'hx-swap-oob="true"' in typed.text
+        assert re.search(r"\?rev=([0-9a-f]+)", typed.text)
+        assert page_url not in typed.text  # a new revision: the browser fetches the redrawn pages
+        assert JARGON in client.get(f"/review/{job_id}").text
+        edits = [e for e in audit_entries(app, AuditAction.EDIT_CAPTION) if e.detail.get("job_id") == job_id]
+        assert edits
+        assert edits[0].detail["fields"] == ["alt_text", "caption"]
+        # Above the target, approval needs "approve anyway" with a reason; nothing is written without one.
+        refused = client.post(
+            f"/review/{job_id}/approve",
+            data={"caption": JARGON, "alt_text": "A test drawing.", "csrf_token": csrf},
+        )
+        assert refused.status_code == 422
+        assert "approve anyway" in refused.text
+        assert local_status(app, job_id) == "draft"
+        assert (
+            fhir_get(ehr, "DocumentReference", {"identifier": f"{IDENTIFIER_SYSTEM}|"}).get("total", 0) == 0
+        )
+        saved = client.post(
+            f"/review/{job_id}/approve",
+            data={
+                "caption": JARGON,
+                "alt_text": "A test drawing.",
+                "above_target_reason": "terms-explained",
+                "csrf_token": csrf,
+            },
+        )
+        assert saved.status_code == 200, saved.text
+        # The confirmation: the same banner, open/print and give to patient.
+        assert 'data-testid="patient-name"' in saved.text
+        assert f'href="/documents/{job_id}/handout"' in saved.text
+        assert f'action="/documents/{job_id}/give"' in saved.text
+        printable = client.get(f"/documents/{job_id}/handout")
+        assert printable.status_code == 200
+        assert f'src="/documents/{job_id}/handout/1.png"' in printable.text
+        assert client.get(f"/documents/{job_id}/handout/1.png").content.startswith(b"\x89PNG")
+        assert client.get(f"/documents/{job_id}/handout.pdf").content.startswith(b"%PDF")
+        given = client.post(f"/documents/{job_id}/give", data={"csrf_token": csrf})
+        assert given.status_code == 200, given.text
+        assert 'data-testid="handover-recorded"' in given.text
+        again = client.post(f"/documents/{job_id}/give", data={"csrf_token": csrf})
+        assert "already recorded" in again.text
+        history = client.get("/app").text
+    [approval] = [e for e in audit_entries(app, AuditAction.APPROVE) if e.detail.get("job_id") == job_id]
+    assert approval.detail["above_target"] is True
+    assert approval.detail["above_target_reason"] == "terms-explained"
+    assert approval.detail["reading_grade"] > 6
+    document = document_for(ehr, job_id)
+    bundle = fhir_get(ehr, "Communication", {"identifier": f"urn:carecanvas:handover|{job_id}-given-v1"})
+    [communication] = [entry["resource"] for entry in bundle["entry"]]
+    assert communication["status"] == "completed"
+    assert communication["subject"] == {"reference": "Patient/pat-1"}
+    assert communication["payload"] == [
+        {"contentReference": {"reference": f"DocumentReference/{document['id']}"}}
+    ]
+    given_records = [
+        e for e in audit_entries(app, AuditAction.GIVE_HANDOUT) if e.detail.get("job_id") == job_id
+    ]
+    assert [(r.outcome, r.detail["recorded"], r.detail["already"]) for r in reversed(given_records)] == [
+        ("success", True, False),
+        ("success", True, True),
+    ]
+    # History rows: thumbnail, time, approver, open/print.
+    assert f'src="/documents/{job_id}/thumbnail"' in history
+    assert re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d", history)
+    assert "prac-1 (you)" in history
+    assert f'href="/documents/{job_id}/handout"' in history
+
+
+def test_give_to_patient_is_skipped_with_a_note_where_the_ehr_records_no_communications(
+    ehr: SandboxEHR, apps: dict[str, RunningApp]
+) -> None:
+    app = apps["full"]
+    ehr.fhir.set_profile("pdf-only")  # a document-only EHR: its CapabilityStatement lists no Communication
+    app.services.profiles.forget()
+    try:
+        with launch_session(app.url, ehr) as client:
+            job_id, csrf, _ = saved_picture(client)
+            given = client.post(f"/documents/{job_id}/give", data={"csrf_token": csrf})
+    finally:
+        app.services.profiles.forget()
+    assert given.status_code == 200, given.text
+    assert 'data-testid="handover-skipped"' in given.text
+    assert "does not record handouts" in given.text
+    assert fhir_get(ehr, "Communication", {"patient": "Patient/pat-1"}).get("entry", []) == []
+    [record] = [e for e in audit_entries(app, AuditAction.GIVE_HANDOUT) if e.detail.get("job_id") == job_id]
+    assert (record.outcome, record.detail["recorded"], record.detail["skipped"]) == (
+        "success",
+        False,
+        "not-offered",
+    )
+
+
+def test_withdraw_asks_for_a_reason_writes_it_and_can_restore_the_previous_version(
+    ehr: SandboxEHR, apps: dict[str, RunningApp]
+) -> None:
+    app = apps["full"]
+    with launch_session(app.url, ehr) as client:
+        old_job, csrf, _ = saved_picture(client)
+        started = client.post(f"/documents/{old_job}/regenerate", data={"csrf_token": csrf})
+        new_job = started.headers["location"].rsplit("/", 1)[1]
+        assert wait_for_job(client, new_job)["status"] == "succeeded"
+        # The new version starts from the text approved last time (edited), not a fresh template.
+        review = client.get(f"/review/{new_job}").text
+        assert "A picture about your health." in review
+        assert "Drawing for the test." in review
+        assert approve(client, new_job, csrf).status_code == 200
+        assert document_for(ehr, old_job)["status"] == "superseded"
+        confirm = client.get(f"/documents/{new_job}/withdraw")
+        assert confirm.status_code == 200
+        assert 'name="reason"' in confirm.text
+        assert 'name="restore_previous"' in confirm.text
+        # A stray submit without a reason changes nothing.
+        stray = client.post(f"/documents/{new_job}/retract", data={"csrf_token": csrf})
+        assert stray.status_code == 400
+        assert document_for(ehr, new_job)["status"] == "current"
+        withdrawn = client.post(
+            f"/documents/{new_job}/retract",
+            data={"csrf_token": csrf, "reason": "wrong-condition", "restore_previous": "yes"},
+        )
+        assert withdrawn.status_code == 200, withdrawn.text
+        assert 'data-testid="restored"' in withdrawn.text
+        assert "current again" in withdrawn.text
+    new, old = document_for(ehr, new_job), document_for(ehr, old_job)
+    assert (new["status"], old["status"]) == ("entered-in-error", "current")
+    [reason] = [x for x in new.get("extension", []) if x["url"] == "urn:carecanvas:withdrawal-reason"]
+    assert reason["valueCoding"]["code"] == "wrong-condition"
+    [retract] = [e for e in audit_entries(app, AuditAction.RETRACT) if e.detail.get("job_id") == new_job]
+    assert (retract.detail["reason"], retract.detail["reason_in_chart"]) == ("wrong-condition", True)
+    [restore] = [e for e in audit_entries(app, AuditAction.RESTORE) if e.detail.get("job_id") == new_job]
+    assert (restore.outcome, restore.resource, restore.detail["outcome"]) == (
+        "success",
+        f"DocumentReference/{old['id']}",
+        "restored",
+    )
+
+
+def test_pending_drafts_are_listed_and_can_be_discarded(ehr: SandboxEHR, apps: dict[str, RunningApp]) -> None:
+    app = apps["full"]
+    with launch_session(app.url, ehr) as client:
+        workspace = client.get("/app")
+        csrf = csrf_from(workspace.text)
+        job_id = generate(client, csrf, CONDITION.findall(workspace.text)[0])
+        listed = client.get("/app").text
+        assert f'data-job-id="{job_id}" data-testid="draft"' in listed
+        assert f'href="/review/{job_id}"' in listed
+        discarded = client.post(f"/drafts/{job_id}/discard", data={"csrf_token": csrf})
+        assert discarded.status_code == 303
+        assert f'data-job-id="{job_id}"' not in client.get("/app").text
+        assert client.post(f"/drafts/{job_id}/discard", data={"csrf_token": csrf}).status_code == 404
+    assert local_status(app, job_id) is None
+    [record] = [e for e in audit_entries(app, AuditAction.REJECT) if e.detail.get("job_id") == job_id]
+    assert record.detail["discarded"] is True

@@ -567,6 +567,28 @@ def test_reviewer_queue_notes_send_back_and_approve(
                 in reviewer.get("/reviewer?show=approved").text
             )
         assert "Approved by Practitioner/prac-3 (artist)" in clinician.get(answer.headers["location"]).text
+        # The clinician saves it to the chart: the Provenance names the reviewer, with their role.
+        written = clinician.post(
+            f"/review/{job_id}/approve",
+            data={"caption": "Your garden.", "alt_text": "A garden picture.", "csrf_token": csrf_from(grid)},
+        )
+        assert written.status_code == 200, written.text
+    headers = fhir_headers(portrait_sandbox)
+    [entry] = httpx.get(
+        f"{portrait_sandbox.fhir_base}/DocumentReference",
+        params={"identifier": f"urn:carecanvas:artifact|{job_id}-illustration-v1"},
+        headers=headers,
+        timeout=30,
+    ).json()["entry"]
+    provenance = httpx.get(
+        f"{portrait_sandbox.fhir_base}/Provenance",
+        params={"target": f"DocumentReference/{entry['resource']['id']}"},
+        headers=headers,
+        timeout=30,
+    ).json()["entry"][0]["resource"]
+    reviewers = [a for a in provenance["agent"] if a["who"]["reference"] == REVIEWER]
+    assert [a["role"] for a in reviewers] == [[{"text": "portrait reviewer (artist)"}]]
+    assert reviewers[0]["type"]["coding"][0]["code"] == "verifier"
     assert [kind for kind, _ in note_kinds(portrait_app, job_id)] == ["sent", "send_back", "sent", "approve"]
     for action in (AuditAction.PORTRAIT_SEND_BACK, AuditAction.PORTRAIT_APPROVE):
         [entry] = [e for e in audit_entries(portrait_app, action) if e.detail.get("job_id") == job_id]

@@ -1,0 +1,39 @@
+"""Which education topic each listed condition gets, so the page can warn before a generic handout."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from fhir_adapters import ConditionSummary
+from service.generation.prompts import PromptLibrary, TopicMatch
+
+
+@dataclass(frozen=True)
+class ConditionTopic:
+    """A condition's name on the page and its topic match (fallback: the closest real topics, by name)."""
+
+    label: str
+    match: TopicMatch
+
+    @property
+    def is_fallback(self) -> bool:
+        return self.match.is_fallback
+
+    @property
+    def closest_titles(self) -> tuple[str, ...]:
+        return tuple(topic.text["en"].title for topic in self.match.closest)
+
+
+def condition_topics(
+    library: PromptLibrary, conditions: Iterable[ConditionSummary], *, unspecified: str
+) -> Mapping[str, ConditionTopic]:
+    """Per condition id: what to call it (a display-less code by its topic's name) and how it matched."""
+    found: dict[str, ConditionTopic] = {}
+    for condition in conditions:
+        codes = [(c.system, c.code) for c in condition.codes if c.system and c.code]
+        found[condition.id or ""] = ConditionTopic(
+            label=library.condition_label(condition.text, codes, unspecified=unspecified),
+            match=library.match_topic(codes, condition.text if condition.text != unspecified else ""),
+        )
+    return found
