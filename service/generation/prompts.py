@@ -86,6 +86,9 @@ class Topic:
     # More specific SNOMED CT concepts (is-a descendants of `snomed`) listed in the topic file: no
     # terminology server is consulted, so the hierarchy the topic covers is written down.
     snomed_descendants: tuple[str, ...] = ()
+    # Findings that often lead to this topic (a symptom such as shortness of breath): never a match of
+    # their own, only a suggestion among the closest topics when a condition falls back.
+    snomed_related: tuple[str, ...] = ()
     # Words an EHR may use for the condition, per language (from the language templates).
     synonyms: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
@@ -477,6 +480,7 @@ def _with_languages(topic: Topic, packs: Mapping[str, LanguagePack], avoid: Avoi
         text=text,
         is_fallback=topic.is_fallback,
         snomed_descendants=topic.snomed_descendants,
+        snomed_related=topic.snomed_related,
         synonyms=synonyms,
     )
 
@@ -515,9 +519,11 @@ def _load_topic(path: Path, avoid: AvoidTerms) -> Topic:
         if not code.isdigit() or not 6 <= len(code) <= 18:
             raise reader.fail(f"codes.snomed[{index}]", f"{code!r} is not a SNOMED CT concept id")
     descendants = reader.texts(codes, "snomed_descendants", "codes") if "snomed_descendants" in codes else ()
-    for index, code in enumerate(descendants):
-        if not code.isdigit() or not 6 <= len(code) <= 18:
-            raise reader.fail(f"codes.snomed_descendants[{index}]", f"{code!r} is not a SNOMED CT concept id")
+    related = reader.texts(codes, "snomed_related", "codes") if "snomed_related" in codes else ()
+    for name, listed in (("snomed_descendants", descendants), ("snomed_related", related)):
+        for index, code in enumerate(listed):
+            if not code.isdigit() or not 6 <= len(code) <= 18:
+                raise reader.fail(f"codes.{name}[{index}]", f"{code!r} is not a SNOMED CT concept id")
     icd10 = tuple(
         _validate_icd10_pattern(reader, pattern, f"codes.icd10[{index}]")
         for index, pattern in enumerate(reader.texts(codes, "icd10", "codes"))
@@ -534,6 +540,7 @@ def _load_topic(path: Path, avoid: AvoidTerms) -> Topic:
         negative=reader.text(topic, "negative", ""),
         text=_topic_text(reader, topic),
         snomed_descendants=descendants,
+        snomed_related=related,
     )
     wording = {"illustration": result.illustration, "anatomy": SEPARATOR.join(result.anatomy)}
     for language, text in result.text.items():
@@ -823,13 +830,16 @@ class PromptLibrary:
             for synonym in self._synonyms:
                 if synonym.found_in(padded):
                     return TopicMatch(synonym.topic, MatchKind.SYNONYM, synonym.form)
-        return TopicMatch(self.fallback, MatchKind.FALLBACK, None, self._closest(form, icd10))
+        return TopicMatch(self.fallback, MatchKind.FALLBACK, None, self._closest(form, icd10, snomed))
 
-    def _closest(self, form: str, icd10: Sequence[str]) -> tuple[Topic, ...]:
-        """Up to three topics whose names share the most words with the text (word stems, so
-        "hypertensive" meets "hypertension"), else that share the ICD-10 block of a code."""
+    def _closest(self, form: str, icd10: Sequence[str], snomed: Sequence[str] = ()) -> tuple[Topic, ...]:
+        """Up to three topics: those listing a SNOMED CT code as related, those whose names share the most
+        words with the text (word stems, so "hypertensive" meets "hypertension"), or that share the
+        ICD-10 block of a code."""
         words = [word for word in form.split() if len(word) > 2 and word not in _GENERIC_WORDS]
-        scores: dict[str, float] = {}
+        scores: dict[str, float] = {
+            topic.id: 1.0 for topic in self.topics if set(topic.snomed_related) & set(snomed)
+        }
         for synonym in self._synonyms if form else ():
             if synonym.unspaced or not words:
                 shared = 0.0

@@ -160,3 +160,11 @@ def test_sections_of_a_topic_for_the_handout(library: PromptLibrary) -> None:
     assert sections.what_it_is.startswith("الربو")
     assert library.sections(None, "en") is None  # a portrait has no topic
     assert library.sections("no-such-topic", "en") is None
+
+
+def test_a_finding_without_a_topic_suggests_the_topics_that_list_it(library: PromptLibrary) -> None:
+    # The sandbox's display-less 267036007 (shortness of breath): no topic of its own, never matched to
+    # one, but the page can offer the topics that list it as related.
+    match = library.match_topic([(SNOMED, "267036007")], "unspecified condition")
+    assert match.is_fallback
+    assert {topic.id for topic in match.closest} == {"asthma", "copd", "heart-failure"}
