@@ -35,6 +35,11 @@ from service.workflows.jobs import JobProgress, owned_progress
 CSRF_HEADER = "x-csrf-token"
 CSRF_FIELD = "csrf_token"
 SESSION_ENDED_MESSAGE = "Please open CareCanvas again from the patient's chart in your EHR."
+# A patient has no EHR chart: their way back is the portal.
+PORTAL_SESSION_ENDED_MESSAGE = (
+    "You were signed out, to keep your record safe. To see your pictures again, open them from your "
+    "patient portal."
+)
 
 
 def get_services(request: Request) -> Services:
@@ -189,7 +194,9 @@ async def _context(
 ) -> RequestContext:
     session = await _load_session(request, services)
     if session is None or not session.authenticated:
-        raise session_ended(SESSION_ENDED_MESSAGE)
+        raise session_ended(
+            PORTAL_SESSION_ENDED_MESSAGE if kind is SessionKind.PORTAL else SESSION_ENDED_MESSAGE
+        )
     if session.data.kind is not kind:
         raise _wrong_kind(kind)
     await check_csrf(request, session)

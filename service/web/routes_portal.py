@@ -10,9 +10,9 @@ from fastapi.responses import HTMLResponse, Response
 from service.ehrs import UnregisteredIssuerError
 from service.web.context import PortalContext, ServicesDep
 from service.web.errors import AppError, ErrorCode
-from service.web.routes_launch import not_registered, start_launch
+from service.web.routes_launch import start_launch
 from service.web.workflow_errors import workflow_errors
-from service.workflows.portal import FHIR_ID, FileKind, list_portal_documents, read_portal_file
+from service.workflows.portal import FHIR_ID, FileKind, load_portal_page, read_portal_file
 
 router = APIRouter()
 
@@ -23,10 +23,18 @@ async def portal_launch(
     ehr: Annotated[str | None, Query(max_length=100)] = None,
 ) -> Response:
     """Standalone patient launch: the EHR's sign-in page asks the patient who they are."""
+    with_portal = [registered for registered in services.ehrs.all() if registered.portal_scopes]
+    if ehr is None and len(with_portal) == 1:
+        ehr = with_portal[0].name  # the one portal there is: no need to ask
     try:
         registered = services.ehrs.by_name(ehr or "")
     except UnregisteredIssuerError:
-        raise not_registered() from None
+        raise AppError(
+            404,
+            "We could not find your patient portal",
+            "Please open your pictures from the link in your patient portal, or ask your care team for it.",
+            code=ErrorCode.NOT_FOUND,
+        ) from None
     if not registered.portal_scopes:
         raise AppError(404, "No patient portal for this EHR", "Your care team has not turned the portal on.")
     return await start_launch(
@@ -43,10 +51,18 @@ async def portal_launch(
 async def portal_home(request: Request, ctx: PortalContext) -> Response:
     ctx.patient_id()
     async with workflow_errors(ctx.db), ctx.fhir() as fhir:
-        documents = await list_portal_documents(ctx.workflow(), fhir)
+        page = await load_portal_page(ctx.workflow(), fhir)
     await ctx.db.commit()
     return ctx.services.templates.TemplateResponse(
-        request, "portal.html", {"documents": documents, "page_lang": "en", "csrf_token": ctx.csrf_token}
+        request,
+        "portal.html",
+        {
+            "page": page,
+            "words": page.words,
+            "page_lang": page.words.lang,
+            "page_dir": page.words.direction,
+            "csrf_token": ctx.csrf_token,
+        },
     )
 
 
@@ -65,7 +81,9 @@ async def portal_file(document_id: str, kind: str, ctx: PortalContext) -> Respon
     async with workflow_errors(ctx.db), ctx.fhir() as fhir:
         file = await read_portal_file(ctx.workflow(), fhir, document_id, FileKind(kind))
     await ctx.db.commit()
-    headers = {"Cache-Control": "private, no-store"}
-    if file.kind is FileKind.PDF:
-        headers["Content-Disposition"] = 'inline; filename="carecanvas-handout.pdf"'
+    # The name says what the file is when the patient saves it (ASCII only: it is built from a slug).
+    headers = {
+        "Cache-Control": "private, no-store",
+        "Content-Disposition": f'inline; filename="{file.filename}"',
+    }
     return Response(file.content, media_type=file.kind.content_type, headers=headers)

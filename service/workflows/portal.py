@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -10,14 +11,15 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from fhir_adapters import FhirClient, ForbiddenError, NotFoundError
+from fhir_adapters import FhirClient, FhirError, ForbiddenError, NotFoundError
+from fhir_adapters.conditions import summarize_patient
 from service.audit import AuditAction, AuditEntity, AuditOutcome
 from service.workflows.approve import IDENTIFIER_SYSTEM
 from service.workflows.context import WorkflowContext
 from service.workflows.errors import NotAllowedError, PortalFileError
+from service.workflows.portal_text import PortalWords, language_name, portal_words
 
 FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
-LANGUAGE_NAMES = {"en": "English", "es": "Español"}
 _MAX_DOCUMENTS = "50"
 
 
@@ -45,6 +47,24 @@ class PortalDocument:
     created: str | None
     has_png: bool
     has_pdf: bool
+    checked_by: str | None = None  # the approving clinician's name, when the EHR's record names them
+
+    @property
+    def pdf_filename(self) -> str:
+        """A name that says what the file is: "handout-<first words of the caption>-<date>.pdf"."""
+        words = re.sub(r"[^a-z0-9]+", "-", self.caption.lower()).strip("-")[:40].strip("-")
+        return (
+            "-".join(part for part in ("handout", words or "carecanvas", self.created or "") if part) + ".pdf"
+        )
+
+
+@dataclass(frozen=True)
+class PortalPage:
+    """The portal page: the patient's name (None when the record could not be read), words, documents."""
+
+    patient_name: str | None
+    words: PortalWords
+    documents: list[PortalDocument]
 
 
 def is_carecanvas_document(resource: dict[str, Any]) -> bool:
@@ -72,15 +92,17 @@ def portal_document(resource: dict[str, Any]) -> PortalDocument:
     language = str(first.get("language") or resource.get("language") or "en")
     # The PNG's title is the alt text; the PDF's title is the alt text plus the AI disclosure.
     alt_text = str((png or {}).get("title") or first.get("title") or "An illustration from your care team.")
+    authors = [a for a in resource.get("author") or [] if isinstance(a, dict) and a.get("display")]
     return PortalDocument(
         id=str(resource.get("id")),
         caption=str(resource.get("description") or "A picture from your care team"),
         alt_text=alt_text,
         language=language,
-        language_name=LANGUAGE_NAMES.get(language.split("-")[0], language),
+        language_name=language_name(language),
         created=str(first.get("creation") or resource.get("date") or "")[:10] or None,
         has_png=png is not None,
         has_pdf=pdf is not None,
+        checked_by=str(authors[0]["display"]) if authors else None,
     )
 
 
@@ -93,6 +115,26 @@ def shown_on_portal(resource: dict[str, Any], patient_id: str) -> bool:
         and resource.get("status") == "current"
         and resource.get("docStatus", "final") == "final"
     )
+
+
+async def _read_patient(fhir: FhirClient, patient_id: str) -> dict[str, Any] | None:
+    """The patient's own record, for their name and language; the page still works without it."""
+    try:
+        return await fhir.read("Patient", patient_id)
+    except FhirError:
+        return None
+
+
+async def load_portal_page(ctx: WorkflowContext, fhir: FhirClient) -> PortalPage:
+    """The patient's name and language (one Patient read) and their documents, read side by side."""
+    patient_id = ctx.patient_id or ""
+    patient, documents = await asyncio.gather(
+        _read_patient(fhir, patient_id), list_portal_documents(ctx, fhir)
+    )
+    if patient is not None:
+        await ctx.audit(AuditAction.FHIR_READ, resource=f"Patient/{patient_id}")
+    name = summarize_patient(patient).display_name if patient is not None else None
+    return PortalPage(patient_name=name, words=portal_words(patient), documents=documents)
 
 
 async def list_portal_documents(ctx: WorkflowContext, fhir: FhirClient) -> list[PortalDocument]:
@@ -119,6 +161,7 @@ async def list_portal_documents(ctx: WorkflowContext, fhir: FhirClient) -> list[
 class PortalFile:
     content: bytes
     kind: FileKind
+    filename: str
 
 
 async def read_portal_file(
@@ -152,7 +195,9 @@ async def read_portal_file(
         detail={"kind": kind.value},
         description=f"{ctx.actor_reference} opened the {kind.value} of {resource_ref} in the portal",
     )
-    return PortalFile(content=content, kind=kind)
+    document = portal_document(resource)
+    filename = document.pdf_filename if kind is FileKind.PDF else document.pdf_filename[:-4] + ".png"
+    return PortalFile(content=content, kind=kind, filename=filename)
 
 
 def _check_hash(content: bytes, attachment: dict[str, Any]) -> None:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 from harness import CONDITION, RunningApp, csrf_from, launch_session, wait_for_job
+from playwright.sync_api import expect, sync_playwright
 from sqlalchemy import func, select
 
 from sandbox.run import SandboxEHR
@@ -84,7 +86,12 @@ def test_portal_shows_the_patients_approved_pictures(
         assert page.status_code == 200
         assert approved_document in DOCUMENT_ID.findall(page.text)
         assert f'alt="{ALT_TEXT}"' in page.text
-        assert "Language: English" in page.text
+        # Maria Rivera prefers Spanish (Patient.communication): the page speaks it; the picture is English.
+        assert '<html lang="es" dir="ltr">' in page.text
+        assert "Idioma: English" in page.text
+        assert "Imágenes de su equipo de salud" in page.text
+        assert re.search(r'data-testid="portal-patient-name">Maria [^<]*Rivera<', page.text)
+        assert 'data-testid="portal-sign-out">Cerrar sesión<' in page.text
         assert 'data-testid="portal-caption"' in page.text
         assert '<link rel="stylesheet" href="/style.css">' in page.text
         image = client.get(f"/portal/documents/{approved_document}/png")
@@ -95,8 +102,29 @@ def test_portal_shows_the_patients_approved_pictures(
         assert handout.status_code == 200
         assert handout.headers["content-type"] == "application/pdf"
         assert handout.content.startswith(b"%PDF")
+        # Saved on the patient's phone, the file says what it is (not carecanvas-handout.pdf for all).
+        disposition = handout.headers["content-disposition"]
+        assert re.fullmatch(r'inline; filename="handout-[a-z0-9-]+-\d{4}-\d\d-\d\d\.pdf"', disposition)
         assert "--smart-color-background" in client.get("/style.css").text
     assert portal_views(carecanvas) == views_before + 3  # the list, the picture, the handout
+
+
+def test_portal_speaks_english_to_a_patient_whose_language_it_lacks_and_arabic_right_to_left() -> None:
+    from service.workflows.portal_text import portal_language, portal_words
+
+    def patient(*codes: str) -> dict[str, object]:
+        return {"communication": [{"language": {"coding": [{"code": code}]}} for code in codes]}
+
+    assert portal_words(patient("de")).lang == "en"  # German is not offered: English, not an error
+    assert portal_words(patient("de", "vi")).lang == "vi"  # the first language it has
+    arabic = portal_words(patient("ar-SA"))
+    assert (arabic.lang, arabic.direction) == ("ar", "rtl")
+    assert (portal_language("zh-CN"), portal_language("zh-Hant-TW"), portal_language("fil")) == (
+        "zh-Hans",
+        None,
+        "tl",
+    )
+    assert portal_words(None).lang == "en"
 
 
 def test_another_patient_sees_none_of_it(
@@ -124,13 +152,20 @@ def test_portal_and_clinician_sessions_stay_apart(sandbox: SandboxEHR, carecanva
 
 
 def test_portal_launch_refuses_unknown_ehrs_and_missing_sessions(carecanvas: RunningApp) -> None:
-    for params in ({"ehr": "not-registered"}, {}):
-        response = httpx.get(f"{carecanvas.url}/portal/launch", params=params, timeout=30)
-        assert response.status_code == 400
-        assert "not registered" in response.text
+    unknown = httpx.get(f"{carecanvas.url}/portal/launch", params={"ehr": "not-registered"}, timeout=30)
+    assert unknown.status_code == 404
+    # Written for a patient: no EHR jargon, no pointer at the project's docs.
+    assert "ask your care team" in unknown.text
+    assert "docs/" not in unknown.text
+    # Without ?ehr= the one EHR with a portal is used: the patient goes straight to its sign-in.
+    only_one = httpx.get(f"{carecanvas.url}/portal/launch", timeout=30)
+    assert only_one.status_code == 302
+    assert "/authorize?" in only_one.headers["location"]
     anonymous = httpx.get(f"{carecanvas.url}/portal", timeout=30)
     assert anonymous.status_code == 401
     assert "location" not in anonymous.headers
+    assert "open them from your patient portal" in anonymous.text
+    assert "chart in your EHR" not in anonymous.text
     unknown_kind = httpx.get(f"{carecanvas.url}/portal/documents/doc-1/exe", timeout=30)
     assert unknown_kind.status_code == 401  # no session: nothing is looked at
 
@@ -140,3 +175,51 @@ def test_portal_files_need_a_valid_document_id_and_kind(sandbox: SandboxEHR, car
         assert client.get("/portal/documents/doc-1/exe").status_code == 404
         assert client.get("/portal/documents/not%20an%20id/png").status_code == 404
         assert client.get("/portal/documents/does-not-exist/png").status_code == 404
+
+
+@pytest.mark.browser
+@pytest.mark.parametrize(("width", "height"), [(390, 844), (1280, 800)])
+def test_a_patient_reads_the_portal_on_a_phone_and_a_desktop(
+    sandbox: SandboxEHR, carecanvas: RunningApp, approved_document: str, width: int, height: int
+) -> None:
+    from test_compliance_browser import AXE, CHROMIUM_ARGS, serious_violations
+
+    assert AXE.exists(), "axe-core is missing: run scripts/bootstrap"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_ARGS
+        )
+        try:
+            # bypass_csp only so axe-core can be injected; the pages themselves run under the real CSP.
+            page = browser.new_context(
+                bypass_csp=True, viewport={"width": width, "height": height}
+            ).new_page()
+            page.goto(f"{carecanvas.url}/portal/launch")  # no ?ehr=: the one portal there is
+            page.get_by_role("button", name=re.compile("Maria")).click()  # the sandbox's sign-in picker
+            page.wait_for_url(f"{carecanvas.url}/portal")
+            card = page.locator(f'[data-testid="portal-document"]:has(img[src*="{approved_document}"])')
+            image = card.locator("img")
+            expect(image).to_be_visible()
+            image_box, card_box = image.bounding_box(), card.bounding_box()
+            assert image_box is not None
+            assert card_box is not None
+            assert image_box["x"] >= card_box["x"] - 0.5  # the picture fits its card
+            assert image_box["x"] + image_box["width"] <= card_box["x"] + card_box["width"] + 0.5
+            assert page.evaluate(
+                "document.documentElement.scrollWidth <= window.innerWidth"
+            )  # no sideways scroll
+            for target in (card.get_by_test_id("portal-handout"), page.get_by_test_id("portal-sign-out")):
+                box = target.bounding_box()
+                assert box is not None
+                assert box["height"] >= 44
+                assert box["width"] >= 44
+            assert serious_violations(page) == []
+            if width == 390:
+                shots = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
+                shots.mkdir(exist_ok=True)
+                page.screenshot(path=str(shots / "portal-phone.png"), full_page=False)
+            page.get_by_test_id("portal-sign-out").click()
+            expect(page.get_by_test_id("signed-out")).to_be_visible()
+            assert serious_violations(page) == []
+        finally:
+            browser.close()
