@@ -1,0 +1,41 @@
+"""The naive serving pattern (diffusers' example server): one pipeline call per request in a thread executor.
+
+Run: ``python -m bench.naive_server MODEL_DIR PORT``. POST /generate {"prompt", "seed"} answers the PNG.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from bench.tiny_serving import generate, load_pipeline, parsed, png_bytes
+
+
+def make_app(pipeline: Any) -> Starlette:
+    async def generate_one(request: Request) -> Response:
+        prompt, seed = await parsed(request)
+        loop = asyncio.get_running_loop()
+        # As the example server does it: the shared pipeline, called once per request on the default pool.
+        images = await loop.run_in_executor(None, generate, pipeline, [prompt], [seed])
+        return Response(png_bytes(images[0]), media_type="image/png")
+
+    return Starlette(routes=[Route("/generate", generate_one, methods=["POST"])])
+
+
+def main() -> None:
+    import uvicorn
+
+    model_path, port = Path(sys.argv[1]), int(sys.argv[2])
+    app = make_app(load_pipeline(model_path))
+    uvicorn.run(app, host="127.0.0.1", port=port, access_log=False, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()
