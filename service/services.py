@@ -16,6 +16,7 @@ from fastapi.templating import Jinja2Templates
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from fhir_adapters import fhir_pool
+from service import images
 from service.audit import AuditLog
 from service.crypto import Keyring
 from service.db.engine import make_read_sessionmaker
@@ -140,6 +141,7 @@ def make_templates() -> Jinja2Templates:
 
 async def build_services(settings: Settings, *, ehrs: EhrRegistry | None = None) -> Services:
     """The one place the concrete stores, registries and pools are built (signing keys load once)."""
+    images.set_max_pixels(settings.max_image_pixels)  # the pixel cap for every image this process decodes
     engine, sessionmaker = await open_database(settings)
     keyring = open_keyring(settings)
     registry = ehrs or EhrRegistry.from_settings(settings)
