@@ -8,6 +8,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from enum import StrEnum
 from typing import Any
 
 import structlog
@@ -18,6 +19,8 @@ from fhir_adapters import (
     FatalFhirError,
     FhirClient,
     FhirError,
+    RequestLimitError,
+    RequestTooLargeError,
     ResourceValidationError,
     TemporaryFhirError,
     WriteRefusal,
@@ -28,6 +31,7 @@ from fhir_adapters import (
     write_document_set,
     write_refusal,
 )
+from fhir_adapters.us_core import practitioner_organization
 from service.audit import (
     AuditAction,
     AuditEntity,
@@ -37,20 +41,25 @@ from service.audit import (
     carecanvas_ref,
 )
 from service.documents import DocumentView, DraftContent, load_document, save_content, transition
-from service.ehr_profile import EhrProfile
-from service.generation.handout import render_handout_pdf
+from service.ehr_profile import EhrProfile, LearnedLimit
+from service.generation.handout import clinic_details_of, render_handout_pdf
 from service.generation.models import ModelSpec
 from service.generation.text import normalise_free_text
+from service.images import ImageTooLargeError, optimise_png, png_size
 from service.metrics import record_writeback
 from service.workflows.context import WorkflowContext
 from service.workflows.errors import (
+    AboveReadingTargetError,
     ApprovalInProgressError,
     BinaryScopeMissingError,
     NotAllowedError,
     NotReadyError,
+    OrganizationUnknownError,
     WriteBackFailedError,
+    WriteBackTooLargeError,
 )
 from service.workflows.regenerate import SupersedeOutcome, supersede_document
+from service.workflows.review import MAX_CAPTION_GRADE, measured_grade
 from service.workflows.reviewer import Reviewer, approving_reviewer, provenance_agent
 
 log = structlog.get_logger("carecanvas.approve")
@@ -64,6 +73,8 @@ TEST_MODEL_NOTICE = (
 APPROVAL_LEASE = timedelta(seconds=120)
 # A second approval of the same picture waits this long for the first one's answer before giving up.
 WAIT_FOR_OTHER_APPROVAL_SECONDS = 45.0
+# Each try after a refusal narrows something (attachments, the body limit, the picture), so this is plenty.
+MAX_WRITE_ATTEMPTS = 6
 
 
 def fallback_policy(error: FhirError, policy: AttachmentPolicy) -> tuple[AttachmentPolicy, str] | None:
@@ -79,7 +90,7 @@ def fallback_policy(error: FhirError, policy: AttachmentPolicy) -> tuple[Attachm
             "This EHR does not take image files, so only the PDF handout (which shows the picture) was saved."
             f" The EHR said: {error.diagnostics}",
         )
-    if refusal is WriteRefusal.TOO_LARGE and policy.max_inline_bytes > 0:
+    if refusal is WriteRefusal.INLINE_TOO_LARGE and policy.max_inline_bytes > 0:
         return (
             AttachmentPolicy(accept_images=policy.accept_images, max_inline_bytes=0),
             "This EHR limits the size of documents sent in one piece, so the files were uploaded separately.",
@@ -97,13 +108,38 @@ class WriteBackResult:
     superseded: SupersedeOutcome | None = None
 
 
+class AboveTargetReason(StrEnum):
+    """Why a clinician approved a caption that reads above the plain-language target (audited)."""
+
+    TERMS_EXPLAINED = "terms-explained"
+    PATIENT_ASKED = "patient-asked"
+    READ_TOGETHER = "read-together"
+
+    @property
+    def label(self) -> str:
+        return ABOVE_TARGET_LABELS[self]
+
+
+ABOVE_TARGET_LABELS: dict[AboveTargetReason, str] = {
+    AboveTargetReason.TERMS_EXPLAINED: "The medical words are needed, and I explained them to the patient",
+    AboveTargetReason.PATIENT_ASKED: "The patient asked for the fuller wording",
+    AboveTargetReason.READ_TOGETHER: "I read the handout together with the patient",
+}
+
+
 @dataclass(frozen=True)
 class Approval:
-    """What the clinician approved: the job and the caption and alt text as they stood on the form."""
+    """What the clinician approved: the job and the caption and alt text as they stood on the form.
+
+    `reading_target`: refuse a caption above the plain-language grade unless `above_target` says why
+    (the clinician's pages set it; the JSON API does not yet).
+    """
 
     job_id: str
     caption: str
     alt_text: str
+    reading_target: bool = False
+    above_target: AboveTargetReason | None = None
 
 
 @dataclass(frozen=True)
@@ -204,9 +240,30 @@ async def _settled(ctx: WorkflowContext, document: DocumentView | None) -> Write
     return None
 
 
-async def _audit_approval(ctx: WorkflowContext, document: DocumentView, before: DraftContent) -> None:
+def _check_reading_target(content: DraftContent, approval: Approval) -> float | None:
+    """The approved caption's grade; raises where it is above the target and no reason was given."""
+    grade = measured_grade(content.caption, content.language)
+    too_hard = grade is not None and grade > MAX_CAPTION_GRADE
+    if approval.reading_target and too_hard and approval.above_target is None:
+        raise AboveReadingTargetError(
+            f"The caption reads at grade {grade:.1f}, above the target of grade {MAX_CAPTION_GRADE:.0f}. "
+            "Make it simpler, or choose \u201capprove anyway\u201d and say why."
+        )
+    return grade
+
+
+async def _audit_approval(
+    ctx: WorkflowContext, document: DocumentView, before: DraftContent, approval: Approval
+) -> None:
     content = document.content
     approved = ApprovedText.of(content)
+    grade = measured_grade(content.caption, content.language)
+    above = grade is not None and grade > MAX_CAPTION_GRADE
+    reading = {
+        "reading_grade": grade,
+        "above_target": above,
+        "above_target_reason": approval.above_target.value if above and approval.above_target else None,
+    }
     entities = [draft_entity(document), _source_entity(content)]
     if content.caption != before.caption or content.alt_text != before.alt_text:
         await ctx.audit(
@@ -221,9 +278,14 @@ async def _audit_approval(ctx: WorkflowContext, document: DocumentView, before: 
         AuditAction.APPROVE,
         entities=entities,
         patient=content.patient_id,
-        detail={"job_id": document.job_id, **approved.detail()},
+        detail={"job_id": document.job_id, **approved.detail(), **reading},
         description=f"{ctx.actor_reference} approved the picture about {content.source_reference}"
-        + (" with edited text" if approved.edited else " as generated"),
+        + (" with edited text" if approved.edited else " as generated")
+        + (
+            f", above the reading target (grade {grade:.1f}; reason {reading['above_target_reason']})"
+            if above and grade is not None
+            else ""
+        ),
     )
 
 
@@ -250,15 +312,19 @@ async def _claim(ctx: WorkflowContext, approval: Approval) -> DocumentView | Wri
             await asyncio.sleep(0.25)
             continue
         before = document.content
-        await save_content(
-            db, keyring=keyring, document=document, content=_approved_content(before, approval)
-        )
+        approved_content = _approved_content(before, approval)
+        try:
+            _check_reading_target(approved_content, approval)
+        except AboveReadingTargetError:
+            await db.commit()
+            raise
+        await save_content(db, keyring=keyring, document=document, content=approved_content)
         if not await transition(
             db, document=document, to_status="approved", from_statuses=(document.status,), error=None
         ):
             await db.rollback()  # another approval changed the row since we read it: look again
             continue
-        await _audit_approval(ctx, document, before)
+        await _audit_approval(ctx, document, before, approval)
         await db.commit()
         return document
 
@@ -306,6 +372,12 @@ class _WriteBack:
         self.practitioner_id = practitioner_id
         self.profile = profile
         self.policy: AttachmentPolicy = profile.attachments  # narrowed when the EHR refuses the attachments
+        # Lowered when the EHR (or its proxy) refuses a body as too large; the PNG attachment may be made
+        # smaller to fit it (the handout PDF always shows the original picture).
+        self.limits = LearnedLimit(target=profile.max_request_bytes, ceiling=profile.request_ceiling_bytes)
+        self.attachment_png = png
+        self.png_optimised = False
+        self.organization_id: str = ""
         self.notes: list[str] = []
         content = document.content
         self.replaces = content.replaces.fhir_document_id if content.replaces else None
@@ -335,13 +407,27 @@ class _WriteBack:
         """The written DocumentReference's id; each failure is recorded and becomes WriteBackFailedError."""
         db = self.ctx.db
         try:
+            self.organization_id = await self._organization()
             return await self._write_with_fallbacks()
+        except RequestLimitError as error:
+            await self._record_failure("over the EHR's request size limit", status=None)
+            raise _too_large(error.limit_bytes) from error
         except FhirError as error:
             await self._record_failure(f"EHR answered {error.status}", status=error.status)
-            raise _write_back_failed(error) from error
+            raise _write_back_failed(error, limit=self.limits.ceiling) from error
         except BinaryScopeMissingError as error:
             await self._record_failure("Binary create not granted", status=None)
             raise WriteBackFailedError(str(error), retryable=False) from error
+        except OrganizationUnknownError:
+            await self._record_failure("no organization for US Core custodian/onBehalfOf", status=None)
+            raise
+        except ImageTooLargeError as error:
+            await self._record_failure("picture over the pixel cap", status=None)
+            raise WriteBackFailedError(
+                f"This picture is too big to put in a handout ({error.width} by {error.height} dots). "
+                "Nothing was sent. Make a new, smaller picture.",
+                retryable=False,
+            ) from error
         except (ResourceValidationError, ValueError) as error:
             # A resource we built is invalid: our bug. Nothing was sent (everything is validated first).
             log.error(
@@ -363,20 +449,99 @@ class _WriteBack:
             raise
 
     async def _write_with_fallbacks(self) -> str:
-        while True:
+        for _ in range(MAX_WRITE_ATTEMPTS - 1):
             try:
                 return await self._write_once()
-            except FatalFhirError as error:
-                fallback = fallback_policy(error, self.policy)
-                if fallback is None:
+            except RequestLimitError as error:  # nothing was sent: one attachment alone is over the limit
+                if not self._shrink_picture(error):
                     raise
-                self.policy, note = fallback
-                self.notes.append(note)
-                log.info(
-                    "write-back retried with narrower attachments",
-                    job_id=self.document.job_id,
-                    status=error.status,
-                )
+            except RequestTooLargeError as error:  # the EHR or its proxy refused the body as too large
+                if write_refusal(error) is WriteRefusal.TOO_LARGE and not self._learn_limit(error):
+                    raise
+                if write_refusal(error) is WriteRefusal.INLINE_TOO_LARGE and not self._narrow(error):
+                    raise
+            except FatalFhirError as error:
+                if not self._narrow(error):
+                    raise
+        return await self._write_once()
+
+    def _narrow(self, error: FhirError) -> bool:
+        """Narrow the attachments after a refusal that names them; False when nothing narrower is left."""
+        fallback = fallback_policy(error, self.policy)
+        if fallback is None:
+            return False
+        self.policy, note = fallback
+        self.notes.append(note)
+        log.info(
+            "write-back retried with narrower attachments", job_id=self.document.job_id, status=error.status
+        )
+        return True
+
+    def _learn_limit(self, error: RequestTooLargeError) -> bool:
+        """Remember the EHR's lower body limit (for every later write) and try again within it."""
+        learned = self.ctx.services.profiles.learn_request_limit(
+            self.ctx.ehr.name,
+            current=self.limits,
+            refused_bytes=error.sent_bytes,
+            stated_limit=error.limit_bytes,
+        )
+        # Warning, not info: an operator should raise the proxy's limit or the registration's setting.
+        log.warning(
+            "EHR refused the write-back as too large",
+            job_id=self.document.job_id,
+            ehr=self.ctx.ehr.name,
+            status=error.status,
+            sent_bytes=error.sent_bytes,
+            max_request_bytes=learned.target if learned else None,
+        )
+        if learned is None:
+            return False
+        self.limits = learned
+        return True
+
+    def _shrink_picture(self, error: RequestLimitError) -> bool:
+        """The PNG alone is over the limit: a smaller encoding of it, else the PDF handout alone."""
+        if error.content_type != "image/png" or not self.policy.accept_images:
+            return False
+        smaller = None if self.png_optimised else optimise_png(self.png, max_bytes=error.max_data_bytes)
+        self.png_optimised = True
+        if smaller is not None:
+            self.attachment_png, lossless = smaller
+            self.notes.append(
+                "This EHR takes only small files, so the picture file was saved in a smaller form"
+                + ("." if lossless else " with fewer colours. The handout shows the full picture.")
+            )
+        else:
+            self.policy = AttachmentPolicy(accept_images=False, max_inline_bytes=self.policy.max_inline_bytes)
+            self.notes.append(
+                "This EHR takes only small files, so only the PDF handout (which shows the picture) "
+                "was saved."
+            )
+        log.warning(
+            "write-back picture made to fit the EHR's body limit",
+            job_id=self.document.job_id,
+            ehr=self.ctx.ehr.name,
+            max_request_bytes=error.limit_bytes,
+            outcome="smaller" if smaller is not None else "dropped",
+        )
+        return True
+
+    async def _organization(self) -> str:
+        """US Core's custodian and onBehalfOf: the registration's organization, else the clinician's
+        PractitionerRole's; neither means nothing can be written that conforms."""
+        configured = self.ctx.ehr.organization_id
+        if configured:
+            return configured
+        found = None
+        if self.ctx.scopes.allows("PractitionerRole", "search"):
+            found = await practitioner_organization(self.fhir, self.practitioner_id)
+        if found is None:
+            raise OrganizationUnknownError(
+                "CareCanvas does not know which organization this note belongs to, so it cannot save it. "
+                "Nothing was sent. Ask your EHR team to set organization_id for this EHR in CareCanvas, "
+                "or to give you a PractitionerRole with an organization."
+            )
+        return found
 
     async def _write_once(self) -> str:
         now = datetime.now(UTC)
@@ -403,23 +568,26 @@ class _WriteBack:
             identifier_system=IDENTIFIER_SYSTEM,
             identifier_value=artifact_identifier(self.document.job_id),
             binaries=binaries,
+            max_request_bytes=self.limits.target,
+            request_ceiling_bytes=self.limits.ceiling,
         )
         return written.document_id
 
     def _document_input(self, now: datetime) -> DocumentReferenceInput:
         content = self.document.content
+        png_size(self.png, cap=self.ctx.services.settings.max_image_pixels)
         return DocumentReferenceInput(
             identifier_value=artifact_identifier(self.document.job_id),
             patient_id=content.patient_id or "",
             practitioner_id=self.practitioner_id,
-            organization_id=self.ctx.ehr.organization_id,
+            organization_id=self.organization_id,
             encounter_id=content.encounter_id,
             condition_id=content.condition_id,
             source_ref=None if content.condition_id else content.source_reference,
             description=_description(content),
             language=content.language,
             pdf=self._handout(now),
-            png=self.png,
+            png=self.attachment_png,
             alt_text=content.alt_text,
             created=now,
             date=now,
@@ -437,6 +605,9 @@ class _WriteBack:
             created=now.date(),
             page_size=self.ctx.ehr.handout_page_size,
             test_model_notice=TEST_MODEL_NOTICE if self.model.is_test_model else None,
+            # The same sections and clinic lines as the review page's preview (drafts.py).
+            sections=self.ctx.services.prompts.sections(content.topic_id, content.language),
+            clinic=clinic_details_of(self.ctx.ehr),
         )
 
     def _provenance(self, now: datetime) -> dict[str, Any]:
@@ -453,7 +624,7 @@ class _WriteBack:
             target_ref=f"urn:uuid:{uuid.uuid4()}",
             device_ref=f"urn:uuid:{uuid.uuid4()}",
             practitioner_id=self.practitioner_id,
-            organization_id=self.ctx.ehr.organization_id,
+            organization_id=self.organization_id,
             condition_id=content.condition_id,
             source_ref=None if content.condition_id else content.source_reference,
             prompt_markdown=_prompt_markdown(content, self.model),
@@ -522,7 +693,21 @@ class _WriteBack:
         record_writeback(ctx.ehr.name, written=False)
 
 
-def _write_back_failed(error: FhirError) -> WriteBackFailedError:
+def _too_large(limit_bytes: int | None) -> WriteBackTooLargeError:
+    size = f" It takes at most {_size_words(limit_bytes)} at a time." if limit_bytes else ""
+    return WriteBackTooLargeError(
+        f"The files are too big for this EHR.{size} Trying again will not help. Nothing was sent twice. "
+        "Ask your EHR team to raise the limit."
+    )
+
+
+def _size_words(size: int) -> str:
+    return f"{size / 1_000_000:.1f} MB" if size >= 1_000_000 else f"{max(1, round(size / 1000))} KB"
+
+
+def _write_back_failed(error: FhirError, *, limit: int) -> WriteBackFailedError:
+    if isinstance(error, RequestTooLargeError):
+        return _too_large(error.limit_bytes or limit)
     if isinstance(error, TemporaryFhirError):
         return WriteBackFailedError(
             "The EHR did not answer in time. Nothing was saved twice: try again in a minute.", retryable=True
