@@ -23,6 +23,8 @@ _BY_REASON: dict[Reason, tuple[int, str, ErrorCode]] = {
     Reason.BINARY_SCOPE_MISSING: (502, "The EHR did not accept the document", ErrorCode.EHR_ERROR),
     Reason.WRITE_BACK_RETRYABLE: (503, "The EHR did not answer in time", ErrorCode.EHR_UNAVAILABLE),
     Reason.WRITE_BACK_REJECTED: (502, "The EHR did not accept the document", ErrorCode.EHR_ERROR),
+    Reason.WRITE_BACK_TOO_LARGE: (502, "Too large for this EHR", ErrorCode.EHR_TOO_LARGE),
+    Reason.ORGANIZATION_UNKNOWN: (409, "Your organization is not known", ErrorCode.NO_ORGANIZATION),
     Reason.JOB_NOT_FOUND: (404, "No such illustration", ErrorCode.NOT_FOUND),
     Reason.FILE_NOT_AVAILABLE: (404, "File not available", ErrorCode.NOT_FOUND),
     Reason.FILE_DAMAGED: (502, "The file could not be read", ErrorCode.EHR_ERROR),

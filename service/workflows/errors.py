@@ -13,6 +13,8 @@
       ├── AboveReadingTargetError         above_reading_target (approve anyway needs a reason)
       ├── PortalFileError                 file_not_available | file_damaged
       └── WriteBackFailedError            write_back_retryable | write_back_rejected
+            ├── WriteBackTooLargeError      write_back_too_large (over the EHR's body limit: never retry)
+            └── OrganizationUnknownError    organization_unknown (no custodian for US Core)
 
 Messages are written for the clinician and never carry patient data.
 """
@@ -32,6 +34,8 @@ class Reason(StrEnum):
     BINARY_SCOPE_MISSING = "binary_scope_missing"
     WRITE_BACK_RETRYABLE = "write_back_retryable"
     WRITE_BACK_REJECTED = "write_back_rejected"
+    WRITE_BACK_TOO_LARGE = "write_back_too_large"
+    ORGANIZATION_UNKNOWN = "organization_unknown"
     NOT_ALLOWED = "not_allowed"
     JOB_NOT_FOUND = "job_not_found"
     FILE_NOT_AVAILABLE = "file_not_available"
@@ -96,6 +100,22 @@ class WriteBackFailedError(WorkflowError, RuntimeError):
         super().__init__(message)
         self.retryable = retryable
         self.reason = Reason.WRITE_BACK_RETRYABLE if retryable else Reason.WRITE_BACK_REJECTED
+
+
+class WriteBackTooLargeError(WriteBackFailedError):
+    """The EHR (or its proxy) refuses the files as too large even sent apart: trying again never helps."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retryable=False)
+        self.reason = Reason.WRITE_BACK_TOO_LARGE
+
+
+class OrganizationUnknownError(WriteBackFailedError):
+    """Neither the registration nor the clinician's PractitionerRole names the organization US Core needs."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retryable=False)
+        self.reason = Reason.ORGANIZATION_UNKNOWN
 
 
 class NotAllowedError(WorkflowError, PermissionError):
