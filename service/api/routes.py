@@ -64,6 +64,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         (409, "Not ready, or being saved right now"),
         (413, "Request body too large"),
         (422, "The body or a parameter does not match its schema"),
+        (429, "Too many requests from this client (Retry-After), or too many of the caller's jobs waiting"),
         (502, "The EHR answered with an error"),
         (503, "The EHR is not answering right now"),
     )
