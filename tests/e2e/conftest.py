@@ -36,6 +36,8 @@ def carecanvas(
         auth_base=sandbox.auth_base,
         ehr_origin=origin_of(sandbox.ehr_url),
         port=app_port,
-    )
+    ).model_copy(
+        update={"portrait_reviewers": {"Practitioner/prac-3": "artist"}}
+    )  # Sofia Lopez reviews portraits
     with running_app(settings, port=app_port) as app:
         yield app
