@@ -11,6 +11,7 @@ X-Forwarded-For for the proxies it trusts (FORWARDED_ALLOW_IPS).
 from __future__ import annotations
 
 import html
+import ipaddress
 import math
 import re
 import time
@@ -85,6 +86,21 @@ class TokenBuckets:
         return (1.0 - bucket.tokens) / rate
 
 
+def client_key(host: str | None) -> str:
+    """The bucket of a client address: IPv4 as is, IPv6 by its /64 (one site or device holds a whole /64)."""
+    if not host:
+        return "unknown"
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
+
+
 def limits_from(settings: Settings) -> dict[RateGroup, TokenBuckets]:
     """The configured limits; a rate of 0 switches that group's limit off."""
     configured = {
@@ -149,7 +165,7 @@ class RateLimitMiddleware:
             limit = self.limits.get(group) if group is not None else None
             if group is not None and limit is not None:
                 client = scope.get("client")
-                wait = limit.take(client[0] if client else "unknown")
+                wait = limit.take(client_key(client[0] if client else None))
                 if wait > 0:
                     self._log(group)
                     retry_after = max(1, math.ceil(wait))

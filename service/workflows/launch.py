@@ -124,7 +124,7 @@ async def complete_launch(
     state: str | None,
     http: httpx.AsyncClient,
 ) -> tuple[TokenSet, SmartConfiguration]:
-    """Check state (the caller already removed `pending` from the session), exchange the code.
+    """Check state (the caller already spent it: single use), exchange the code.
 
     The id_token is verified by `exchange_code`; a missing one is refused when `openid` was asked for.
     """

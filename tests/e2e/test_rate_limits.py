@@ -16,7 +16,7 @@ from service.db.models import Job
 from service.ehrs import origin_of
 from service.generation.readability import caption_grade
 from service.settings import EhrSettings, Settings
-from service.web.rate_limit import RateGroup, TokenBuckets, rate_group
+from service.web.rate_limit import RateGroup, TokenBuckets, client_key, rate_group
 
 
 class Clients:
@@ -148,3 +148,12 @@ def test_token_buckets_refill_and_stay_bounded() -> None:
         buckets.take(key)
     assert len(buckets._buckets) == 3
     assert "a" not in buckets._buckets  # the least recently used went
+
+
+def test_clients_are_keyed_by_address_and_ipv6_by_its_64() -> None:
+    assert client_key("203.0.113.7") == "203.0.113.7"
+    assert client_key("2001:db8:1:2:aaaa::1") == client_key("2001:db8:1:2:bbbb::9") == "2001:db8:1:2::/64"
+    assert client_key("2001:db8:1:3::1") != client_key("2001:db8:1:2::1")
+    assert client_key("::ffff:203.0.113.7") == "203.0.113.7"
+    assert client_key(None) == "unknown"
+    assert client_key("testclient") == "testclient"
