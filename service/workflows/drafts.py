@@ -15,7 +15,7 @@ from service.documents import (
     recent_documents,
     save_content,
 )
-from service.generation.handout import render_handout_pdf
+from service.generation.handout import clinic_details_of, render_handout_pdf
 from service.generation.text import normalise_free_text
 from service.jobs import JobStatus
 from service.pdf_pages import PdfPageError, page_count, page_png
@@ -89,6 +89,8 @@ async def _draft_handout(ctx: WorkflowContext, job: JobProgress) -> tuple[bytes,
         created=datetime.now(UTC).date(),
         page_size=ctx.ehr.handout_page_size,
         test_model_notice=TEST_MODEL_NOTICE if model.is_test_model else None,
+        sections=ctx.services.prompts.sections(content.topic_id, content.language),
+        clinic=clinic_details_of(ctx.ehr),
     )
     return pdf, content
 
