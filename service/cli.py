@@ -343,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     from service.keys_cli import add_keys_parser
 
     add_keys_parser(commands)
+    from service.jobs_cli import add_jobs_parser
+
+    add_jobs_parser(commands)
     models = commands.add_parser("models", help="diffusion models").add_subparsers(
         dest="models_command", required=True
     )

@@ -547,11 +547,7 @@ class JobQueue:
 
     async def list_jobs(self, *, status: JobStatus | None = None, limit: int = 100) -> list[JobView]:
         """Newest first, for operators: status, attempts, crashes and the reason; never the spec."""
-        query = select(Job).order_by(Job.updated_at.desc(), Job.id).limit(max(1, limit))
-        if status is not None:
-            query = query.where(Job.status == status)
-        async with self._sessionmaker() as session, session.begin():
-            return [_view(job) for job in (await session.execute(query)).scalars().all()]
+        return await list_jobs(self._sessionmaker, status=status, limit=limit)
 
     async def store_preview(self, job_id: str, png: bytes) -> bool:
         """Replace a running job's low-cost preview; False (nothing stored) once the job has finished."""
@@ -664,6 +660,17 @@ class JobQueue:
         job.lease_expires_at = None
         job.finished_at = now
         job.updated_at = now
+
+
+async def list_jobs(
+    sessionmaker: async_sessionmaker[AsyncSession], *, status: JobStatus | None = None, limit: int = 100
+) -> list[JobView]:
+    """Newest first: what an operator may see of jobs (no keys needed: nothing is decrypted)."""
+    query = select(Job).order_by(Job.updated_at.desc(), Job.id).limit(max(1, limit))
+    if status is not None:
+        query = query.where(Job.status == status)
+    async with sessionmaker() as session, session.begin():
+        return [_view(job) for job in (await session.execute(query)).scalars().all()]
 
 
 def _claimable() -> Any:
