@@ -132,7 +132,10 @@ def test_story_intake_variants_and_the_reviewer_by_keyboard(
             expect(grid.get_by_test_id("review-status").first).to_contain_text("Waiting for the reviewer")
 
             # The reviewer (Sofia Lopez, an artist on the list) opens the queue from any chart, by keyboard.
-            reviewer_page = context.new_page()
+            # A context of their own: one context would share (and replace) the clinician's session cookie.
+            reviewer_page = browser.new_context(
+                bypass_csp=True, viewport={"width": 1280, "height": 900}
+            ).new_page()
             launch(reviewer_page, sandbox, "James Okafor", "Sofia Lopez")
             frame = app_frame(reviewer_page, carecanvas.url, "/app")
             frame.goto(f"{carecanvas.url}/reviewer")
