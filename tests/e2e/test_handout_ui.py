@@ -1,0 +1,188 @@
+"""The clinician's handout journey in Chromium inside the sandbox EHR's iframe: workspace → review (handout
+pages, live grade, approve anyway) → confirmation (banner, give to patient) → print → withdraw; keyboard
+for the actions, axe-core on every page, screenshots for the README."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+from harness import RunningApp
+from playwright.sync_api import Frame, Locator, Page, expect, sync_playwright
+
+from sandbox.run import SandboxEHR
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+AXE = Path(__file__).resolve().parent / "node" / "node_modules" / "axe-core" / "axe.min.js"
+SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
+CHROMIUM_ARGS = [
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-quic",
+    "--no-first-run",
+    *(["--no-sandbox"] if os.geteuid() == 0 else []),
+]
+JARGON = (
+    "Persistent hyperglycaemia necessitates comprehensive pharmacological intervention, "
+    "multidisciplinary glycaemic surveillance and individualised nutritional modification."
+)
+
+
+def app_frame(page: Page, app_url: str, path: str) -> Frame:
+    for _ in range(300):
+        for frame in page.frames:
+            if frame.url.startswith(f"{app_url}{path}"):
+                return frame
+        page.wait_for_timeout(100)
+    raise AssertionError(f"no frame at {path}; frames: {[f.url for f in page.frames]}")
+
+
+def assert_accessible(frame: Frame) -> None:
+    """No axe-core WCAG 2.1 A/AA (and best-practice) violation of impact serious or critical."""
+    frame.add_script_tag(path=str(AXE))
+    result: dict[str, Any] = frame.evaluate(
+        """async () => await axe.run(document, {
+            runOnly: {type: 'tag', values: ['wcag2a', 'wcag2aa', 'wcag21a', 'wcag21aa', 'best-practice']},
+            resultTypes: ['violations'],
+        })"""
+    )
+    serious = [
+        {"id": v["id"], "impact": v["impact"], "nodes": [n["target"] for n in v["nodes"]][:5]}
+        for v in result["violations"]
+        if v["impact"] in ("serious", "critical")
+    ]
+    assert serious == [], f"{frame.url}: {serious}"
+
+
+def press_tab_until(page: Page, frame: Frame, target: Locator, *, limit: int = 40) -> None:
+    """Keyboard only: Tab until `target` has the focus."""
+    for _ in range(limit):
+        if target.evaluate("element => element === document.activeElement"):
+            return
+        page.keyboard.press("Tab")
+    raise AssertionError("Tab never reached the element")
+
+
+def assert_in_frame_view(page: Page, target: Locator) -> None:
+    """The element is visible in the EHR's iframe without scrolling anything."""
+    frame_box = page.locator("iframe.app-frame").bounding_box()
+    box = target.bounding_box()
+    assert frame_box is not None
+    assert box is not None
+    assert box["y"] >= frame_box["y"]
+    assert box["y"] + box["height"] <= frame_box["y"] + frame_box["height"], (box, frame_box)
+
+
+def assert_one_line(target: Locator) -> None:
+    box = target.bounding_box()
+    line_height = target.evaluate("element => parseFloat(getComputedStyle(element).lineHeight) || 24")
+    assert box is not None
+    assert box["height"] < 1.6 * line_height, f"wraps: {box}"
+
+
+def test_clinician_handout_journey_inside_the_ehr_iframe(sandbox: SandboxEHR, carecanvas: RunningApp) -> None:
+    assert AXE.exists(), "axe-core is missing: run scripts/bootstrap"
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_ARGS
+        )
+        try:
+            # axe is injected as a script tag, which our CSP (script-src 'self') would block.
+            context = browser.new_context(viewport={"width": 1280, "height": 800}, bypass_csp=True)
+            page = context.new_page()
+            page.goto(sandbox.ehr_url)
+            page.get_by_label("Maria Rivera").check()  # 12 active conditions; prefers Spanish
+            page.get_by_label(re.compile("Alice Chen")).check()
+            page.get_by_role("button", name="Launch CareCanvas").click()
+
+            workspace = app_frame(page, carecanvas.url, "/app")
+            expect(workspace.get_by_test_id("patient-name")).to_contain_text("Rivera")
+            assert_one_line(workspace.get_by_test_id("patient-name"))
+            assert_one_line(workspace.get_by_test_id("birth-date"))
+            # The patient's preferred language is the default, and the page says so.
+            expect(workspace.get_by_label("Language")).to_have_value("es")
+            expect(workspace.get_by_test_id("language-note")).to_contain_text("preferred language")
+            # Inside the ~600 px frame the main action shows without scrolling: the list scrolls instead.
+            generate = workspace.get_by_role("button", name="Generate picture")
+            expect(generate).to_be_visible()
+            assert_in_frame_view(page, generate)
+            assert workspace.get_by_test_id("condition-list").evaluate("e => e.scrollHeight > e.clientHeight")
+            assert_accessible(workspace)
+            workspace.get_by_label("Language").select_option("en")  # English: its grade has a formula
+            generate.focus()
+            page.keyboard.press("Enter")
+
+            review = app_frame(page, carecanvas.url, "/review/")
+            preview = review.get_by_test_id("handout-page").first
+            expect(preview).to_have_js_property("complete", True)
+            assert preview.evaluate("image => image.naturalWidth") > 300  # a real page, not the 64 px picture
+            revision = review.get_by_test_id("handout-preview").get_attribute("data-revision")
+            expect(review.get_by_test_id("caption-grade")).not_to_contain_text("please simplify")
+            assert_in_frame_view(page, review.get_by_role("button", name="Approve and save to chart"))
+            # Typing jargon: the grade says so, "approve anyway" appears, the handout pages are redrawn.
+            review.get_by_label("Caption (plain language)").fill(JARGON)
+            expect(review.get_by_test_id("caption-grade")).to_contain_text("please simplify")
+            expect(review.get_by_test_id("handout-preview")).not_to_have_attribute(
+                "data-revision", revision or ""
+            )
+            expect(review.get_by_test_id("handout-page").first).to_have_js_property("complete", True)
+            reason = review.get_by_label("Why approve anyway?")
+            expect(reason).to_be_visible()
+            assert_accessible(review)
+            page.locator("iframe.app-frame").screenshot(path=str(SCREENSHOTS / "review.png"))
+            reason.select_option("terms-explained")
+            approve = review.get_by_role("button", name="Approve and save to chart")
+            press_tab_until(page, review, approve)
+            page.keyboard.press("Enter")
+
+            saved = app_frame(page, carecanvas.url, "/review/")
+            expect(saved.get_by_test_id("written")).to_be_visible()
+            # The confirmation carries the same banner, open/print and give to patient.
+            expect(saved.get_by_test_id("patient-name")).to_contain_text("Rivera")
+            expect(saved.get_by_test_id("open-handout")).to_be_visible()
+            assert_accessible(saved)
+            page.locator("iframe.app-frame").screenshot(path=str(SCREENSHOTS / "confirmation.png"))
+            give = saved.get_by_test_id("give-to-patient")
+            press_tab_until(page, saved, give)
+            page.keyboard.press("Enter")
+
+            given = app_frame(page, carecanvas.url, "/documents/")
+            expect(given.get_by_test_id("handover-recorded")).to_be_visible()
+            assert_accessible(given)
+            given.get_by_role("link", name="Open and print the handout").click()
+            printable = app_frame(page, carecanvas.url, "/documents/")
+            expect(printable.get_by_test_id("print-page").first).to_have_js_property("complete", True)
+            expect(printable.get_by_test_id("print")).to_be_visible()
+            assert_accessible(printable)
+            printable.get_by_role("link", name="Back to the workspace").click()
+
+            history = app_frame(page, carecanvas.url, "/app")
+            row = history.get_by_test_id("history").locator("tbody tr").first
+            row.scroll_into_view_if_needed()  # thumbnails load lazily
+            expect(row.locator("img.thumb")).to_have_js_property("complete", True)
+            expect(row.get_by_test_id("approver")).to_contain_text("(you)")
+            withdraw = row.get_by_role("link", name=re.compile("Withdraw document"))
+            press_tab_until(page, history, withdraw, limit=80)
+            page.keyboard.press("Enter")
+
+            confirm = app_frame(page, carecanvas.url, "/documents/")
+            expect(confirm.get_by_role("heading", name=re.compile("Withdraw"))).to_be_visible()
+            assert_accessible(confirm)
+            first_reason = confirm.get_by_label("About the wrong condition")
+            first_reason.focus()
+            page.keyboard.press("Space")
+            expect(first_reason).to_be_checked()
+            press_tab_until(page, confirm, confirm.get_by_test_id("confirm-withdraw"))
+            page.keyboard.press("Enter")
+            done = app_frame(page, carecanvas.url, "/documents/")
+            expect(done.get_by_test_id("retracted")).to_be_visible()
+            expect(done.get_by_test_id("withdraw-reason")).to_contain_text("wrong condition")
+            assert_accessible(done)
+        finally:
+            browser.close()
