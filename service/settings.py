@@ -163,6 +163,12 @@ class Settings(BaseSettings):
     worker_previews: bool = True
     worker_batch_wait_ms: int = 20
     worker_poll_seconds: float = 0.2
+    # Progress rows are written once per batch per this interval (the in-process feed is every step).
+    worker_progress_interval_seconds: float = Field(default=0.5, ge=0)
+    # A latent preview after the first step, then every this many steps (each is a device-to-host copy).
+    worker_preview_every_steps: int = Field(default=4, ge=1)
+    # Threads that PNG-encode, check and encrypt finished images; 0 = one per core, less one.
+    worker_encode_threads: int = Field(default=0, ge=0)
     job_lease_seconds: int = 60
     job_max_attempts: int = 3
     # Tiny CPU defaults; a registry entry overrides these per model.
