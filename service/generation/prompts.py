@@ -796,7 +796,9 @@ class PromptLibrary:
         """The topic for a condition (see :meth:`match_topic`)."""
         return self.match_topic(codes, text).topic
 
-    def match_topic(self, codes: Sequence[tuple[str, str]], text: str) -> TopicMatch:
+    def match_topic(
+        self, codes: Sequence[tuple[str, str]], text: str, *, with_closest: bool = True
+    ) -> TopicMatch:
         """The topic for a condition: SNOMED CT exact, else a listed SNOMED CT descendant, else ICD-10
         exact, else the most specific ICD-10 prefix or range, else the longest topic synonym (any language)
         found in the condition's text, else the fallback topic with the closest topics. Codes come first:
@@ -830,7 +832,8 @@ class PromptLibrary:
             for synonym in self._synonyms:
                 if synonym.found_in(padded):
                     return TopicMatch(synonym.topic, MatchKind.SYNONYM, synonym.form)
-        return TopicMatch(self.fallback, MatchKind.FALLBACK, None, self._closest(form, icd10, snomed))
+        closest = self._closest(form, icd10, snomed) if with_closest else ()
+        return TopicMatch(self.fallback, MatchKind.FALLBACK, None, closest)
 
     def _closest(self, form: str, icd10: Sequence[str], snomed: Sequence[str] = ()) -> tuple[Topic, ...]:
         """Up to three topics: those listing a SNOMED CT code as related, those whose names share the most
@@ -840,14 +843,21 @@ class PromptLibrary:
         scores: dict[str, float] = {
             topic.id: 1.0 for topic in self.topics if set(topic.snomed_related) & set(snomed)
         }
+        characters = set(form)
         for synonym in self._synonyms if form else ():
-            if synonym.unspaced or not words:
-                shared = 0.0
+            if synonym.unspaced:
+                # Chinese and Korean: a character in common first (cheap), then how alike they are.
+                if characters.isdisjoint(synonym.form):
+                    continue
+                score = difflib.SequenceMatcher(None, form, synonym.form).ratio()
             else:
+                if not words:
+                    continue
                 names = synonym.form.split()
                 shared = sum(any(_same_stem(word, name) for name in names) for word in words) / len(words)
-            ratio = difflib.SequenceMatcher(None, form, synonym.form).ratio()
-            score = shared + 0.2 * ratio if shared else (ratio if synonym.unspaced else 0.0)
+                if not shared:
+                    continue
+                score = shared + 0.2 * difflib.SequenceMatcher(None, form, synonym.form).ratio()
             scores[synonym.topic.id] = max(scores.get(synonym.topic.id, 0.0), score)
         for rule in self._icd_rules:
             if any(code[:2] == rule.start[:2] for code in icd10):
@@ -1077,7 +1087,8 @@ def build_education_prompt(
     """
     _check_language(language)
     preset = library.style(style)
-    match = library.match_topic(codes, condition_text)
+    # The closest topics are for the page before generating; the prompt itself does not need them.
+    match = library.match_topic(codes, condition_text, with_closest=False)
     topic = match.topic
     if topic.is_fallback:
         condition = _clean_free_text(condition_text, max_chars=120, avoid=library.avoid_terms)
