@@ -91,6 +91,9 @@ def make_worker(services: Services) -> Worker:
         safety=safety,
         record_result=document_result_recorder(services),
         previews=settings.worker_previews,
+        progress_interval_seconds=settings.worker_progress_interval_seconds,
+        preview_every=settings.worker_preview_every_steps,
+        encode_workers=settings.worker_encode_threads or None,
     )
 
 
