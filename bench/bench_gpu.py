@@ -3,6 +3,10 @@
 Run:
   python -m bench.bench_gpu --flops-only                 # anywhere: FLOP counts of SD 1.5 and SDXL UNets
   python -m bench.bench_gpu --model-path DIR --peak-tflops 989 --rate 4 --seconds 60   # on a GPU worker
+  python -m bench.bench_gpu --suite sdxl-turbo,sd15,sdxl --compile sdxl-turbo   # see bench/gpu_check.sh
+
+``--suite`` needs no model on disk: each family is built full size with random weights on the GPU from its
+published configs (bench.gpu_models), then served through CareCanvas's own worker (bench.gpu_serving).
 
 The FLOP count builds the published UNet configs on the meta device (no memory, no weights) with the classic
 attention processor, because torch's FLOP counter has no formula for the fused SDPA kernels. MFU counts only
@@ -29,46 +33,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-# Published unet/config.json of runwayml/stable-diffusion-v1-5 (859.5 M parameters).
-SD15_UNET_CONFIG: dict[str, Any] = {
-    "sample_size": 64,
-    "in_channels": 4,
-    "out_channels": 4,
-    "block_out_channels": (320, 640, 1280, 1280),
-    "layers_per_block": 2,
-    "down_block_types": (
-        "CrossAttnDownBlock2D",
-        "CrossAttnDownBlock2D",
-        "CrossAttnDownBlock2D",
-        "DownBlock2D",
-    ),
-    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    "cross_attention_dim": 768,
-    "attention_head_dim": 8,
-    "norm_num_groups": 32,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-}
-# Published unet/config.json of stabilityai/stable-diffusion-xl-base-1.0 (2,567.5 M parameters).
-SDXL_UNET_CONFIG: dict[str, Any] = {
-    "sample_size": 128,
-    "in_channels": 4,
-    "out_channels": 4,
-    "block_out_channels": (320, 640, 1280),
-    "layers_per_block": 2,
-    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    "transformer_layers_per_block": (1, 2, 10),
-    "cross_attention_dim": 2048,
-    "attention_head_dim": (5, 10, 20),
-    "use_linear_projection": True,
-    "addition_embed_type": "text_time",
-    "addition_time_embed_dim": 256,
-    "projection_class_embeddings_input_dim": 2816,
-    "norm_num_groups": 32,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-}
+from bench.bench_gpu_configs import SD15_UNET_CONFIG, SDXL_UNET_CONFIG
 
 
 @dataclass(frozen=True)
@@ -105,6 +70,25 @@ def count_unet_flops(
         resolution=resolution,
         flops_per_image_step=float(counter.get_total_flops()),
     )
+
+
+# Dense bf16 tensor-core peaks (no sparsity), TFLOP/s, from the vendors' data sheets.
+PEAK_BF16_TFLOPS = {
+    "H200": 989.0,
+    "H100 SXM": 989.0,
+    "H100 PCIe": 756.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+}
+
+
+def peak_tflops_of(device_name: str) -> float | None:
+    """The dense bf16 peak of a GPU by its name (None when unknown: pass --peak-tflops)."""
+    for key, peak in PEAK_BF16_TFLOPS.items():
+        if key.replace(" ", "") in device_name.replace(" ", ""):
+            return peak
+    return None
 
 
 def print_flop_table() -> list[UnetCost]:
@@ -209,8 +193,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--max-wait-ms", type=float, default=20.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--suite", help="comma-separated families: sd15, sdxl, sdxl-turbo, flux-schnell")
+    parser.add_argument("--compile", default="", help="families to run again with torch.compile")
+    parser.add_argument("--budget-seconds", type=float, default=420.0)
+    parser.add_argument("--burst", type=int, default=32, help="burst size (×4 for few-step models)")
+    parser.add_argument("--poisson-seconds", type=float, default=20.0)
     arguments = parser.parse_args(argv)
     logging.getLogger("diffusers").setLevel(logging.ERROR)
+    if arguments.suite:
+        from bench.gpu_serving import run_suite
+
+        if not torch.cuda.is_available():
+            parser.error("--suite needs a CUDA GPU (the CPU tests build the same families at tiny size)")
+        run_suite(
+            [name for name in arguments.suite.split(",") if name],
+            compiled=[name for name in arguments.compile.split(",") if name],
+            peak_tflops=arguments.peak_tflops or peak_tflops_of(torch.cuda.get_device_name()),
+            budget_s=arguments.budget_seconds,
+            burst_jobs=arguments.burst,
+            poisson_seconds=arguments.poisson_seconds,
+        )
+        return
 
     print_flop_table()
     if arguments.flops_only:
