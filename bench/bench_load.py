@@ -102,10 +102,14 @@ class LaunchResult:
 
 async def one_launch(url: str, sandbox: Any, patient: str) -> LaunchResult:
     started = time.monotonic()
+    # A connection per step, as a browser opens one after uvicorn's 5 s keep-alive timeout: a reused idle
+    # connection the server is closing would count that race as a failed launch.
+    fresh = httpx.Limits(max_keepalive_connections=0)
     async with (
-        httpx.AsyncClient(base_url=url, timeout=120) as client,
-        httpx.AsyncClient(timeout=120) as outside,
+        httpx.AsyncClient(base_url=url, timeout=120, limits=fresh) as client,
+        httpx.AsyncClient(timeout=120, limits=fresh) as outside,
     ):
+        step = "launch"
         try:
             first = await client.get(
                 "/launch",
@@ -114,10 +118,12 @@ async def one_launch(url: str, sandbox: Any, patient: str) -> LaunchResult:
             if first.status_code in (429, 503):
                 seconds = time.monotonic() - started
                 return LaunchResult("refused-fast" if seconds < 2 else "refused-slow", seconds)
+            step = "authorize"
             authorized = await outside.get(first.headers["location"])
+            step = "callback"
             finished = await client.get(authorized.headers["location"].removeprefix(url))
         except (httpx.HTTPError, KeyError) as error:
-            return LaunchResult(f"error:{type(error).__name__}", time.monotonic() - started)
+            return LaunchResult(f"error:{step}:{type(error).__name__}", time.monotonic() - started)
     seconds = time.monotonic() - started
     if finished.status_code == 303 and finished.headers.get("location") == "/app":
         return LaunchResult("signed-in", seconds)
