@@ -49,6 +49,7 @@ async def review_page(request: Request, job: OwnedJob, ctx: ClinicianContext) ->
             "document": draft.document,
             "content": draft.document.content,
             "grade": draft.graded,
+            "language": draft.language,
             "pages": pages,
             "model": draft.model,
             "above_target_reasons": ABOVE_TARGET_LABELS,

@@ -7,6 +7,7 @@ from enum import StrEnum
 
 from service.audit import AuditAction, AuditEntity, CareCanvasObject, EntityRole, carecanvas_ref
 from service.documents import DocumentView, load_document
+from service.generation.languages import LanguagePack, language_pack
 from service.generation.models import ModelSpec
 from service.generation.readability import FORMULAS, reading_grade
 from service.jobs import JobNotFoundError, JobStatus
@@ -65,6 +66,11 @@ class ReviewDraft:
     @property
     def caption_too_hard(self) -> bool:
         return self.caption_grade is not None and self.caption_grade > MAX_CAPTION_GRADE
+
+    @property
+    def language(self) -> LanguagePack:
+        """The handout language's template: its name, direction and translation review status."""
+        return language_pack(self.document.content.language)
 
     @property
     def graded(self) -> GradedCaption:
