@@ -165,6 +165,10 @@ class EhrProfiles:
             self._cached[ehr.name] = _Cached(capabilities, time.monotonic())
         return EhrProfile.build(ehr, capabilities, learned=self._request_limits.get(ehr.name))
 
+    def forget_request_limits(self) -> None:
+        """Back to the registrations' body limits (the proxy in front of an EHR was reconfigured)."""
+        self._request_limits.clear()
+
     def learn_request_limit(
         self, ehr_name: str, *, current: LearnedLimit, refused_bytes: int | None, stated_limit: int | None
     ) -> LearnedLimit | None:
