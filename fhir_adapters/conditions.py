@@ -191,6 +191,18 @@ def _human_name(name: Mapping[str, Any]) -> str:
     return clean_text(" ".join(parts))
 
 
+def person_name(resource: Mapping[str, Any]) -> str | None:
+    """A Practitioner's (or any person's) name: official, else usual, else first; None when it has none."""
+    names = [_as_mapping(n) for n in _as_list(resource.get("name"))]
+    names.sort(key=lambda n: {"official": 0, "usual": 1}.get(str(n.get("use")), 2))
+    for name in names:
+        text = _human_name(name)
+        if text:
+            prefix = " ".join(p for p in _as_list(name.get("prefix")) if isinstance(p, str))
+            return clean_text(f"{prefix} {text}" if prefix and not clean_text(name.get("text")) else text)
+    return None
+
+
 def summarize_patient(resource: Mapping[str, Any]) -> PatientBanner:
     """Banner fields of a Patient: official (else usual, else first) name, birth date, gender, MRN."""
     if resource.get("resourceType") != "Patient":

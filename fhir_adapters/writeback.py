@@ -88,6 +88,8 @@ class DocumentReferenceInput:
     created: datetime
     date: datetime
     replaces: str | None = None
+    # The approving clinician's name (their Practitioner's), shown by EHRs and portals next to the reference.
+    practitioner_display: str | None = None
     binary_urls: Mapping[str, str] | None = None
     identifier_system: str = ARTIFACT_IDENTIFIER_SYSTEM
     pdf_title: str | None = None
@@ -198,8 +200,15 @@ def _document_header(spec: DocumentReferenceInput) -> dict[str, Any]:
         "category": [copy.deepcopy(_CLINICAL_NOTE)],
         "subject": {"reference": f"Patient/{spec.patient_id}"},
         "date": fhir_instant(spec.date),
-        "author": [{"reference": f"Practitioner/{spec.practitioner_id}"}],
+        "author": [_person_reference("Practitioner", spec.practitioner_id, spec.practitioner_display)],
     }
+
+
+def _person_reference(kind: str, resource_id: str, display: str | None) -> dict[str, str]:
+    reference = {"reference": f"{kind}/{resource_id}"}
+    if display and display.strip():
+        reference["display"] = display.strip()[:200]
+    return reference
 
 
 def build_model_device(
@@ -265,6 +274,7 @@ def build_provenance(
     ended: datetime,
     recorded: datetime,
     source_ref: str | None = None,
+    practitioner_display: str | None = None,
 ) -> dict[str, Any]:
     """AI-Provenance: model Device as author, clinician as verifier, Condition as source, prompt contained."""
     _reference("target_ref", target_ref, "DocumentReference")
@@ -287,7 +297,7 @@ def build_provenance(
         "activity": {
             "coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation", "code": "CREATE"}]
         },
-        "agent": _provenance_agents(device_ref, practitioner_id, organization_id),
+        "agent": _provenance_agents(device_ref, practitioner_id, organization_id, practitioner_display),
         "entity": [
             {"role": "source", "what": {"reference": source}},
             {"role": "derivation", "what": {"reference": "#prompt1"}},
@@ -329,7 +339,9 @@ def _participant(code: str) -> dict[str, Any]:
     }
 
 
-def _provenance_agents(device_ref: str, practitioner_id: str, organization_id: str) -> list[dict[str, Any]]:
+def _provenance_agents(
+    device_ref: str, practitioner_id: str, organization_id: str, practitioner_display: str | None = None
+) -> list[dict[str, Any]]:
     # US Core provenance-1: a Device or Practitioner agent acts on behalf of an Organization.
     on_behalf_of = {
         "onBehalfOf": {"reference": f"Organization/{_check_id('organization_id', organization_id)}"}
@@ -346,7 +358,7 @@ def _provenance_agents(device_ref: str, practitioner_id: str, organization_id: s
         {"type": _participant("author"), "role": [ai_role], "who": {"reference": device_ref}, **on_behalf_of},
         {
             "type": _participant("verifier"),
-            "who": {"reference": f"Practitioner/{practitioner_id}"},
+            "who": _person_reference("Practitioner", practitioner_id, practitioner_display),
             **on_behalf_of,
         },
     ]

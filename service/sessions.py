@@ -61,6 +61,9 @@ class SessionData(BaseModel):
     patient: str | None = None
     encounter: str | None = None
     fhir_user: str | None = None
+    # The signed-in user's name from their fhirUser resource (read with the workspace), for audit records,
+    # the handout ("given by") and the document's author display; None until read or when unreadable.
+    user_display: str | None = None
     role: str | None = None
     style: dict[str, str] = {}
     # The patient banner from the workspace's Patient read, so later pages need no second read.

@@ -43,6 +43,8 @@ class EhrSettings(BaseModel):
         "patient/Communication.c",
         # Where organization_id is not set, the clinician's organization (US Core custodian) comes from it.
         "user/PractitionerRole.rs",
+        # The signed-in clinician's own record (fhirUser), for their name on the handout and the document.
+        "user/Practitioner.r",
     )
     # Origins allowed to frame the app (CSP frame-ancestors) and to host the SMART endpoints.
     frame_origins: tuple[str, ...] = ()

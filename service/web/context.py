@@ -140,6 +140,8 @@ class RequestContext:
             request_id=self.request_id,
             scopes=self.scopes,
             role=self.session.data.role,
+            actor_display=self.session.data.user_display,
+            patient_display=(self.session.data.banner or {}).get("display_name"),
         )
 
     async def audit(

@@ -48,6 +48,7 @@ async def workspace(request: Request, ctx: ClinicianContext) -> Response:
         preference = view.preferred_language
         ctx.session.data.preferred_language = preference.language if preference else None
         ctx.session.data.language_note = language_note(preference)
+        ctx.session.data.user_display = view.user_display
         await ctx.services.sessions.save(ctx.db, ctx.session)
     await ctx.db.commit()
     drafts = await pending_drafts(ctx.workflow())

@@ -592,6 +592,7 @@ class _WriteBack:
             created=now,
             date=now,
             replaces=self.replaces,
+            practitioner_display=self.ctx.actor_display,
         )
 
     def _handout(self, now: datetime) -> bytes:
@@ -608,6 +609,8 @@ class _WriteBack:
             # The same sections and clinic lines as the review page's preview (drafts.py).
             sections=self.ctx.services.prompts.sections(content.topic_id, content.language),
             clinic=clinic_details_of(self.ctx.ehr),
+            patient_name=self.ctx.patient_display,
+            approved_by=self.ctx.actor_display,
         )
 
     def _provenance(self, now: datetime) -> dict[str, Any]:
@@ -631,6 +634,7 @@ class _WriteBack:
             started=now,
             ended=now,
             recorded=now,
+            practitioner_display=self.ctx.actor_display,
         )
 
     async def _record_written(self, fhir_document_id: str, superseded: SupersedeOutcome | None) -> None:

@@ -30,6 +30,8 @@ class WorkflowContext:
     request_id: str | None
     scopes: GrantedScopes
     role: str | None = None  # the launch's role (clinician, patient), named in every audit record
+    actor_display: str | None = None  # the user's name as their fhirUser resource gives it
+    patient_display: str | None = None  # the patient's name from the banner, for the handout
 
     @property
     def actor_reference(self) -> str:
@@ -64,19 +66,24 @@ class WorkflowContext:
         patient: str | None = None,
         entities: Sequence[AuditEntity] = (),
         description: str | None = None,
+        about_patient: bool = True,
     ) -> None:
-        """An audit record for this actor at this EHR, in the caller's transaction (fail closed)."""
+        """An audit record for this actor at this EHR, in the caller's transaction (fail closed).
+
+        `about_patient=False`: the touch is not of the patient's record (the clinician's own Practitioner).
+        """
         await self.services.audit.append(
             self.db,
             action=action,
             outcome=outcome,
             actor=self.actor,
-            patient=patient or self.patient_id,
+            patient=(patient or self.patient_id) if about_patient else None,
             ehr=self.ehr.name,
             resource=resource,
             request_id=self.request_id,
             detail=detail,
             entities=entities,
             description=description,
+            actor_display=self.actor_display,
             role=self.role,
         )

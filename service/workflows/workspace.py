@@ -16,11 +16,12 @@ from fhir_adapters import (
     ForbiddenError,
     NotFoundError,
     PatientBanner,
+    person_name,
     summarize_condition,
     summarize_encounter,
     summarize_patient,
 )
-from service.audit import AuditAction, AuditOutcome
+from service.audit import AuditAction, AuditOutcome, canonical_actor
 from service.documents import HistoryEntry, documents_by_identifier, history_from_search
 from service.generation.languages import LanguagePreference, preferred_language
 from service.workflows.approve import IDENTIFIER_SYSTEM
@@ -38,6 +39,8 @@ class Workspace:
     history_unavailable: bool = False
     # From Patient.communication, when the Patient was read (the banner); None otherwise.
     preferred_language: LanguagePreference | None = None
+    # The signed-in practitioner's name, when their fhirUser resource was read (with the banner).
+    user_display: str | None = None
 
 
 @dataclass
@@ -47,6 +50,7 @@ class _Reads:
     conditions: list[dict[str, Any]] = field(default_factory=list)
     history: list[dict[str, Any]] | None = None
     history_error: FhirError | None = None
+    user: dict[str, Any] | None = None
 
 
 async def active_conditions(fhir: FhirClient, patient_id: str) -> list[dict[str, Any]]:
@@ -75,6 +79,17 @@ async def _read_history(fhir: FhirClient, patient_id: str, reads: _Reads) -> Non
         reads.history_error = error
 
 
+async def _read_user(fhir: FhirClient, actor: str | None) -> dict[str, Any] | None:
+    """The practitioner's own resource, for their name; a user the EHR will not show costs nothing else."""
+    reference = canonical_actor(actor) or ""
+    kind, _, user_id = reference.partition("/")
+    if kind != "Practitioner" or not user_id:
+        return None
+    with contextlib.suppress(NotFoundError, ForbiddenError):
+        return await fhir.read("Practitioner", user_id)
+    return None
+
+
 class Part(StrEnum):
     """One of the workspace's EHR reads; a caller asks only for the parts it shows."""
 
@@ -82,6 +97,7 @@ class Part(StrEnum):
     ENCOUNTER = "encounter"
     CONDITIONS = "conditions"
     HISTORY = "history"
+    USER = "user"  # the signed-in practitioner (fhirUser), for their name
 
 
 async def _read_all(
@@ -103,11 +119,15 @@ async def _read_all(
         if ctx.scopes.allows("DocumentReference", "search"):
             await _read_history(fhir, patient_id, reads)
 
+    async def user() -> None:
+        reads.user = await _read_user(fhir, ctx.actor)
+
     steps = {
         Part.PATIENT: patient,
         Part.CONDITIONS: conditions,
         Part.ENCOUNTER: encounter,
         Part.HISTORY: history,
+        Part.USER: user,
     }
     try:
         async with asyncio.TaskGroup() as group:
@@ -122,7 +142,7 @@ async def _read_all(
 
 async def load_workspace(ctx: WorkflowContext, fhir: FhirClient, *, banner: bool) -> Workspace:
     """Reads the EHR (no database transaction open), then audits each read before anything is shown."""
-    parts = {Part.ENCOUNTER, Part.CONDITIONS, Part.HISTORY} | ({Part.PATIENT} if banner else set())
+    parts = {Part.ENCOUNTER, Part.CONDITIONS, Part.HISTORY} | ({Part.PATIENT, Part.USER} if banner else set())
     return await _load(ctx, fhir, frozenset(parts))
 
 
@@ -158,6 +178,7 @@ async def _load(ctx: WorkflowContext, fhir: FhirClient, parts: frozenset[Part]) 
         history=await _history(ctx, reads),
         history_unavailable=reads.history_error is not None,
         preferred_language=preferred_language(reads.patient) if reads.patient is not None else None,
+        user_display=person_name(reads.user) if reads.user is not None else None,
     )
 
 
@@ -166,6 +187,13 @@ async def _audit_reads(ctx: WorkflowContext, reads: _Reads, parts: frozenset[Par
         await ctx.audit(AuditAction.FHIR_READ, resource=f"Patient/{ctx.patient_id}")
     if reads.encounter is not None:
         await ctx.audit(AuditAction.FHIR_READ, resource=f"Encounter/{ctx.encounter_id}")
+    if reads.user is not None:
+        await ctx.audit(
+            AuditAction.FHIR_READ,
+            resource=canonical_actor(ctx.actor),
+            about_patient=False,
+            description=f"{ctx.actor_reference} read their own Practitioner record (for their name)",
+        )
     if Part.CONDITIONS in parts:
         await ctx.audit(
             AuditAction.READ_CONDITIONS,

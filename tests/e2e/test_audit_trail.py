@@ -161,7 +161,14 @@ def test_a_clinician_session_exports_truthful_audit_events(
 
     # Workspace: reads of the patient and encounter by id, the conditions as a query.
     reads = [str(entry.resource) for entry, _ in by_action["fhir.read"]]
-    assert sorted(reads) == ["Encounter/enc-1", "Patient/pat-1"]
+    assert sorted(reads) == ["Encounter/enc-1", "Patient/pat-1", "Practitioner/prac-1"]
+    # The clinician's own record, read for their name, is not a touch of the patient's record.
+    [own] = [
+        (entry, event) for entry, event in by_action["fhir.read"] if entry.resource == "Practitioner/prac-1"
+    ]
+    assert own[0].patient is None
+    assert own[1]["meta"]["profile"][0].endswith("IHE.BasicAudit.Read")  # not PatientRead
+    by_action["fhir.read"] = [item for item in by_action["fhir.read"] if item[0] is not own[0]]
     read_entities = {
         e["what"].get("reference") for _, event in by_action["fhir.read"] for e in event["entity"]
     }

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import re
 
 import httpx
 import pytest
 from harness import CONDITION, RunningApp, csrf_from, launch_session, wait_for_job
+from pypdf import PdfReader
 
 from sandbox.run import SandboxEHR
 
@@ -47,6 +49,10 @@ def test_a_saved_picture_is_readable_in_the_ehr_chart(carecanvas: RunningApp, sa
     assert rows, chart.text
     document_id, row = rows[0]  # newest first
     assert "current" in row
+    # The approving clinician by name (read from their fhirUser Practitioner at the workspace), not only
+    # as a reference: on the DocumentReference's author and on the Provenance's verifier.
+    assert "Author: Dr. Alice Chen" in row
+    assert re.search(r'data-testid="provenance">[^<]*Dr\. Alice Chen', row)
     assert 'data-testid="provenance"' in row
     assert re.search(r'data-testid="device">Made with: [^<]+', row)
     links = re.findall(r'href="(/ehr/chart/attachment\?doc=[^"]+)"', row)
@@ -58,9 +64,19 @@ def test_a_saved_picture_is_readable_in_the_ehr_chart(carecanvas: RunningApp, sa
         types.add(attachment.headers["content-type"])
         if attachment.headers["content-type"] == "application/pdf":
             assert attachment.content.startswith(b"%PDF")
+            text = " ".join(page.extract_text() for page in PdfReader(io.BytesIO(attachment.content)).pages)
+            assert "Dr. Alice Chen" in text  # the handout says who gave it
     assert "application/pdf" in types
     missing = httpx.get(f"{sandbox.auth_base}/ehr/chart", params={"patient": "nobody"}, timeout=30)
     assert missing.status_code == 404
+
+    # Audit records name the clinician too (sealed), for the compliance officer.
+    async def approvals() -> list[object]:
+        async with carecanvas.services.sessionmaker() as db:
+            return await carecanvas.services.audit.search(db, action="approve")
+
+    [*_, latest] = carecanvas.call(approvals())
+    assert latest.actor_display == "Dr. Alice Chen"  # type: ignore[attr-defined]
     no_attachment = httpx.get(
         f"{sandbox.auth_base}/ehr/chart/attachment", params={"doc": document_id, "n": "99"}, timeout=30
     )
