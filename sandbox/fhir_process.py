@@ -65,6 +65,7 @@ class FhirServerProcess:
         port: int = 0,
         startup_timeout: float = 30.0,
         state_file: Path | None = None,
+        max_body_bytes: int | None = None,
     ) -> None:
         if profile not in PROFILES:
             raise ValueError(f"profile {profile!r} is unknown; allowed: {', '.join(PROFILES)}")
@@ -75,6 +76,7 @@ class FhirServerProcess:
         self.profile = profile
         self.requested_port = port
         self.startup_timeout = startup_timeout
+        self.max_body_bytes = max_body_bytes  # the body-limit profiles' proxy limit (None: 1 MiB)
         # Current resources kept here across restarts (the demo's data dir); None: every start is the seed.
         self.state_file = state_file
         self.port: int = 0
@@ -116,6 +118,8 @@ class FhirServerProcess:
         ]
         if self.smart_config_file is not None:
             command += ["--smart-config-file", str(self.smart_config_file)]
+        if self.max_body_bytes is not None:
+            command += ["--max-body-bytes", str(self.max_body_bytes)]
         if self.state_file is not None:
             command += ["--state-file", str(self.state_file)]
         # stdin stays open for the server's lifetime: if this process dies, the pipe closes and node exits.

@@ -108,8 +108,10 @@ class SandboxEHR:
         portal_url: str | None = None,
         redirect_uris: list[str] | None = None,
         fhir_state_file: Path | None = None,
+        fhir_max_body_bytes: int | None = None,
     ) -> None:
         self._app_launch_url = app_launch_url
+        self._fhir_max_body_bytes = fhir_max_body_bytes
         self._clients = list(clients or [])
         self._fhir_profile = fhir_profile
         self._host = host
@@ -178,6 +180,7 @@ class SandboxEHR:
             profile=self._fhir_profile,
             port=self._fhir_port,
             state_file=self._fhir_state_file,
+            max_body_bytes=self._fhir_max_body_bytes,
         )
         self._fhir.__enter__()
         config.fhir_base = self._fhir.base_url.rstrip("/")
@@ -304,6 +307,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--auth-port", type=int, default=0)
     parser.add_argument("--fhir-port", type=int, default=0)
     parser.add_argument("--profile", default="generic", help="FHIR server behaviour profile")
+    parser.add_argument(
+        "--max-body-bytes", type=int, default=None, help="front-proxy body limit of the body-limit profiles"
+    )
     parser.add_argument("--data", type=Path, default=None, help="FHIR Bundle with the synthetic data")
     args = parser.parse_args(argv)
     with SandboxEHR(
@@ -313,6 +319,7 @@ def main(argv: list[str] | None = None) -> None:
         fhir_port=args.fhir_port,
         fhir_profile=args.profile,
         data_file=args.data,
+        fhir_max_body_bytes=args.max_body_bytes,
     ) as sandbox:
         print(f"EHR page:     {sandbox.ehr_url}")
         print(f"FHIR base:    {sandbox.fhir_base}")

@@ -882,3 +882,15 @@ def test_practitioner_roles_name_the_organization(fhir_server: FhirServerProcess
         {"reference": "Organization/org-1"}
     ]
     assert http.get("/PractitionerRole", params={"practitioner": "Practitioner/prac-3"}).json()["total"] == 0
+
+
+def test_body_limit_can_be_chosen_at_start(fhir_server_jwks_url: str) -> None:
+    with FhirServerProcess(
+        jwks_url=fhir_server_jwks_url, issuer=ISSUER, profile="body-limit", max_body_bytes=2048
+    ) as server:
+        assert httpx.get(f"{server.admin_url}/profile").json() == {
+            "profile": "body-limit",
+            "max_body_bytes": 2048,
+        }
+        refused = httpx.post(f"{server.base_url}/Binary", content=b"x" * 4096, headers=FHIR_JSON)
+        assert refused.status_code == 413
