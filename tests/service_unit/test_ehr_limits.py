@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import io
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from fhir_adapters import RequestLimitError
 from service.ehr_profile import EhrProfile, EhrProfiles, LearnedLimit
 from service.settings import EhrSettings
 
@@ -44,3 +52,43 @@ def test_a_stated_limit_wins_and_nothing_lower_means_give_up() -> None:
     assert profiles.learn_request_limit("other", current=start, refused_bytes=600_000, stated_limit=None) == (
         LearnedLimit(target=512 * 1024, ceiling=599_999)
     )
+
+
+def _write_back(png: bytes) -> Any:
+    """Just the state `_shrink_picture` reads, without a database or an EHR behind it."""
+    from fhir_adapters import AttachmentPolicy
+    from service.workflows.approve import _WriteBack
+
+    write_back: Any = object.__new__(_WriteBack)  # no database or EHR needed for this
+    write_back.png = write_back.attachment_png = png
+    write_back.png_optimised = False
+    write_back.policy = AttachmentPolicy()
+    write_back.notes = []
+    write_back.ctx = SimpleNamespace(ehr=EHR)
+    write_back.document = SimpleNamespace(job_id="job-1")
+    return write_back
+
+
+def _too_large(content_type: str, max_data_bytes: int) -> RequestLimitError:
+    return RequestLimitError(
+        "too large", content_type=content_type, request_bytes=1, limit_bytes=1, max_data_bytes=max_data_bytes
+    )
+
+
+def test_a_png_too_large_alone_is_made_smaller_then_dropped_and_a_pdf_is_not_touched() -> None:
+    pixels = np.random.default_rng(3).integers(0, 256, (96, 96, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(buffer, format="PNG")
+    png = buffer.getvalue()
+    write_back = _write_back(png)
+    assert write_back._shrink_picture(_too_large("image/png", len(png) // 2)) is True
+    assert len(write_back.attachment_png) <= len(png) // 2
+    assert write_back.png == png  # the handout keeps the original picture
+    assert write_back.policy.accept_images is True
+    assert "smaller form" in write_back.notes[-1]
+    # Still too large at the next, lower limit: the PNG is left out and the PDF handout kept.
+    assert write_back._shrink_picture(_too_large("image/png", 100)) is True
+    assert write_back.policy.accept_images is False
+    assert "only the PDF handout" in write_back.notes[-1]
+    assert write_back._shrink_picture(_too_large("image/png", 100)) is False  # nothing left to shrink
+    assert _write_back(png)._shrink_picture(_too_large("application/pdf", 100)) is False
