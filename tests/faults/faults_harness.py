@@ -125,7 +125,8 @@ class WorkerProcess:
     def __init__(self, env: dict[str, str], log_path: Path) -> None:
         self.log_path = log_path
         self._log = log_path.open("wb")
-        env = {**env, "CARECANVAS_WORKER_METRICS_PORT": str(free_port())}
+        self.metrics_port = free_port()
+        env = {**env, "CARECANVAS_WORKER_METRICS_PORT": str(self.metrics_port)}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "service.cli", "worker", "--metrics-host", "127.0.0.1"],
             env=env,

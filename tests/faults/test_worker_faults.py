@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Iterator
 
+import httpx
 import pytest
 from faults_harness import FaultBed, WorkerProcess, all_finished, enqueue, terminate_backends, wait_until
 
@@ -79,6 +81,13 @@ async def test_postgres_restart_mid_burst_loses_no_job(fault_bed: FaultBed, work
         await services.engine.dispose()  # our own pool's connections died too
         state = await wait_until(services.sessionmaker, job_ids, all_finished, timeout=240, workers=[worker])
         assert worker.process.poll() is None  # the worker rode it out instead of exiting
+        # Its own metrics port counted the images it stored and the pipeline calls it made.
+        async with httpx.AsyncClient(timeout=10) as client:
+            exported = (await client.get(f"http://127.0.0.1:{worker.metrics_port}/metrics")).text
+        images = re.search(r"^carecanvas_worker_images_total (\S+)$", exported, re.MULTILINE)
+        assert images is not None
+        assert float(images.group(1)) >= 1
+        assert "carecanvas_generation_duration_seconds_count" in exported
     finally:
         output = worker.output()
     one_result_each(state, job_ids)
