@@ -593,6 +593,8 @@ class _WriteBack:
             date=now,
             replaces=self.replaces,
             practitioner_display=self.ctx.actor_display,
+            # The handout's label is the caption the clinician approved: what a portal shows the patient.
+            pdf_title=content.caption,
         )
 
     def _handout(self, now: datetime) -> bytes:

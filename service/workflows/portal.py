@@ -90,12 +90,15 @@ def portal_document(resource: dict[str, Any]) -> PortalDocument:
     pdf = attachment_of(resource, CONTENT_TYPES["pdf"])
     first = png or pdf or {}
     language = str(first.get("language") or resource.get("language") or "en")
-    # The PNG's title is the alt text; the PDF's title is the alt text plus the AI disclosure.
-    alt_text = str((png or {}).get("title") or first.get("title") or "An illustration from your care team.")
+    # The PNG's title is the alt text; the PDF's is the caption the clinician approved (older documents:
+    # the alt text again, so the description stands in).
+    alt_text = str((png or {}).get("title") or "An illustration from your care team.")
+    pdf_title = str((pdf or {}).get("title") or "")
+    caption = pdf_title if pdf_title and pdf_title != (png or {}).get("title") else None
     authors = [a for a in resource.get("author") or [] if isinstance(a, dict) and a.get("display")]
     return PortalDocument(
         id=str(resource.get("id")),
-        caption=str(resource.get("description") or "A picture from your care team"),
+        caption=caption or str(resource.get("description") or "A picture from your care team"),
         alt_text=alt_text,
         language=language,
         language_name=language_name(language),

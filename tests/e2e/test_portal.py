@@ -92,7 +92,7 @@ def test_portal_shows_the_patients_approved_pictures(
         assert "Imágenes de su equipo de salud" in page.text
         assert re.search(r'data-testid="portal-patient-name">Maria [^<]*Rivera<', page.text)
         assert 'data-testid="portal-sign-out">Cerrar sesión<' in page.text
-        assert 'data-testid="portal-caption"' in page.text
+        assert f'data-testid="portal-caption">{CAPTION}<' in page.text  # the caption the clinician approved
         assert '<link rel="stylesheet" href="/style.css">' in page.text
         image = client.get(f"/portal/documents/{approved_document}/png")
         assert image.status_code == 200
