@@ -514,8 +514,7 @@ class _WriteBack:
         else:
             self.policy = AttachmentPolicy(accept_images=False, max_inline_bytes=self.policy.max_inline_bytes)
             self.notes.append(
-                "This EHR takes only small files, so only the PDF handout (which shows the picture) "
-                "was saved."
+                "This EHR takes only small files, so only the PDF handout was saved. It shows the picture."
             )
         log.warning(
             "write-back picture made to fit the EHR's body limit",
@@ -537,9 +536,9 @@ class _WriteBack:
             found = await practitioner_organization(self.fhir, self.practitioner_id)
         if found is None:
             raise OrganizationUnknownError(
-                "CareCanvas does not know which organization this note belongs to, so it cannot save it. "
-                "Nothing was sent. Ask your EHR team to set organization_id for this EHR in CareCanvas, "
-                "or to give you a PractitionerRole with an organization."
+                "CareCanvas does not know your clinic, so it cannot save this note. Nothing was sent. "
+                "Ask your EHR team to set organization_id for this EHR, or to add your clinic to your "
+                "PractitionerRole."
             )
         return found
 
