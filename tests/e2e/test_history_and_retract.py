@@ -378,6 +378,12 @@ def test_conditions_without_text_show_a_sensible_label_and_can_be_illustrated(
         assert text.startswith("unspecified condition")
         assert "None" not in text
         assert (f"(code {code})" in text) == (code is not None)
+        # No topic matches: before generating, the page says the handout will be general.
+        fallback = re.search(
+            rf'value="{condition_id}".*?data-testid="topic-fallback">(.*?)</p>', workspace.text, re.S
+        )
+        assert fallback, "the generic-fallback warning is shown"
+        assert "will be general" in fallback.group(1)
         job_id = generate(client, csrf_from(workspace.text), condition_id)
         review = client.get(f"/review/{job_id}")
         assert review.status_code == 200
