@@ -217,8 +217,10 @@ def test_a_clinician_session_exports_truthful_audit_events(
     assert first_approval.detail["alt_text_sha256"] == sha256(facts["first"].alt_text)
     assert (first_approval.detail["edited"], first_approval.detail["alt_text_edited"]) == (True, False)
     assert second_approval.detail["caption_sha256"] == sha256(facts["second"].caption)
-    assert second_approval.detail["edited"] is False
-    assert "as generated" in (second_approval.description or "")
+    # The new version started from the first one's edited caption, so it is approved with edited text.
+    assert second_approval.detail["caption_sha256"] == sha256(EDITED_CAPTION)
+    assert second_approval.detail["edited"] is True
+    assert "with edited text" in (second_approval.description or "")
     for event in (first_event, second_event):
         assert (event["action"], event["subtype"][0]["code"]) == ("U", "approve")
         assert all("/Condition/" not in reference for reference in targets(event))
