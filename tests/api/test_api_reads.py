@@ -24,7 +24,8 @@ def _last_actions(app: RunningApp, count: int) -> list[tuple[str, str | None]]:
     async def read() -> list[tuple[str, str | None]]:
         async with app.services.sessionmaker() as db:
             rows = await db.execute(
-                text("SELECT action, resource_type FROM audit_records ORDER BY seq DESC LIMIT :n"), {"n": count}
+                text("SELECT action, resource_type FROM audit_records ORDER BY seq DESC LIMIT :n"),
+                {"n": count},
             )
             return [(row[0], row[1]) for row in rows]
 
