@@ -1,4 +1,4 @@
-"""GET /conditions and GET /documents each make only their own EHR read and write only their own audit record."""
+"""GET /conditions and GET /documents each make only their own EHR read and their own audit record."""
 
 from __future__ import annotations
 
