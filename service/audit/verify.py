@@ -12,9 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import re
 from binascii import b2a_base64
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from json.encoder import encode_basestring  # the encoder json.dumps uses
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -33,76 +36,27 @@ from service.crypto.envelope import MAGIC, NONCE_BYTES, TAG_BYTES, WRAPPED_KEY_B
 from service.db.models import AuditRecord
 
 VERIFY_BATCH = 10_000
-# The database builds each record's canonical JSON up to ``"sealed_body":"`` (the previous hash, "\n", then
-# chain.canonical_json's sorted keys); Python adds the base64 body and the seq, and hashes. Four columns
-# instead of twelve and no datetime objects: fetching the wide rows was most of the time on PostgreSQL. A
-# record the database cannot spell safely gets a NULL prefix and goes to the reference path. A spelling the
-# database gets wrong only makes the hash differ (the reference then decides); a match is proof, because each
-# spelling is injective: strings JSON-escaped, the time in one fixed form, blobs and odd types refused.
-_STRING_KEYS = ("action", "actor_digest", "ehr", "outcome", "patient_digest")
-_AFTER_TIME_KEYS = ("request_id", "resource_type")
-_NOT_NULL = frozenset({"action", "outcome"})
-
-
-def _prefix_sql(spell: Callable[[str], str], time_value: str, newline: str) -> str:
-    """``prev_hash || "\n" || '{"action":' || … || ',"sealed_body":"'`` with ``spell`` quoting each string."""
-    values = [(key, spell(key)) for key in _STRING_KEYS]
-    values.append(("recorded_at", time_value))
-    values += [(key, spell(key)) for key in _AFTER_TIME_KEYS]
-    parts = [f"'{'{' if n == 0 else ','}\"{key}\":' || {value}" for n, (key, value) in enumerate(values)]
-    return " || ".join(["prev_hash", newline, *parts, '\',"sealed_body":"\''])
-
-
-def _sqlite_json(column: str) -> str:
-    return f"json_quote({column})"  # SQLite's JSON string escaping is json.dumps's; NULL gives null
-
-
-def _pg_json(column: str) -> str:
-    """Quoted as is when no string of the record needs escaping (``plain``), else ``to_json``."""
-    as_is, escaped = f"'\"' || {column} || '\"'", f"to_json({column})::text"
-    if column not in _NOT_NULL:
-        as_is, escaped = f"coalesce({as_is}, 'null')", f"coalesce({escaped}, 'null')"
-    return f"CASE WHEN plain THEN {as_is} ELSE {escaped} END"
-
-
-_SQLITE_TIME_GLOB = (
-    "-".join(["[0-9]" * 4, "[0-9]" * 2, "[0-9]" * 2]) + " " + ":".join(["[0-9]" * 2] * 3) + "."
+# recorded_at: SQLite stores the text "YYYY-MM-DD HH:MM:SS.ffffff" (naive UTC); PostgreSQL's timestamptz
+# arrives as an aware datetime over psycopg's binary protocol.
+_SQLITE_QUERY = (
+    "SELECT seq, recorded_at, action, outcome, actor_digest, patient_digest, ehr, resource_type, request_id, "
+    "sealed, prev_hash, hash FROM audit_records WHERE seq >= ? ORDER BY seq LIMIT ?"
 )
-_SQLITE_TIME_GLOB += "[0-9]" * 6
-# Text columns only (a blob would make json_quote fail), the time exactly as SQLAlchemy writes it.
-_SQLITE_SPELLABLE = " AND ".join(
-    [
-        "typeof(seq) = 'integer'",
-        "typeof(prev_hash) = 'text'",
-        "typeof(recorded_at) = 'text'",
-        *(f"typeof({key}) = 'text'" for key in sorted(_NOT_NULL)),
-        *(
-            f"typeof({key}) IN ('text', 'null')"
-            for key in (*_STRING_KEYS, *_AFTER_TIME_KEYS)
-            if key not in _NOT_NULL
-        ),
-        f"recorded_at GLOB '{_SQLITE_TIME_GLOB}'",
-    ]
+# A timestamp before year 1 (which no Python datetime can hold, so psycopg refuses to load it) comes as NULL:
+# the fast path then doubts the row and the reference reports it as malformed, instead of the batch failing.
+_POSTGRES_QUERY = (
+    "SELECT seq, CASE WHEN recorded_at >= '0001-01-01 00:00:00+00' THEN recorded_at END, action, outcome, "
+    "actor_digest, patient_digest, ehr, resource_type, request_id, sealed, prev_hash, hash "
+    "FROM audit_records WHERE seq >= %s ORDER BY seq LIMIT %s"
 )
-_SQLITE_TIME = "'\"' || substr(recorded_at, 1, 10) || 'T' || substr(recorded_at, 12) || 'Z\"'"
-_SQLITE_QUERY = (  # built from constants only
-    f"SELECT seq, hash, sealed, CASE WHEN {_SQLITE_SPELLABLE} "  # noqa: S608
-    f"THEN {_prefix_sql(_sqlite_json, _SQLITE_TIME, 'char(10)')} END "
-    "FROM audit_records WHERE seq >= ? ORDER BY seq LIMIT ?"
+_SQLITE_TIME = re.compile(r"([1-9]\d{3}-\d\d-\d\d) (?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d\.\d{6}")
+_CANONICAL_TIME = re.compile(r"([1-9]\d{3}-\d\d-\d\d)T(?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d\.\d{6}Z")
+# The previous hash, "\n", then chain.canonical_json of chain.HASHED_FIELDS (keys sorted); the two values put
+# in unescaped (time, base64) are validated first.
+_TEMPLATE = (
+    '%s\n{"action":%s,"actor_digest":%s,"ehr":%s,"outcome":%s,"patient_digest":%s,"recorded_at":"%s",'
+    '"request_id":%s,"resource_type":%s,"sealed_body":"%s","seq":%d}'
 )
-# Years 1000-9999 only, so the four-digit year is the whole year (to_char drops the era). ``plain``: no
-# character of the record's strings needs JSON escaping, checked once on their concatenation.
-_PG_TIME = "'\"' || to_char(recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') || '\"'"
-_PG_SPELLABLE = "recorded_at >= '1000-01-01 00:00:00+00' AND recorded_at < '10000-01-01 00:00:00+00'"
-_PG_PLAIN = f"concat({', '.join((*_STRING_KEYS, *_AFTER_TIME_KEYS))}) !~ '[\\x01-\\x1f\"\\\\]' AS plain"
-_PG_NEWLINE = "E'\\n'"
-_POSTGRES_QUERY = (  # built from constants only
-    f"SELECT seq, hash, sealed, CASE WHEN {_PG_SPELLABLE} "  # noqa: S608
-    f"THEN {_prefix_sql(_pg_json, _PG_TIME, _PG_NEWLINE)} "
-    f"END FROM audit_records CROSS JOIN LATERAL (SELECT {_PG_PLAIN}) AS spelling "
-    "WHERE seq >= %s ORDER BY seq LIMIT %s"
-)
-_SUFFIX = '%s%s","seq":%d}'
 _MAGIC_LEN = len(MAGIC)
 _MIN_BODY = NONCE_BYTES + TAG_BYTES
 
@@ -195,15 +149,15 @@ def _as_readout(checkpoints: CheckpointReadout | Sequence[SignedCheckpoint]) -> 
 async def _walk_chain(session: AsyncSession, wanted: set[int]) -> _ChainWalk:
     walk = _ChainWalk(wanted)
     async with contextlib.aclosing(_batches(session)) as batches:
-        async for rows in batches:
+        async for rows, sqlite in batches:
             start = 0
             while start < len(rows):
-                start = _scan(rows, start, walk)
+                start = _scan(rows, start, walk, sqlite=sqlite)
                 if walk.first_bad_seq is not None:
                     return walk
                 if start < len(rows):
                     # The fast path could not vouch for this record: the reference decides.
-                    seq, stored = rows[start][0], rows[start][1]
+                    seq, stored = rows[start][0], rows[start][-1]
                     verdict = await _reference_verdict(session, seq, walk.prev_hash)
                     if verdict is not None:
                         walk.first_bad_seq, walk.reason = seq, verdict
@@ -213,27 +167,42 @@ async def _walk_chain(session: AsyncSession, wanted: set[int]) -> _ChainWalk:
     return walk
 
 
-def _scan(rows: Sequence[tuple[Any, ...]], start: int, walk: _ChainWalk) -> int:
+def _scan(rows: Sequence[tuple[Any, ...]], start: int, walk: _ChainWalk, *, sqlite: bool) -> int:
     """Verify ``rows[start:]`` in one tight loop; return the index of the first row it cannot vouch for.
 
     Gaps and broken links are final (``walk.first_bad_seq`` is set); other doubts go to the reference path.
     """
-    sha256, suffix = hashlib.sha256, _SUFFIX
-    good_kids, wanted, hashes_at = walk.good_kids, walk.wanted, walk.hashes_at
+    time_pattern = _SQLITE_TIME if sqlite else _CANONICAL_TIME
+    encode, sha256 = encode_basestring, hashlib.sha256
+    good_dates, good_kids, wanted, hashes_at = walk.good_dates, walk.good_kids, walk.wanted, walk.hashes_at
     expected, prev_hash = walk.count + 1, walk.prev_hash
     index = start
     try:
         for index in range(start, len(rows)):
-            seq, stored, sealed, prefix = rows[index]
+            seq, at, action, outcome, actor, patient, ehr, rtype, request, sealed, prev, stored = rows[index]
             if seq != expected:
                 walk.first_bad_seq, walk.reason = expected, f"record {expected} is missing (gap in seq)"
                 return index
-            if prefix is None:
-                return index  # the database could not spell it: the reference decides, link included
-            if not prefix.startswith(prev_hash):
+            if prev != prev_hash:
                 walk.first_bad_seq, walk.reason = seq, f"record {seq} does not link to record {seq - 1}"
                 return index
             try:
+                if not sqlite:
+                    # psycopg's aware datetime (binary, parsed in C); isoformat is C too, unlike strftime.
+                    if at.utcoffset():
+                        at = at.astimezone(UTC)
+                    at = at.isoformat(timespec="microseconds")
+                    if not at.endswith("+00:00"):
+                        return index
+                    at = at[:-6] + "Z"
+                if time_pattern.fullmatch(at) is None or type(seq) is not int:
+                    return index
+                day = at[:10]
+                if day not in good_dates:
+                    datetime.strptime(day, "%Y-%m-%d")  # a real calendar day, as the reference parses it
+                    good_dates.add(day)
+                if sqlite:
+                    at = f"{day}T{at[11:]}Z"
                 kid_len = sealed[_MAGIC_LEN]
                 body_at = _MAGIC_LEN + 2 + kid_len + WRAPPED_KEY_BYTES
                 kid = sealed[_MAGIC_LEN + 1 : _MAGIC_LEN + 1 + kid_len]
@@ -247,8 +216,20 @@ def _scan(rows: Sequence[tuple[Any, ...]], start: int, walk: _ChainWalk) -> int:
                 if kid not in good_kids:
                     kid.decode()
                     good_kids.add(kid)
-                body = b2a_base64(memoryview(sealed)[body_at:], newline=False).decode()
-                if sha256((suffix % (prefix, body, seq)).encode()).hexdigest() != stored:
+                hashed = _TEMPLATE % (
+                    prev,
+                    encode(action),
+                    "null" if actor is None else encode(actor),
+                    "null" if ehr is None else encode(ehr),
+                    encode(outcome),
+                    "null" if patient is None else encode(patient),
+                    at,
+                    "null" if request is None else encode(request),
+                    "null" if rtype is None else encode(rtype),
+                    b2a_base64(memoryview(sealed)[body_at:], newline=False).decode(),
+                    seq,
+                )
+                if sha256(hashed.encode()).hexdigest() != stored:
                     return index
             except (TypeError, ValueError, IndexError, AttributeError):
                 return index
@@ -261,7 +242,7 @@ def _scan(rows: Sequence[tuple[Any, ...]], start: int, walk: _ChainWalk) -> int:
         walk.count, walk.prev_hash = expected - 1, prev_hash
 
 
-async def _batches(session: AsyncSession) -> AsyncGenerator[Sequence[tuple[Any, ...]]]:
+async def _batches(session: AsyncSession) -> AsyncGenerator[tuple[Sequence[tuple[Any, ...]], bool]]:
     """Keyset batches of plain driver tuples, read inside the session's transaction.
 
     The next batch is fetched while the caller hashes the current one (the driver works in its own thread on
@@ -291,7 +272,7 @@ async def _batches(session: AsyncSession) -> AsyncGenerator[Sequence[tuple[Any, 
             if len(rows) == VERIFY_BATCH:
                 pending = asyncio.ensure_future(fetch(rows[-1][0] + 1))
             if rows:
-                yield rows
+                yield rows, sqlite
             if len(rows) < VERIFY_BATCH:
                 return
     finally:
