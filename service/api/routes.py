@@ -37,6 +37,7 @@ from service.web.choices import (
     checked_depiction,
     checked_illustration_choice,
     checked_language,
+    checked_portrait_language,
     checked_portrait_style,
     checked_style,
 )
@@ -174,7 +175,7 @@ def portrait_choice(ctx: RequestContext, body: PortraitRequest) -> PortraitChoic
         raise AppError(400, "Not a valid choice", str(error), code=ErrorCode.INVALID_INPUT) from error
     return PortraitChoice(
         style=checked_portrait_style(ctx.services.prompts, body.style),
-        language=checked_language(body.language),
+        language=checked_portrait_language(body.language),
         depiction=depiction,
         variants=body.variants,
         people=body.show_people,
@@ -299,7 +300,13 @@ async def _approval(ctx: RequestContext, job_id: str, body: ApproveRequest | Non
     content = document.content
     caption = body.caption if body and body.caption is not None else content.caption
     alt_text = body.alt_text if body and body.alt_text is not None else content.alt_text
-    return Approval(job_id=job_id, caption=caption, alt_text=alt_text)
+    return Approval(
+        job_id=job_id,
+        caption=caption,
+        alt_text=alt_text,
+        reading_target=True,  # the same plain-language rule as the review page
+        above_target=body.above_target_reason if body else None,
+    )
 
 
 @router.post("/jobs/{job_id}/approve", operation_id="approve")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from service.jobs import JobStatus
+from service.workflows.approve import AboveTargetReason
 
 FHIR_ID_PATTERN = r"^[A-Za-z0-9\-.]{1,64}$"
 JOB_ID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
@@ -69,6 +70,9 @@ class ApproveRequest(Input):
 
     caption: str | None = Field(default=None, min_length=1, max_length=CAPTION_MAX)
     alt_text: str | None = Field(default=None, min_length=1, max_length=ALT_TEXT_MAX)
+    # A caption above the plain-language target (grade 6) is approved only with one of these reasons
+    # (422 `above_reading_target` otherwise), as on the review page; it goes into the audit record.
+    above_target_reason: AboveTargetReason | None = Field(default=None, strict=False)
 
 
 class RegenerateRequest(Input):

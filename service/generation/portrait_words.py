@@ -139,6 +139,10 @@ def _caption(words: _Words, places: list[str], symbols: list[str], colours: list
     return " ".join(sentences)
 
 
+# The languages portrait captions and alt text are written in (the handout has more).
+PORTRAIT_LANGUAGES: tuple[str, ...] = tuple(_WORDS)
+
+
 def portrait_words(
     *,
     library: PromptLibrary,
@@ -152,6 +156,8 @@ def portrait_words(
     The caption speaks to the patient in one voice and is kept at or below grade 6 (measured): lists are
     shortened until it is. The alt text is written separately: it says what the picture shows.
     """
+    if language not in _WORDS:
+        raise ValueError(f"portrait words exist in {', '.join(PORTRAIT_LANGUAGES)}, not in {language!r}")
     words = _WORDS[language]
     keep_out = AvoidTerms.of([*story.avoid, *library.avoid_terms.terms])
     places, symbols, colours = (_items(v, keep_out) for v in (story.places, story.symbols, story.colours))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 from service.generation.languages import available_languages
+from service.generation.portrait_words import PORTRAIT_LANGUAGES
 from service.generation.prompts import Depiction, PromptLibrary
 from service.web.errors import AppError, ErrorCode
 from service.workflows.illustrate import IllustrationChoice
@@ -27,6 +28,15 @@ def checked_fhir_id(value: str, what: str = "condition") -> str:
 def checked_language(language: str) -> str:
     if language not in LANGUAGES:
         raise _invalid("Unknown language", f"Choose one of: {', '.join(LANGUAGES.values())}.")
+    return language
+
+
+def checked_portrait_language(language: str) -> str:
+    """Portrait captions exist in fewer languages than handouts: refuse the others clearly."""
+    checked_language(language)
+    if language not in PORTRAIT_LANGUAGES:
+        names = ", ".join(LANGUAGES[code] for code in PORTRAIT_LANGUAGES)
+        raise _invalid("Portraits are not written in this language yet", f"Choose one of: {names}.")
     return language
 
 

@@ -46,6 +46,7 @@ class ErrorCode(StrEnum):
     UNAUTHENTICATED = "unauthenticated"
     RATE_LIMITED = "rate_limited"
     TOO_MANY_JOBS = "too_many_jobs"
+    ABOVE_READING_TARGET = "above_reading_target"  # approve anyway needs one of the offered reasons
 
 
 class AppError(Exception):

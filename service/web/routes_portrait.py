@@ -12,8 +12,13 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.sse import EventSourceResponse
 
 from service.documents import load_document
+from service.generation.portrait_words import PORTRAIT_LANGUAGES
 from service.generation.prompts import Depiction
-from service.web.choices import LANGUAGES, checked_language, checked_portrait_style
+from service.web.choices import (
+    LANGUAGES,
+    checked_portrait_language,
+    checked_portrait_style,
+)
 from service.web.context import ClinicianContext
 from service.web.errors import AppError, ErrorCode
 from service.web.workflow_errors import workflow_errors
@@ -58,7 +63,7 @@ async def portrait_page(request: Request, ctx: ClinicianContext) -> Response:
             "people_allowed": story.people_allowed if story else False,
             "LikenessConsent": LikenessConsent,
             "styles": services.prompts.portrait_styles,
-            "languages": LANGUAGES,
+            "languages": {code: LANGUAGES[code] for code in PORTRAIT_LANGUAGES},
             "depiction_options": {k: v for k, v in Depiction.ALLOWED.items()},
             "max_variants": MAX_VARIANTS,
             "default_variants": DEFAULT_VARIANTS,
@@ -85,7 +90,7 @@ def checked_portrait_choice(
     try:
         return PortraitChoice(
             style=checked_portrait_style(ctx.services.prompts, style),
-            language=checked_language(language),
+            language=checked_portrait_language(language),
             depiction=Depiction(**depiction, show_people=SHOW_PEOPLE[show_people] is not False),
             variants=variants,
             people=SHOW_PEOPLE[show_people],

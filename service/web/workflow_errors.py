@@ -29,7 +29,7 @@ _BY_REASON: dict[Reason, tuple[int, str, ErrorCode]] = {
     Reason.FILE_NOT_AVAILABLE: (404, "File not available", ErrorCode.NOT_FOUND),
     Reason.FILE_DAMAGED: (502, "The file could not be read", ErrorCode.EHR_ERROR),
     Reason.NOT_ALLOWED: (403, "This is not allowed for this launch", ErrorCode.NOT_ALLOWED),
-    Reason.ABOVE_READING_TARGET: (422, "The caption is hard to read", ErrorCode.INVALID_INPUT),
+    Reason.ABOVE_READING_TARGET: (422, "The caption is hard to read", ErrorCode.ABOVE_READING_TARGET),
 }
 
 

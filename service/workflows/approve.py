@@ -132,7 +132,7 @@ class Approval:
     """What the clinician approved: the job and the caption and alt text as they stood on the form.
 
     `reading_target`: refuse a caption above the plain-language grade unless `above_target` says why
-    (the clinician's pages set it; the JSON API does not yet).
+    (both faces set it).
     """
 
     job_id: str

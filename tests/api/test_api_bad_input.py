@@ -70,6 +70,10 @@ def test_unknown_choice_values_are_400(carecanvas: RunningApp, clinician: ApiSes
     assert_error(clinician.post("/illustrations", json={**GOOD, "style": "nope"}), 400, "invalid_input")
     assert_error(clinician.post("/illustrations", json={**GOOD, "language": "xx"}), 400, "invalid_input")
     assert_error(clinician.post("/illustrations", json={**GOOD, "depiction": "skin_tone=blue"}), 400)
+    # Handouts come in eight languages, portrait captions in two: Arabic is refused clearly, not a 500.
+    refused = clinician.post("/portraits", json={"style": "gouache", "language": "ar"})
+    assert_error(refused, 400, "invalid_input")
+    assert "English" in refused.json()["detail"]
     assert counts(carecanvas) == before
 
 

@@ -158,3 +158,38 @@ def test_approve_before_the_image_is_ready_is_409_and_writes_nothing(
     assert refused.json()["code"] == "not_ready"
     assert counts(carecanvas) == before
     assert clinician.get(f"/jobs/{job_id}/image").status_code == 404
+
+
+JARGON = (
+    "Hyperglycaemia secondary to insulin resistance necessitates pharmacological intervention, glycaemic "
+    "monitoring and comprehensive dietary modification administered by multidisciplinary practitioners."
+)
+
+
+def test_a_caption_above_the_reading_target_needs_a_reason_through_the_api_too(
+    carecanvas: RunningApp, clinician: ApiSession
+) -> None:
+    created = clinician.post(
+        "/illustrations", json={"condition_id": "cond-1-diabetes", "style": "flat_vector", "language": "en"}
+    )
+    job_id = created.json()["job_id"]
+    assert wait_final(clinician.get, job_id)["status"] == "succeeded"
+    before = counts(carecanvas)
+    refused = clinician.post(f"/jobs/{job_id}/approve", json={"caption": JARGON})
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["code"] == "above_reading_target"
+    assert counts(carecanvas) == before  # nothing written to the EHR
+    assert clinician.get(f"/jobs/{job_id}/draft").json()["status"] == "draft"
+    unknown = clinician.post(f"/jobs/{job_id}/approve", json={"caption": JARGON, "above_target_reason": "x"})
+    assert unknown.status_code == 422
+    approved = clinician.post(
+        f"/jobs/{job_id}/approve", json={"caption": JARGON, "above_target_reason": "read-together"}
+    )
+    assert approved.status_code == 200, approved.text
+
+    async def last_approval() -> object:
+        async with carecanvas.services.sessionmaker() as db:
+            return max(await carecanvas.services.audit.search(db, action="approve"), key=lambda e: e.seq)
+
+    record = carecanvas.call(last_approval())
+    assert record.detail["above_target_reason"] == "read-together"  # type: ignore[attr-defined]
