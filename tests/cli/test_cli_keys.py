@@ -178,6 +178,8 @@ def test_retire_refuses_while_data_is_still_wrapped_and_every_step_is_audited(
         "artifacts": 0,
         "document drafts": 2,
         "audit payloads": 4,
+        "portrait reviews": 0,
+        "portrait notes": 0,
     }
     assert records[3][2]["remaining"] == dict.fromkeys(records[3][2]["remaining"], 0)
     # Everything is still readable with the keyring as it is now.
