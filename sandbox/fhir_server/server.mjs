@@ -86,16 +86,25 @@ class State {
     await this.reset();
   }
 
-  /** Writes every current resource to the state file (a new file renamed over the old: never half written). */
-  async save() {
-    if (!this.stateFile) return;
+  /**
+   * Writes every current resource to the state file (a new file renamed over the old: never half written).
+   * The snapshot is taken at once (synchronously) and the writes are chained, so files land in call order.
+   */
+  save() {
+    if (!this.stateFile) return Promise.resolve();
     const entry = [];
     for (const byId of this.repo.resources.values()) {
       for (const resource of byId.values()) entry.push({ resource });
     }
+    const text = JSON.stringify({ resourceType: 'Bundle', type: 'collection', entry });
     const partial = `${this.stateFile}.partial`;
-    await writeFile(partial, JSON.stringify({ resourceType: 'Bundle', type: 'collection', entry }));
-    await rename(partial, this.stateFile);
+    this.saving = (this.saving ?? Promise.resolve())
+      .catch(() => {})
+      .then(async () => {
+        await writeFile(partial, text);
+        await rename(partial, this.stateFile);
+      });
+    return this.saving;
   }
 
   async reset() {
@@ -423,10 +432,22 @@ async function main() {
       if (isAdmin && segments.length === 2) {
         await handleAdmin(state, req, res, segments[1], rawBody);
       } else if (segments[0] === 'fhir') {
-        await api.handle(req, res, segments.slice(1), url, rawBody);
-        if (state.stateFile && req.method !== 'GET' && req.method !== 'HEAD' && res.statusCode < 400) {
-          await state.exclusive(() => state.save());
+        if (state.stateFile && req.method !== 'GET' && req.method !== 'HEAD') {
+          // The state is on disk before the client hears the write succeeded: a restart right after it
+          // never forgets a document the client was told about.
+          const end = res.end.bind(res);
+          res.end = (...args) => {
+            state.save().then(
+              () => end(...args),
+              (error) => {
+                process.stderr.write(`sandbox fhir server: state file not written: ${error?.message}\n`);
+                end(...args);
+              }
+            );
+            return res;
+          };
         }
+        await api.handle(req, res, segments.slice(1), url, rawBody);
       } else {
         throw new HttpError(404, 'nothing here; the FHIR base is /fhir');
       }
