@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from service.generation.languages import match_language_tag
+
 # Machine-drafted like the handout templates (templates/prompts/languages): short, plain, reviewed with them.
 _WORDS: dict[str, dict[str, str]] = {
     "en": {
@@ -163,15 +165,11 @@ class PortalWords:
 
 
 def portal_language(tag: str | None) -> str | None:
-    """Our portal language for a BCP-47 tag ("es-MX" → es, "zh"/"zh-CN" → zh-Hans, "fil" → tl), else None."""
-    if not tag:
-        return None
-    parts = tag.replace("_", "-").lower().split("-")
-    primary = {"fil": "tl", "cmn": "zh"}.get(parts[0], parts[0])
-    if primary == "zh":
-        # Only the Simplified script is written; Traditional tags are not it.
-        return None if any(part in {"hant", "tw", "hk", "mo"} for part in parts[1:]) else "zh-Hans"
-    return primary if primary in _WORDS else None
+    """Our portal language for a BCP-47 tag ("es-MX" → es, "zh"/"zh-CN" → zh-Hans, "fil" → tl), else None.
+
+    The same matching as the handouts' (`match_language_tag`), over the languages the portal has words for.
+    """
+    return match_language_tag(tag, PORTAL_LANGUAGES) if tag else None
 
 
 def preferred_tags(patient: Mapping[str, Any]) -> list[str]:
