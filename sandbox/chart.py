@@ -17,9 +17,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.templating import Jinja2Templates
 
+from sandbox.auth.config import DEMO_CLIENT_ID
 from sandbox.auth.oauth import SmartAuthorizationServer
-
-DEMO_CLIENT_ID = "carecanvas-demo"
 
 
 @dataclass
