@@ -145,11 +145,12 @@ async def build_services(settings: Settings, *, ehrs: EhrRegistry | None = None)
     engine, sessionmaker = await open_database(settings)
     keyring = open_keyring(settings)
     registry = ehrs or EhrRegistry.from_settings(settings)
+    read_sessionmaker = make_read_sessionmaker(engine)
     return Services(
         settings=settings,
         engine=engine,
         sessionmaker=sessionmaker,
-        read_sessionmaker=make_read_sessionmaker(engine),
+        read_sessionmaker=read_sessionmaker,
         keyring=keyring,
         audit=open_audit_log(settings, keyring=keyring),
         queue=JobQueue(
@@ -157,6 +158,7 @@ async def build_services(settings: Settings, *, ehrs: EhrRegistry | None = None)
             keyring,
             lease_seconds=settings.job_lease_seconds,
             max_attempts=settings.job_max_attempts,
+            read_sessionmaker=read_sessionmaker,
         ),
         ehrs=registry,
         models=ModelRegistry.from_dicts(settings.model_entries()),

@@ -135,10 +135,14 @@ class JobQueue:
         lease_seconds: float = 60,
         max_attempts: int = 3,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        read_sessionmaker: async_sessionmaker[AsyncSession] | None = None,
     ) -> None:
         if lease_seconds <= 0 or max_attempts < 1:
             raise ValueError("lease_seconds must be > 0 and max_attempts ≥ 1")
         self._sessionmaker = sessionmaker
+        # Status, artifact and cancellation reads: on SQLite a read-only pool that never queues for the
+        # writer lock, so pages following a job (SSE, polling) do not wait behind the worker's writes.
+        self._reads = read_sessionmaker or sessionmaker
         self._keyring = keyring
         self._lease = timedelta(seconds=lease_seconds)
         self._max_attempts = max_attempts
@@ -351,7 +355,7 @@ class JobQueue:
         query = select(Job.id).where(
             Job.id.in_(ids), Job.cancel_requested.is_(True) | (Job.status == JobStatus.CANCELLED)
         )
-        async with self._sessionmaker() as session, session.begin():
+        async with self._reads() as session, session.begin():
             return set((await session.execute(query)).scalars().all())
 
     async def complete(self, job_id: str, worker_id: str, *, artifacts: Mapping[str, bytes]) -> bool:
@@ -532,7 +536,7 @@ class JobQueue:
             job.updated_at = now
 
     async def get(self, job_id: str) -> JobView | None:
-        async with self._sessionmaker() as session, session.begin():
+        async with self._reads() as session, session.begin():
             job = await session.get(Job, job_id)
             view = None if job is None else _view(job)
         live = self.board.get(job_id)
@@ -547,7 +551,7 @@ class JobQueue:
 
     async def list_jobs(self, *, status: JobStatus | None = None, limit: int = 100) -> list[JobView]:
         """Newest first, for operators: status, attempts, crashes and the reason; never the spec."""
-        return await list_jobs(self._sessionmaker, status=status, limit=limit)
+        return await list_jobs(self._reads, status=status, limit=limit)
 
     async def store_preview(self, job_id: str, png: bytes) -> bool:
         """Replace a running job's low-cost preview; False (nothing stored) once the job has finished."""
@@ -598,7 +602,7 @@ class JobQueue:
 
     async def read_artifact(self, job_id: str, kind: str) -> bytes:
         """The decrypted artifact; raises JobNotFoundError when missing, DecryptionError when tampered."""
-        async with self._sessionmaker() as session, session.begin():
+        async with self._reads() as session, session.begin():
             artifact = (
                 await session.execute(
                     select(Artifact).where(Artifact.job_id == job_id, Artifact.kind == kind)
@@ -613,7 +617,7 @@ class JobQueue:
         query = select(func.count()).select_from(Job).where(Job.status == JobStatus.QUEUED)
         if bucket is not None:
             query = query.where(Job.bucket == bucket)
-        async with self._sessionmaker() as session, session.begin():
+        async with self._reads() as session, session.begin():
             return int((await session.execute(query)).scalar_one())
 
     async def wait_for_work(
