@@ -112,3 +112,42 @@ def wait_for_job(client: httpx.Client, job_id: str, *, timeout: float = 120) -> 
             return status  # type: ignore[no-any-return]
         time.sleep(0.1)
     raise AssertionError(f"job {job_id} did not finish")
+
+
+def generate_picture(
+    client: httpx.Client, *, style: str = "flat_vector", language: str = "en"
+) -> tuple[str, str]:
+    """From the workspace of a launched session: a picture for the first active condition, waited for.
+
+    Returns (job id, CSRF token); the job has succeeded.
+    """
+    workspace = client.get("/app")
+    assert workspace.status_code == 200, workspace.text
+    csrf = csrf_from(workspace.text)
+    conditions = CONDITION.findall(workspace.text)
+    assert conditions, "the workspace lists no active condition"
+    created = client.post(
+        "/illustrations",
+        data={"condition_id": conditions[0], "style": style, "language": language, "csrf_token": csrf},
+    )
+    assert created.status_code == 303, created.text
+    job_id = created.headers["location"].rsplit("/", 1)[1]
+    finished = wait_for_job(client, job_id)
+    assert finished["status"] == "succeeded", finished
+    return job_id, csrf
+
+
+def approve_picture(
+    client: httpx.Client,
+    job_id: str,
+    csrf: str,
+    *,
+    caption: str = "A picture about your health.",
+    alt_text: str = "A test drawing.",
+) -> httpx.Response:
+    """Approve a generated picture from its review page (writes it back to the EHR); asserts it was saved."""
+    saved = client.post(
+        f"/review/{job_id}/approve", data={"caption": caption, "alt_text": alt_text, "csrf_token": csrf}
+    )
+    assert saved.status_code == 200, saved.text
+    return saved

@@ -10,7 +10,7 @@ import httpx
 import pytest
 import structlog
 import structlog.testing
-from harness import CONDITION, RunningApp, csrf_from, launch_session, wait_for_job
+from harness import RunningApp, approve_picture, generate_picture, launch_session
 from prometheus_client.parser import text_string_to_metric_families
 
 from sandbox.run import SandboxEHR
@@ -56,23 +56,8 @@ def run(sandbox: SandboxEHR, carecanvas: RunningApp) -> Run:
         structlog.testing.capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs,
         launch_session(carecanvas.url, sandbox) as client,
     ):
-        workspace = client.get("/app")
-        csrf = csrf_from(workspace.text)
-        created = client.post(
-            "/illustrations",
-            data={
-                "condition_id": CONDITION.findall(workspace.text)[0],
-                "style": "flat_vector",
-                "language": "en",
-                "csrf_token": csrf,
-            },
-        )
-        assert created.status_code == 303, created.text
-        job_id = created.headers["location"].rsplit("/", 1)[1]
-        finished = wait_for_job(client, job_id)
-        assert finished["status"] == "succeeded", finished
-        form = {"caption": "A picture about your health.", "alt_text": "Drawing.", "csrf_token": csrf}
-        assert client.post(f"/review/{job_id}/approve", data=form).status_code == 200
+        job_id, csrf = generate_picture(client)
+        approve_picture(client, job_id, csrf, caption="A picture about your health.", alt_text="Drawing.")
     return Run(before=before, after=scrape(carecanvas.url), logs=list(logs), job_id=job_id)
 
 

@@ -7,7 +7,7 @@ import re
 
 import httpx
 import pytest
-from harness import CONDITION, RunningApp, csrf_from, launch_session, wait_for_job
+from harness import RunningApp, approve_picture, generate_picture, launch_session
 from pypdf import PdfReader
 
 from sandbox.run import SandboxEHR
@@ -17,28 +17,8 @@ pytestmark = pytest.mark.slow
 
 def test_a_saved_picture_is_readable_in_the_ehr_chart(carecanvas: RunningApp, sandbox: SandboxEHR) -> None:
     with launch_session(carecanvas.url, sandbox, patient="pat-2", practitioner="prac-1") as client:
-        workspace = client.get("/app")
-        csrf = csrf_from(workspace.text)
-        created = client.post(
-            "/illustrations",
-            data={
-                "condition_id": CONDITION.findall(workspace.text)[0],
-                "style": "flat_vector",
-                "language": "en",
-                "csrf_token": csrf,
-            },
-        )
-        job_id = created.headers["location"].rsplit("/", 1)[1]
-        assert wait_for_job(client, job_id)["status"] == "succeeded"
-        saved = client.post(
-            f"/review/{job_id}/approve",
-            data={
-                "caption": "A picture about your health.",
-                "alt_text": "A test drawing.",
-                "csrf_token": csrf,
-            },
-        )
-        assert saved.status_code == 200, saved.text
+        job_id, csrf = generate_picture(client)
+        approve_picture(client, job_id, csrf)
     ehr_page = httpx.post(
         f"{sandbox.auth_base}/ehr/launch", data={"patient": "pat-2", "practitioner": "prac-1"}, timeout=30
     )

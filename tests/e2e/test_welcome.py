@@ -1,9 +1,14 @@
-"""The front door: `/` leads to a landing page that says where each user opens CareCanvas; a favicon."""
+"""The front door: `/` leads to a landing page that says where each user opens CareCanvas; a favicon;
+axe-core on it at phone and desktop sizes."""
 
 from __future__ import annotations
 
 import httpx
+import pytest
 from harness import RunningApp
+from playwright.sync_api import expect, sync_playwright
+
+from sandbox.run import SandboxEHR
 
 
 def test_root_leads_to_a_landing_page_not_a_bare_404(carecanvas: RunningApp) -> None:
@@ -19,3 +24,40 @@ def test_root_leads_to_a_landing_page_not_a_bare_404(carecanvas: RunningApp) -> 
         icon = client.get("/favicon.ico")
         assert (icon.status_code, icon.headers["content-type"]) == (200, "image/x-icon")
         assert icon.content[:4] == b"\x00\x00\x01\x00"  # an ICO file
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+@pytest.mark.parametrize(("width", "height"), [(390, 844), (1280, 800)])
+def test_the_landing_page_passes_axe_on_a_phone_and_a_desktop(
+    carecanvas: RunningApp, sandbox: SandboxEHR, monkeypatch: pytest.MonkeyPatch, width: int, height: int
+) -> None:
+    from test_compliance_browser import AXE, CHROMIUM_ARGS, serious_violations
+
+    assert AXE.exists(), "axe-core is missing: run scripts/bootstrap"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_ARGS
+        )
+        try:
+            # bypass_csp only so axe-core can be injected; the page itself runs under the real CSP.
+            page = browser.new_context(
+                bypass_csp=True, viewport={"width": width, "height": height}
+            ).new_page()
+            page.goto(carecanvas.url)  # the printed address: / leads here
+            page.wait_for_url(f"{carecanvas.url}/welcome")
+            expect(page.get_by_test_id("welcome")).to_be_visible()
+            expect(page.get_by_role("link", name="sign in to the compliance console")).to_be_visible()
+            assert page.evaluate(
+                "document.documentElement.scrollWidth <= window.innerWidth"
+            )  # no sideways scroll
+            assert serious_violations(page) == []
+            # As `carecanvas demo` shows it: with the link to its sandbox EHR inside the notice.
+            monkeypatch.setattr(carecanvas.services.settings, "demo_ehr_url", sandbox.ehr_url)
+            page.reload()
+            demo = page.get_by_test_id("demo-ehr")
+            expect(demo.get_by_role("link", name="sandbox EHR")).to_have_attribute("href", sandbox.ehr_url)
+            assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+            assert serious_violations(page) == []
+        finally:
+            browser.close()
