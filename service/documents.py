@@ -52,6 +52,8 @@ class DraftContent(_Frozen):
     caption_grade: float | None = None
     language: str = "en"
     topic_id: str | None = None
+    # The clinician chose the topic (the condition matched none); a new version keeps that choice.
+    topic_chosen_by_clinician: bool = False
     style: str | None = None
     condition_id: str | None = None
     condition_text: str | None = None

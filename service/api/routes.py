@@ -9,6 +9,8 @@ from fastapi import APIRouter, Body, Depends, Path
 from fastapi.responses import Response
 from fastapi.sse import EventSourceResponse
 
+from fhir_adapters import ConditionSummary
+from fhir_adapters.conditions import UNSPECIFIED_CONDITION
 from fhir_adapters.scopes import Interaction
 from service.api.auth import ApiContext
 from service.api.schemas import (
@@ -29,6 +31,7 @@ from service.api.schemas import (
     PortraitJobsCreated,
     PortraitRequest,
     RegenerateRequest,
+    TopicOut,
     WithdrawOut,
 )
 from service.documents import DocumentView, load_document
@@ -52,6 +55,7 @@ from service.workflows.portrait import PortraitChoice, start_portraits_from_stor
 from service.workflows.regenerate import RegenerationChoice, start_regeneration
 from service.workflows.retract import retract_document
 from service.workflows.review import ArtifactKind, read_owned_artifact, review_draft
+from service.workflows.topics import condition_topics
 from service.workflows.workspace import load_conditions, load_history
 
 API_BASE = "/api/v1"
@@ -105,18 +109,22 @@ async def conditions(ctx: ApiContext) -> ConditionsOut:
     async with workflow_errors(ctx.db), ctx.fhir() as fhir:
         found = await load_conditions(ctx.workflow(), fhir)
     await ctx.db.commit()
-    return ConditionsOut(
-        conditions=[
-            ConditionOut(
-                id=item.id,
-                text=item.text,
-                clinical_status=item.clinical_status,
-                onset=item.onset,
-                codes=[CodingOut(system=c.system, code=c.code, display=c.display) for c in item.codes],
-            )
-            for item in found
-        ]
-    )
+    topics = condition_topics(ctx.services.prompts, found, unspecified=UNSPECIFIED_CONDITION)
+
+    def out(item: ConditionSummary) -> ConditionOut:
+        topic = topics[item.id or ""]
+        return ConditionOut(
+            id=item.id,
+            text=item.text,
+            clinical_status=item.clinical_status,
+            onset=item.onset,
+            codes=[CodingOut(system=c.system, code=c.code, display=c.display) for c in item.codes],
+            topic=topic.match.topic.id,
+            topic_fallback=topic.is_fallback,
+            closest_topics=[TopicOut(id=t.id, title=t.text["en"].title) for t in topic.match.closest],
+        )
+
+    return ConditionsOut(conditions=[out(item) for item in found])
 
 
 @router.get("/documents", operation_id="list_documents")
@@ -153,6 +161,7 @@ async def create_illustration(body: IllustrationRequest, ctx: ApiContext) -> Job
         style=body.style,
         language=body.language,
         depiction=body.depiction,
+        topic_override=body.topic_override,
     )
     ctx.patient_id()
     async with workflow_errors(ctx.db), ctx.fhir() as fhir:

@@ -36,6 +36,16 @@ class IllustrationRequest(Input):
         max_length=200,
         description='"varied", "none" (no people) or "skin_tone=dark;age_group=older_adult".',
     )
+    topic_override: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=100,
+        description=(
+            "A handout topic id for a condition on the generic fallback (see `closest_topics` in "
+            "GET /conditions): 400 `unknown_topic` for an id that is no topic, 422 `topic_already_matched` "
+            "for a condition that matched a topic of its own; nothing is queued then."
+        ),
+    )
 
 
 class PortraitRequest(Input):
@@ -98,12 +108,22 @@ class CodingOut(Output):
     display: str | None
 
 
+class TopicOut(Output):
+    id: str
+    title: str
+
+
 class ConditionOut(Output):
     id: str | None
     text: str
     clinical_status: str | None
     onset: str | None
     codes: list[CodingOut]
+    # The handout topic the condition matched (the generic one: topic_fallback) and, on the fallback, the
+    # closest real topics a clinician may choose as `topic_override`.
+    topic: str | None = None
+    topic_fallback: bool = False
+    closest_topics: list[TopicOut] = Field(default_factory=list)
 
 
 class ConditionsOut(Output):

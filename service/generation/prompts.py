@@ -667,6 +667,7 @@ class MatchKind(StrEnum):
     ICD10 = "icd10"  # an ICD-10 code, prefix or range of the topic
     SYNONYM = "synonym"  # the condition's text names the topic (any language)
     FALLBACK = "fallback"  # nothing matched: the generic topic
+    CLINICIAN = "clinician"  # nothing matched, and the clinician chose the topic (one of the closest)
 
 
 @dataclass(frozen=True)
@@ -1104,16 +1105,25 @@ def build_education_prompt(
     language: str,
     depiction: Depiction,
     tokenizer: TextTokenizer | None,
+    topic_override: str | None = None,
 ) -> EducationPrompt:
     """Prompt, negative prompt and patient-facing words for one condition.
 
     Only the condition's codes (and, for an unknown code, its normalised text) enter the prompt: no
-    patient identifier is ever an input. With a tokenizer, both prompts fit its budget.
+    patient identifier is ever an input. With a tokenizer, both prompts fit its budget. ``topic_override``
+    (a topic id the clinician chose; the workflow decides when that is allowed) replaces the matched topic
+    for the picture, the words and the handout's sections; an unknown id is a ValueError.
     """
     _check_language(language)
     preset = library.style(style)
-    # The closest topics are for the page before generating; the prompt itself does not need them.
-    match = library.match_topic(codes, condition_text, with_closest=False)
+    if topic_override is not None:
+        chosen = library.topic(topic_override)
+        if chosen.is_fallback:
+            raise ValueError("the generic topic is not a topic to choose")
+        match = TopicMatch(chosen, MatchKind.CLINICIAN, chosen.id)
+    else:
+        # The closest topics are for the page before generating; the prompt itself does not need them.
+        match = library.match_topic(codes, condition_text, with_closest=False)
     topic = match.topic
     if topic.is_fallback:
         condition = _clean_free_text(condition_text, max_chars=120, avoid=library.avoid_terms)

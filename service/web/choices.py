@@ -60,12 +60,34 @@ def checked_depiction(depiction: str) -> Depiction:
         raise _invalid("Unknown depiction", str(error)) from error
 
 
+def checked_topic_override(library: PromptLibrary, topic_id: str | None) -> str | None:
+    """A handout topic the clinician chose for a condition on the generic fallback (None or "": keep the
+    match). Only a real topic's id: the generic topic is what "keep general" already means."""
+    if not topic_id:
+        return None
+    if topic_id not in {topic.id for topic in library.topics}:
+        raise AppError(
+            400,
+            "Unknown handout topic",
+            "Pick one of the topics offered on the page, or keep the general handout.",
+            code=ErrorCode.UNKNOWN_TOPIC,
+        )
+    return topic_id
+
+
 def checked_illustration_choice(
-    library: PromptLibrary, *, condition_id: str, style: str, language: str, depiction: str
+    library: PromptLibrary,
+    *,
+    condition_id: str,
+    style: str,
+    language: str,
+    depiction: str,
+    topic_override: str | None = None,
 ) -> IllustrationChoice:
     return IllustrationChoice(
         condition_id=checked_fhir_id(condition_id),
         style=checked_style(library, style),
         language=checked_language(language),
         depiction=checked_depiction(depiction),
+        topic_override=checked_topic_override(library, topic_override),
     )

@@ -35,6 +35,17 @@ def language_note(preference: LanguagePreference | None) -> str | None:
     return f"Language set to the patient's preferred language ({LANGUAGES[preference.language]})."
 
 
+def chosen_topic(topic_choices: list[str], condition_id: str) -> str | None:
+    """The topic picked for the chosen condition. Each fallback condition on the page has its own topic
+    list, whose values are "<condition id>:<topic id>" ("<condition id>:" keeps the general handout); the
+    lists of the conditions not chosen are ignored."""
+    for value in topic_choices:
+        condition, separator, topic = value.partition(":")
+        if separator and condition == condition_id:
+            return topic or None
+    return None
+
+
 @router.get("/app", response_class=HTMLResponse)
 async def workspace(request: Request, ctx: ClinicianContext) -> Response:
     ctx.patient_id()
@@ -88,9 +99,15 @@ async def create_illustration(
     language: Annotated[str, Form(max_length=16)],
     csrf_token: Annotated[str, Form(max_length=100)],
     depiction: Annotated[str, Form(max_length=40)] = "varied",
+    topic_choice: Annotated[list[str] | None, Form()] = None,
 ) -> Response:
     choice = checked_illustration_choice(
-        ctx.services.prompts, condition_id=condition_id, style=style, language=language, depiction=depiction
+        ctx.services.prompts,
+        condition_id=condition_id,
+        style=style,
+        language=language,
+        depiction=depiction,
+        topic_override=chosen_topic(topic_choice or [], condition_id),
     )
     ctx.patient_id()
     async with workflow_errors(ctx.db), ctx.fhir() as fhir:

@@ -41,6 +41,7 @@ class Reason(StrEnum):
     FILE_NOT_AVAILABLE = "file_not_available"
     FILE_DAMAGED = "file_damaged"
     ABOVE_READING_TARGET = "above_reading_target"
+    TOPIC_ALREADY_MATCHED = "topic_already_matched"
 
 
 class WorkflowError(Exception):
@@ -148,3 +149,10 @@ class AboveReadingTargetError(WorkflowError, ValueError):
     """The caption reads above the plain-language target and no "approve anyway" reason was given."""
 
     reason = Reason.ABOVE_READING_TARGET
+
+
+class TopicAlreadyMatchedError(WorkflowError, ValueError):
+    """A topic was chosen for a condition that matched a topic of its own (by code or name): refused, so the
+    handout never contradicts what the chart coded; only the generic fallback takes a chosen topic."""
+
+    reason = Reason.TOPIC_ALREADY_MATCHED

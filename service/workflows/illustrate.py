@@ -12,7 +12,7 @@ from service.documents import DraftContent, create_draft
 from service.generation.prompts import Depiction, EducationPrompt, build_education_prompt
 from service.jobs import JobKind
 from service.workflows.context import WorkflowContext
-from service.workflows.errors import ConditionNotFoundError, WrongPatientError
+from service.workflows.errors import ConditionNotFoundError, TopicAlreadyMatchedError, WrongPatientError
 from service.workflows.image_jobs import enqueue_image_job
 
 
@@ -22,6 +22,8 @@ class IllustrationChoice:
     style: str
     language: str
     depiction: Depiction
+    # A topic the clinician chose (checked to be a real topic's id) for a condition on the generic fallback.
+    topic_override: str | None = None
 
 
 def subject_patient_id(resource: dict[str, Any]) -> str | None:
@@ -32,14 +34,23 @@ def subject_patient_id(resource: dict[str, Any]) -> str | None:
 async def start_illustration(ctx: WorkflowContext, fhir: FhirClient, choice: IllustrationChoice) -> str:
     """Read the condition, build the prompt from its concept only, enqueue; returns the job id."""
     summary = await _patients_condition(ctx, fhir, choice.condition_id)
+    codes = [(coding.system, coding.code) for coding in summary.codes if coding.system and coding.code]
+    if choice.topic_override is not None:
+        matched = ctx.services.prompts.match_topic(codes, summary.text, with_closest=False)
+        if not matched.is_fallback:
+            raise TopicAlreadyMatchedError(
+                f"This condition already has its own handout topic ({matched.topic.text['en'].title}). "
+                "A topic can only be chosen for a condition that gets the general handout."
+            )
     prompt = build_education_prompt(
         library=ctx.services.prompts,
         condition_text=summary.text,
-        codes=[(coding.system, coding.code) for coding in summary.codes if coding.system and coding.code],
+        codes=codes,
         style=choice.style,
         language=choice.language,
         depiction=choice.depiction,
         tokenizer=None,  # the worker fits the prompt to its own pipeline's tokenizer before the call
+        topic_override=choice.topic_override,
     )
     model = ctx.services.models.get(ctx.services.settings.default_model)
     seed = secrets.randbelow(2**31)
@@ -78,6 +89,7 @@ def _draft_content(
         caption_grade=prompt.caption_grade,
         language=prompt.language,
         topic_id=prompt.topic_id,
+        topic_chosen_by_clinician=choice.topic_override is not None,
         style=choice.style,
         condition_id=choice.condition_id,
         condition_text=summary.text,
@@ -112,6 +124,8 @@ async def _audit_request(ctx: WorkflowContext, job_id: str, content: DraftConten
             "job_id": job_id,
             "kind": JobKind.ILLUSTRATION.value,
             "topic": content.topic_id,
+            # "clinician": picked on the page (or the API) for a condition on the generic fallback.
+            "topic_chosen_by": "clinician" if content.topic_chosen_by_clinician else "match",
             "style": content.style,
         },
         description=f"{ctx.actor_reference} asked for an education picture about {content.source_reference}",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -13,7 +14,7 @@ from service.crypto import Keyring
 from service.documents import DocumentView, Replaces, load_document, save_content
 from service.generation.prompts import Depiction
 from service.workflows.context import WorkflowContext
-from service.workflows.errors import NotReplaceableError
+from service.workflows.errors import NotReplaceableError, TopicAlreadyMatchedError
 from service.workflows.illustrate import IllustrationChoice, start_illustration
 
 log = structlog.get_logger("carecanvas.regenerate")
@@ -79,16 +80,19 @@ async def start_regeneration(ctx: WorkflowContext, fhir: FhirClient, choice: Reg
         db, keyring=keyring, job_id=choice.previous_job_id, patient_id=ctx.patient_id, ehr_name=ctx.ehr.name
     )
     await db.commit()
-    job_id = await start_illustration(
-        ctx,
-        fhir,
-        IllustrationChoice(
-            condition_id=previous.content.condition_id or "",
-            style=choice.style or previous.content.style or "",
-            language=choice.language or previous.content.language,
-            depiction=choice.depiction,
-        ),
+    again = IllustrationChoice(
+        condition_id=previous.content.condition_id or "",
+        style=choice.style or previous.content.style or "",
+        language=choice.language or previous.content.language,
+        depiction=choice.depiction,
+        # A topic the clinician chose for the old version stays chosen.
+        topic_override=previous.content.topic_id if previous.content.topic_chosen_by_clinician else None,
     )
+    try:
+        job_id = await start_illustration(ctx, fhir, again)
+    except TopicAlreadyMatchedError:
+        # The condition was coded since: its own topic now wins (refused before anything was written).
+        job_id = await start_illustration(ctx, fhir, dataclasses.replace(again, topic_override=None))
     draft = await load_document(db, keyring=keyring, job_id=job_id)
     if draft is None:  # start_illustration always creates one; a missing draft is a bug
         raise RuntimeError("the new draft was not created")

@@ -68,6 +68,32 @@ def press_tab_until(page: Page, frame: Frame, target: Locator, *, limit: int = 4
     raise AssertionError("Tab never reached the element")
 
 
+def choose_with_keyboard(page: Page, frame: Frame, select: Locator, value: str) -> None:
+    """Keyboard only, as a keyboard user picks from a dropdown: Tab to it, then arrow keys to the option."""
+    press_tab_until(page, frame, select, limit=60)
+    values: list[str] = select.evaluate("element => Array.from(element.options, option => option.value)")
+    steps = values.index(value) - values.index(select.input_value())
+    for _ in range(abs(steps)):
+        page.keyboard.press("ArrowDown" if steps > 0 else "ArrowUp")
+    expect(select).to_have_value(value)
+
+
+def check_radio_with_keyboard(page: Page, frame: Frame, group: str, radio: Locator) -> None:
+    """Keyboard only: Tab into the radio group `group` (its checked radio), then arrow keys to `radio`."""
+    focused_group = "() => document.activeElement && document.activeElement.name"
+    for _ in range(60):
+        if frame.evaluate(focused_group) == group:
+            break
+        page.keyboard.press("Tab")
+    else:
+        raise AssertionError(f"Tab never reached the {group} radios")
+    for _ in range(20):
+        if radio.is_checked():
+            return
+        page.keyboard.press("ArrowDown")
+    raise AssertionError("the arrow keys never reached the radio")
+
+
 def assert_in_frame_view(page: Page, target: Locator) -> None:
     """The element is visible in the EHR's iframe without scrolling anything."""
     frame_box = page.locator("iframe.app-frame").bounding_box()
@@ -114,8 +140,9 @@ def test_clinician_handout_journey_inside_the_ehr_iframe(sandbox: SandboxEHR, ca
             assert_in_frame_view(page, generate)
             assert workspace.get_by_test_id("condition-list").evaluate("e => e.scrollHeight > e.clientHeight")
             assert_accessible(workspace)
-            workspace.get_by_label("Language").select_option("en")  # English: its grade has a formula
-            generate.focus()
+            # English (its grade has a formula), picked with the keyboard only.
+            choose_with_keyboard(page, workspace, workspace.get_by_label("Language"), "en")
+            press_tab_until(page, workspace, generate)
             page.keyboard.press("Enter")
 
             review = app_frame(page, carecanvas.url, "/review/")
@@ -138,7 +165,7 @@ def test_clinician_handout_journey_inside_the_ehr_iframe(sandbox: SandboxEHR, ca
             assert_accessible(review)
             reason.scroll_into_view_if_needed()
             page.locator("iframe.app-frame").screenshot(path=str(SCREENSHOTS / "review.png"))
-            reason.select_option("terms-explained")
+            choose_with_keyboard(page, review, reason, "terms-explained")
             approve = review.get_by_role("button", name="Approve and save to chart")
             press_tab_until(page, review, approve)
             page.keyboard.press("Enter")
@@ -177,8 +204,7 @@ def test_clinician_handout_journey_inside_the_ehr_iframe(sandbox: SandboxEHR, ca
             expect(confirm.get_by_role("heading", name=re.compile("Withdraw"))).to_be_visible()
             assert_accessible(confirm)
             first_reason = confirm.get_by_label("About the wrong condition")
-            first_reason.focus()
-            page.keyboard.press("Space")
+            check_radio_with_keyboard(page, confirm, "reason", first_reason)
             expect(first_reason).to_be_checked()
             press_tab_until(page, confirm, confirm.get_by_test_id("confirm-withdraw"))
             page.keyboard.press("Enter")
@@ -186,5 +212,47 @@ def test_clinician_handout_journey_inside_the_ehr_iframe(sandbox: SandboxEHR, ca
             expect(done.get_by_test_id("retracted")).to_be_visible()
             expect(done.get_by_test_id("withdraw-reason")).to_contain_text("wrong condition")
             assert_accessible(done)
+        finally:
+            browser.close()
+
+
+def test_keyboard_only_clinician_picks_a_closest_topic_for_a_condition_without_one(
+    sandbox: SandboxEHR, carecanvas: RunningApp
+) -> None:
+    """Daniel Begay's display-less condition matches no topic: with the keyboard only, the clinician picks
+    it, picks Asthma among its closest topics, and the draft is about asthma."""
+    assert AXE.exists(), "axe-core is missing: run scripts/bootstrap"
+    asthma = carecanvas.services.prompts.topic("asthma")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_ARGS
+        )
+        try:
+            context = browser.new_context(viewport={"width": 1280, "height": 800}, bypass_csp=True)
+            page = context.new_page()
+            page.goto(sandbox.ehr_url)
+            page.get_by_label("Daniel Begay").check()
+            page.get_by_label(re.compile("Alice Chen")).check()
+            page.get_by_role("button", name="Launch CareCanvas").click()
+
+            workspace = app_frame(page, carecanvas.url, "/app")
+            expect(workspace.get_by_test_id("patient-name")).to_contain_text("Begay")
+            fallback = workspace.locator('input[name="condition_id"][value="cond-6-no-text"]')
+            topic = workspace.get_by_label("Handout topic for this condition")
+            expect(topic).to_have_value("cond-6-no-text:")  # the general handout until the clinician picks
+            assert_accessible(workspace)
+            check_radio_with_keyboard(page, workspace, "condition_id", fallback)
+            expect(fallback).to_be_checked()
+            choose_with_keyboard(page, workspace, topic, "cond-6-no-text:asthma")
+            expect(topic.locator("option:checked")).to_have_text(asthma.text["en"].title)
+            choose_with_keyboard(page, workspace, workspace.get_by_label("Language"), "en")
+            press_tab_until(page, workspace, workspace.get_by_role("button", name="Generate picture"))
+            page.keyboard.press("Enter")
+
+            review = app_frame(page, carecanvas.url, "/review/")
+            expect(review.get_by_role("heading", level=1)).to_contain_text(asthma.text["en"].title)
+            expect(review.get_by_label("Caption (plain language)")).to_have_value(asthma.text["en"].caption)
+            expect(review.get_by_test_id("handout-page").first).to_have_js_property("complete", True)
+            assert_accessible(review)
         finally:
             browser.close()

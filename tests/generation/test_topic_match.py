@@ -168,3 +168,32 @@ def test_a_finding_without_a_topic_suggests_the_topics_that_list_it(library: Pro
     match = library.match_topic([(SNOMED, "267036007")], "unspecified condition")
     assert match.is_fallback
     assert {topic.id for topic in match.closest} == {"asthma", "copd", "heart-failure"}
+
+
+def test_a_topic_the_clinician_chose_makes_the_picture_the_words_and_the_sections(
+    library: PromptLibrary,
+) -> None:
+    arguments = {
+        "library": library,
+        "codes": [(SNOMED, "267036007")],  # shortness of breath: no topic of its own
+        "condition_text": "unspecified condition",
+        "style": "flat_vector",
+        "depiction": Depiction(),
+        "tokenizer": None,
+    }
+    generic = build_education_prompt(language="en", **arguments)  # type: ignore[arg-type]
+    assert generic.topic_id == library.fallback.id
+    asthma = library.topic("asthma")
+    for language in ("en", "ar"):
+        chosen = build_education_prompt(language=language, topic_override="asthma", **arguments)  # type: ignore[arg-type]
+        assert chosen.topic_id == "asthma"
+        assert chosen.match is not None
+        assert (chosen.match.kind, chosen.match.is_fallback) == (MatchKind.CLINICIAN, False)
+        assert (chosen.title, chosen.caption) == (asthma.text[language].title, asthma.text[language].caption)
+        assert chosen.sections == library.sections("asthma", language)
+        assert chosen.sections != library.sections(library.fallback.id, language)
+        assert asthma.illustration.split(",")[0] in chosen.positive
+    with pytest.raises(ValueError, match="unknown topic"):
+        build_education_prompt(language="en", topic_override="no-such-topic", **arguments)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="generic topic"):
+        build_education_prompt(language="en", topic_override=library.fallback.id, **arguments)  # type: ignore[arg-type]
