@@ -35,6 +35,7 @@ STAFF_PATH = "/staff"
 STAFF_CLIENT_ID = "carecanvas-staff"
 STAFF_CONFIDENTIAL_CLIENT_ID = "carecanvas-staff-confidential"
 COMPLIANCE_GROUP = "carecanvas-compliance"
+PORTRAIT_ARTIST_GROUP = "portrait-artists"
 STAFF_SCOPES: tuple[str, ...] = ("openid", "profile", "email", "groups")
 # Where the service takes the staff sign-in back (next to its launch URL, like the SMART callback).
 STAFF_CALLBACK_PATH = "/compliance/callback"
@@ -67,6 +68,10 @@ DEFAULT_STAFF_USERS: tuple[StaffUser, ...] = (
         "staff-olivia", "Olivia Okafor-Test", "olivia.okafor@sandbox.invalid", (COMPLIANCE_GROUP, "staff")
     ),
     StaffUser("staff-marcus", "Dr. Marcus Lee-Test", "marcus.lee@sandbox.invalid", ("clinicians", "staff")),
+    # A portrait artist: CareCanvas's reviewer role when staff_oidc.reviewer_roles maps this group.
+    StaffUser(
+        "staff-rosa", "Rosa Alvarez-Test", "rosa.alvarez@sandbox.invalid", (PORTRAIT_ARTIST_GROUP, "staff")
+    ),
 )
 
 

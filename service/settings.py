@@ -100,6 +100,9 @@ class StaffOidcSettings(BaseModel):
     scopes: tuple[str, ...] = ("openid", "profile", "email", "groups")
     role_claim: str = "groups"
     compliance_role: str = "carecanvas-compliance"
+    # Portrait reviewers by staff sign-in: an IdP role (in `role_claim`) to the reviewer role it gives,
+    # e.g. {"portrait-artists": "artist"}. Empty (the default): no staff user reviews portraits.
+    reviewer_roles: dict[str, Literal["artist", "clinician"]] = Field(default_factory=dict)
     # Origins the provider's endpoints may live on besides the issuer's own.
     auth_origins: tuple[str, ...] = ()
 

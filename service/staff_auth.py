@@ -35,6 +35,8 @@ from service.settings import StaffOidcSettings
 
 PENDING_MAX_AGE = timedelta(minutes=10)
 STAFF_ACTOR_PREFIX = "urn:carecanvas:staff:"
+# Where a finished sign-in goes: a fixed set of paths (never a URL from the request: no open redirect).
+RETURN_TARGETS: tuple[str, ...] = ("/compliance", "/reviewer")
 _MAX_DOCUMENT_BYTES = 256_000
 _SUBJECT = re.compile(r"^[\x21-\x7e]{1,200}$")  # OIDC sub: printable ASCII, no spaces
 
@@ -93,10 +95,12 @@ class StaffPending:
     created_at: datetime
     redirect_uri: str
     provider: ProviderMetadata
+    return_to: str = RETURN_TARGETS[0]
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "kind": "staff",
+            "return_to": self.return_to,
             "state": self.state,
             "nonce": self.nonce,
             "code_verifier": self.code_verifier,
@@ -121,7 +125,13 @@ class StaffPending:
             created_at=datetime.fromisoformat(data["created_at"]),
             redirect_uri=str(data["redirect_uri"]),
             provider=ProviderMetadata(**{key: str(value) for key, value in data["provider"].items()}),
+            return_to=checked_return_to(data.get("return_to")),
         )
+
+
+def checked_return_to(value: object) -> str:
+    """One of RETURN_TARGETS; anything else is the console (the default)."""
+    return value if isinstance(value, str) and value in RETURN_TARGETS else RETURN_TARGETS[0]
 
 
 @dataclass(frozen=True)
@@ -255,10 +265,16 @@ async def discover_provider(settings: StaffOidcSettings, *, http: httpx.AsyncCli
 
 
 def authorization_url(
-    settings: StaffOidcSettings, provider: ProviderMetadata, *, redirect_uri: str, now: datetime | None = None
+    settings: StaffOidcSettings,
+    provider: ProviderMetadata,
+    *,
+    redirect_uri: str,
+    now: datetime | None = None,
+    return_to: str = RETURN_TARGETS[0],
 ) -> StartedSignIn:
     """The authorization request: code flow, PKCE S256, 256-bit state and nonce."""
     pending = StaffPending(
+        return_to=checked_return_to(return_to),
         state=new_state(),
         nonce=new_nonce(),
         code_verifier=new_code_verifier(),
@@ -281,10 +297,14 @@ def authorization_url(
 
 
 async def begin_sign_in(
-    settings: StaffOidcSettings, *, http: httpx.AsyncClient, redirect_uri: str
+    settings: StaffOidcSettings,
+    *,
+    http: httpx.AsyncClient,
+    redirect_uri: str,
+    return_to: str = RETURN_TARGETS[0],
 ) -> StartedSignIn:
     provider = await discover_provider(settings, http=http)
-    return authorization_url(settings, provider, redirect_uri=redirect_uri)
+    return authorization_url(settings, provider, redirect_uri=redirect_uri, return_to=return_to)
 
 
 def check_pending(
@@ -395,3 +415,16 @@ def identity_from_claims(
 def may_use_console(identity: StaffIdentity, settings: StaffOidcSettings) -> bool:
     """The compliance role, read from the configured claim, decides; nothing else does."""
     return identity.has_role(settings.compliance_role)
+
+
+def reviewer_role_of(identity: StaffIdentity, settings: StaffOidcSettings) -> str | None:
+    """The portrait reviewer role ("artist" or "clinician") one of the user's IdP roles gives, if any."""
+    for idp_role, reviewer_role in settings.reviewer_roles.items():
+        if identity.has_role(idp_role):
+            return reviewer_role
+    return None
+
+
+def may_sign_in(identity: StaffIdentity, settings: StaffOidcSettings) -> bool:
+    """A staff session opens only for someone it is good for: the compliance role or a reviewer role."""
+    return may_use_console(identity, settings) or reviewer_role_of(identity, settings) is not None

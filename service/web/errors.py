@@ -47,6 +47,7 @@ class ErrorCode(StrEnum):
     RATE_LIMITED = "rate_limited"
     TOO_MANY_JOBS = "too_many_jobs"
     ABOVE_READING_TARGET = "above_reading_target"  # approve anyway needs one of the offered reasons
+    PORTRAIT_NOT_REVIEWED = "portrait_not_reviewed"  # reviewers are on and none approved this portrait
     UNKNOWN_TOPIC = "unknown_topic"  # a topic override that names no handout topic
     TOPIC_ALREADY_MATCHED = "topic_already_matched"  # a topic override for a condition with its own topic
 

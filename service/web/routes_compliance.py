@@ -18,11 +18,6 @@ from service.audit import AuditAction, AuditOutcome
 from service.audit.reports import ReportKind
 from service.audit.search import AuditQueryError, SortOrder
 from service.services import Services
-from service.sessions import SessionData, SessionKind
-from service.staff_auth import (
-    StaffSignInError,
-    begin_sign_in,
-)
 from service.web.context import DbDep, RequestIdDep, ServicesDep
 from service.web.errors import AppError, ErrorCode
 from service.web.staff_context import (
@@ -33,6 +28,7 @@ from service.web.staff_context import (
     console_settings,
     load_staff_session,
     set_staff_cookie,
+    start_staff_sign_in,
 )
 from service.workflows import compliance
 from service.workflows.compliance import ExportFormat, SavedQuery, SavedView
@@ -40,7 +36,6 @@ from service.workflows.compliance import ExportFormat, SavedQuery, SavedView
 log = structlog.get_logger("carecanvas.compliance")
 router = APIRouter(prefix="/compliance")
 
-CALLBACK_PATH = "/compliance/callback"
 _QUERY_ID = Path(pattern=r"^[A-Za-z0-9_-]{8,32}$")
 _REQUEST_ID = Path(pattern=r"^[A-Za-z0-9_.:-]{1,128}$")
 FilterField = Annotated[str | None, Form(max_length=300)]
@@ -70,25 +65,7 @@ def page(
 
 @router.get("/login")
 async def login(services: ServicesDep, db: DbDep) -> Response:
-    oidc = console_settings(services)
-    try:
-        started = await begin_sign_in(
-            oidc, http=services.http, redirect_uri=f"{services.settings.public_url}{CALLBACK_PATH}"
-        )
-    except StaffSignInError as failure:
-        log.warning("staff identity provider unusable", reason=failure.reason.value)
-        raise AppError(
-            502,
-            "The staff sign-in is not available",
-            f"{failure} Please tell your CareCanvas administrator.",
-            code=ErrorCode.SIGN_IN_FAILED,
-        ) from None
-    data = SessionData(kind=SessionKind.STAFF, pending=started.pending.to_dict())
-    cookie_value, _ = await services.sessions.create(db, ehr_name=oidc.name, data=data)
-    await db.commit()
-    response = RedirectResponse(started.authorize_url, status_code=302)
-    set_staff_cookie(response, services.settings, cookie_value)
-    return response
+    return await start_staff_sign_in(services, db, return_to="/compliance")
 
 
 @router.get("/callback")
@@ -112,12 +89,15 @@ async def callback(
         request_id=rid,
     )
     if outcome.cookie_value is not None:
-        response: Response = RedirectResponse("/compliance", status_code=303)
+        # outcome.return_to is one of staff_auth.RETURN_TARGETS (a fixed path), never from the request.
+        response: Response = RedirectResponse(outcome.return_to, status_code=303)
         response.headers["Referrer-Policy"] = "no-referrer"
         set_staff_cookie(response, services.settings, outcome.cookie_value)
         return response
     if outcome.denied is not None:
         context = {"who": outcome.denied.display, "role": oidc.compliance_role, "claim": oidc.role_claim}
+        if outcome.return_to == "/reviewer":
+            context |= {"place": "the portrait review queue", "role": " or ".join(oidc.reviewer_roles)}
         response = render(services, request, "denied.html", context, status=403)
     else:
         response = render(services, request, "sign_in_failed.html", {"message": outcome.message}, status=400)

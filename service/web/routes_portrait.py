@@ -32,7 +32,14 @@ from service.workflows.portrait import (
     read_story_audited,
     start_portraits_from_story,
 )
-from service.workflows.reviewer import notes_for, review_item, send_for_review
+from service.workflows.reviewer import (
+    notes_for,
+    patient_draft,
+    patient_draft_image,
+    patient_reviews,
+    review_item,
+    send_for_review,
+)
 
 router = APIRouter()
 
@@ -52,6 +59,9 @@ async def portrait_page(request: Request, ctx: ClinicianContext) -> Response:
     ctx.patient_id()
     async with workflow_errors(ctx.db), ctx.fhir() as fhir:
         story = await read_story_audited(ctx.workflow(), fhir)
+    async with workflow_errors(ctx.db):
+        # This patient's drafts with the reviewers, from the database: seen in any session.
+        reviews = await patient_reviews(ctx.workflow())
     await ctx.db.commit()
     services = ctx.services
     return services.templates.TemplateResponse(
@@ -71,8 +81,34 @@ async def portrait_page(request: Request, ctx: ClinicianContext) -> Response:
             "banner": _banner(ctx),
             "can_write_story": ctx.allows("QuestionnaireResponse", "create"),
             "model": services.models.get(services.settings.default_model),
+            "reviews": reviews,
         },
     )
+
+
+@router.get("/portraits/drafts/{job_id}", response_class=HTMLResponse)
+async def reviewed_draft_page(request: Request, job_id: str, ctx: ClinicianContext) -> Response:
+    """One of this patient's portrait drafts with the reviewers' notes, in any session of this EHR."""
+    if not JOB_ID.fullmatch(job_id):
+        raise AppError(404, "No such portrait", "Start again from the portrait page.")
+    ctx.patient_id()
+    async with workflow_errors(ctx.db):
+        detail = await patient_draft(ctx.workflow(), job_id)
+    await ctx.db.commit()
+    return ctx.services.templates.TemplateResponse(
+        request, "portrait_draft.html", {"detail": detail, "banner": _banner(ctx)}
+    )
+
+
+@router.get("/portraits/drafts/{job_id}/image")
+async def reviewed_draft_image(job_id: str, ctx: ClinicianContext) -> Response:
+    if not JOB_ID.fullmatch(job_id):
+        raise AppError(404, "No such portrait", "Start again from the portrait page.")
+    ctx.patient_id()
+    async with workflow_errors(ctx.db):
+        png = await patient_draft_image(ctx.workflow(), job_id)
+    await ctx.db.commit()
+    return Response(png, media_type="image/png", headers={"Cache-Control": "private, no-store"})
 
 
 def checked_portrait_choice(

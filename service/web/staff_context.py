@@ -11,13 +11,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated
 
+import structlog
 from fastapi import Depends, HTTPException, Request, Response
+from fastapi.responses import RedirectResponse
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.services import Services
-from service.sessions import SessionKind, WebSession
+from service.sessions import SessionData, SessionKind, WebSession
 from service.settings import Settings, StaffOidcSettings
-from service.staff_auth import StaffIdentity, may_use_console
+from service.staff_auth import StaffIdentity, StaffSignInError, begin_sign_in, may_use_console
 from service.web.context import DbDep, RequestIdDep, ServicesDep, check_csrf
 from service.web.errors import AppError, ErrorCode
 from service.workflows.compliance import ConsoleContext, StaffSessionData
@@ -25,6 +27,8 @@ from service.workflows.compliance import ConsoleContext, StaffSessionData
 SECURE_STAFF_COOKIE = "__Host-carecanvas-staff"
 LOOPBACK_STAFF_COOKIE = "carecanvas_staff"
 LOGIN_PATH = "/compliance/login"
+CALLBACK_PATH = "/compliance/callback"  # every staff sign-in comes back here, whatever it was started for
+log = structlog.get_logger("carecanvas.compliance")
 CONSOLE_CSP = (
     "default-src 'self'; img-src 'self'; style-src 'self'; script-src 'self'; connect-src 'self'; "
     "form-action 'self'; base-uri 'none'; object-src 'none'; frame-ancestors 'none'"
@@ -65,6 +69,32 @@ def console_settings(services: Services) -> StaffOidcSettings:
             code=ErrorCode.NOT_FOUND,
         )
     return oidc
+
+
+async def start_staff_sign_in(services: Services, db: AsyncSession, *, return_to: str) -> Response:
+    """Off to the staff identity provider; the callback goes on to `return_to` (a fixed path, checked)."""
+    oidc = console_settings(services)
+    try:
+        started = await begin_sign_in(
+            oidc,
+            http=services.http,
+            redirect_uri=f"{services.settings.public_url}{CALLBACK_PATH}",
+            return_to=return_to,
+        )
+    except StaffSignInError as failure:
+        log.warning("staff identity provider unusable", reason=failure.reason.value)
+        raise AppError(
+            502,
+            "The staff sign-in is not available",
+            f"{failure} Please tell your CareCanvas administrator.",
+            code=ErrorCode.SIGN_IN_FAILED,
+        ) from None
+    data = SessionData(kind=SessionKind.STAFF, pending=started.pending.to_dict())
+    cookie_value, _ = await services.sessions.create(db, ehr_name=oidc.name, data=data)
+    await db.commit()
+    response = RedirectResponse(started.authorize_url, status_code=302)
+    set_staff_cookie(response, services.settings, cookie_value)
+    return response
 
 
 async def load_staff_session(request: Request, services: Services) -> WebSession | None:

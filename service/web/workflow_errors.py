@@ -30,6 +30,7 @@ _BY_REASON: dict[Reason, tuple[int, str, ErrorCode]] = {
     Reason.FILE_DAMAGED: (502, "The file could not be read", ErrorCode.EHR_ERROR),
     Reason.NOT_ALLOWED: (403, "This is not allowed for this launch", ErrorCode.NOT_ALLOWED),
     Reason.ABOVE_READING_TARGET: (422, "The caption is hard to read", ErrorCode.ABOVE_READING_TARGET),
+    Reason.PORTRAIT_NOT_REVIEWED: (409, "Not approved by a reviewer yet", ErrorCode.PORTRAIT_NOT_REVIEWED),
     Reason.TOPIC_ALREADY_MATCHED: (422, "This condition has its own topic", ErrorCode.TOPIC_ALREADY_MATCHED),
 }
 

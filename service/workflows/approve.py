@@ -46,6 +46,7 @@ from service.generation.handout import clinic_details_of, render_handout_pdf
 from service.generation.models import ModelSpec
 from service.generation.text import normalise_free_text
 from service.images import ImageTooLargeError, optimise_png, png_size
+from service.jobs import JobKind
 from service.metrics import record_writeback
 from service.workflows.context import WorkflowContext
 from service.workflows.errors import (
@@ -55,12 +56,19 @@ from service.workflows.errors import (
     NotAllowedError,
     NotReadyError,
     OrganizationUnknownError,
+    PortraitNotReviewedError,
     WriteBackFailedError,
     WriteBackTooLargeError,
 )
 from service.workflows.regenerate import SupersedeOutcome, supersede_document
 from service.workflows.review import MAX_CAPTION_GRADE, measured_grade
-from service.workflows.reviewer import Reviewer, approving_reviewer, provenance_agent
+from service.workflows.reviewer import (
+    Reviewer,
+    approving_reviewer,
+    contained_reviewer,
+    provenance_agent,
+    require_review,
+)
 
 log = structlog.get_logger("carecanvas.approve")
 
@@ -289,6 +297,30 @@ async def _audit_approval(
     )
 
 
+async def _check_reviewed(ctx: WorkflowContext, document: DocumentView) -> None:
+    """A portrait needs a reviewer's approval when reviewers are configured; a refusal is audited (denied)."""
+    if document.content.kind != JobKind.PORTRAIT:
+        return  # education pictures are never gated
+    try:
+        await require_review(ctx.db, ctx.services.settings, document.job_id)
+    except PortraitNotReviewedError as refused:
+        await ctx.audit(
+            AuditAction.APPROVE,
+            AuditOutcome.DENIED,
+            entities=[draft_entity(document)],
+            patient=document.content.patient_id,
+            detail={
+                "job_id": document.job_id,
+                "reason": refused.reason.value,
+                "review_status": refused.status,
+            },
+            description=f"{ctx.actor_reference} was refused saving portrait {document.job_id} to the chart: "
+            f"no reviewer approved it ({refused.status.replace('_', ' ')})",
+        )
+        await ctx.db.commit()
+        raise
+
+
 async def _claim(ctx: WorkflowContext, approval: Approval) -> DocumentView | WriteBackResult:
     """Take the document for writing (status approved), or return what an earlier approval wrote.
 
@@ -303,6 +335,7 @@ async def _claim(ctx: WorkflowContext, approval: Approval) -> DocumentView | Wri
         if settled is not None:
             return settled
         assert document is not None  # noqa: S101 - _settled raised otherwise
+        await _check_reviewed(ctx, document)
         if document.status == "approved" and _claim_is_fresh(document):
             await db.commit()
             if time.monotonic() > deadline:
@@ -385,7 +418,9 @@ class _WriteBack:
         self.reviewer: Reviewer | None = None  # a portrait's approving reviewer, named in the Provenance
 
     async def run(self) -> WriteBackResult:
-        self.reviewer = await approving_reviewer(self.ctx.db, self.document.job_id)
+        self.reviewer = await approving_reviewer(
+            self.ctx.db, self.document.job_id, keyring=self.ctx.services.keyring
+        )
         fhir_document_id = await self._write_or_fail()
         superseded: SupersedeOutcome | None = None
         if self.replaces is not None:
@@ -619,6 +654,9 @@ class _WriteBack:
         if self.reviewer is not None:
             agents = provenance["agent"]
             agents.append(provenance_agent(self.reviewer, agents[-1].get("onBehalfOf")))
+            contained = contained_reviewer(self.reviewer)
+            if contained is not None:  # a staff reviewer has no FHIR resource of their own
+                provenance.setdefault("contained", []).append(contained)
         return provenance
 
     def _base_provenance(self, now: datetime) -> dict[str, Any]:

@@ -51,7 +51,7 @@ from service.staff_auth import (
     StaffSignInError,
     check_pending,
     complete_sign_in,
-    may_use_console,
+    may_sign_in,
 )
 
 PAGE_SIZE = 50
@@ -443,6 +443,7 @@ class SignInOutcome:
     cookie_value: str | None = None
     denied: StaffIdentity | None = None
     message: str = ""
+    return_to: str = "/compliance"  # where the sign-in was started for (one of staff_auth.RETURN_TARGETS)
 
 
 async def finish_sign_in(
@@ -466,20 +467,23 @@ async def finish_sign_in(
         await _close_sign_in(services, db, session, AuditOutcome.FAILURE, None, request_id, detail)
         log.warning("staff sign-in failed", reason=failure.reason.value)
         return SignInOutcome(message=str(failure))
-    if not may_use_console(identity, oidc):
+    # The console's role, or a portrait reviewer's (each page checks its own role again on every request).
+    if not may_sign_in(identity, oidc):
         detail = {
             "reason": "missing_role",
             "role_claim": oidc.role_claim,
             "required_role": oidc.compliance_role,
         }
+        if oidc.reviewer_roles:
+            detail["reviewer_roles"] = ", ".join(oidc.reviewer_roles)
         await _close_sign_in(services, db, session, AuditOutcome.DENIED, identity.actor, request_id, detail)
-        return SignInOutcome(denied=identity)
+        return SignInOutcome(denied=identity, return_to=pending.return_to)
     # A new session id once signed in (no fixation of the pre-login id); the old row goes.
     signed_in = SessionData(kind=SessionKind.STAFF, staff=StaffSessionData(identity).to_dict())
     cookie_value, _ = await services.sessions.create(db, ehr_name=oidc.name, data=signed_in)
     detail = {"name": identity.display}
     await _close_sign_in(services, db, session, AuditOutcome.SUCCESS, identity.actor, request_id, detail)
-    return SignInOutcome(cookie_value=cookie_value)
+    return SignInOutcome(cookie_value=cookie_value, return_to=pending.return_to)
 
 
 async def _spend_pending(services: Services, session: WebSession | None) -> dict[str, Any] | None:

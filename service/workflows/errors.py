@@ -11,6 +11,7 @@
       ├── BinaryScopeMissingError         binary_scope_missing
       ├── NotAllowedError                 not_allowed
       ├── AboveReadingTargetError         above_reading_target (approve anyway needs a reason)
+      ├── PortraitNotReviewedError        portrait_not_reviewed (reviewers are on: none approved it)
       ├── PortalFileError                 file_not_available | file_damaged
       └── WriteBackFailedError            write_back_retryable | write_back_rejected
             ├── WriteBackTooLargeError      write_back_too_large (over the EHR's body limit: never retry)
@@ -41,6 +42,7 @@ class Reason(StrEnum):
     FILE_NOT_AVAILABLE = "file_not_available"
     FILE_DAMAGED = "file_damaged"
     ABOVE_READING_TARGET = "above_reading_target"
+    PORTRAIT_NOT_REVIEWED = "portrait_not_reviewed"
     TOPIC_ALREADY_MATCHED = "topic_already_matched"
 
 
@@ -156,3 +158,13 @@ class TopicAlreadyMatchedError(WorkflowError, ValueError):
     handout never contradicts what the chart coded; only the generic fallback takes a chosen topic."""
 
     reason = Reason.TOPIC_ALREADY_MATCHED
+
+
+class PortraitNotReviewedError(WorkflowError, PermissionError):
+    """Reviewers are configured and no reviewer approved this portrait (never sent, waiting, or sent back)."""
+
+    reason = Reason.PORTRAIT_NOT_REVIEWED
+
+    def __init__(self, message: str, *, status: str) -> None:
+        super().__init__(message)
+        self.status = status  # not_sent | waiting | sent_back

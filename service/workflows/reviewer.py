@@ -17,8 +17,14 @@ from service.db.models import PortraitNote, PortraitReview
 from service.documents import load_document
 from service.jobs import JobKind
 from service.settings import Settings
+from service.staff_auth import STAFF_ACTOR_PREFIX
 from service.workflows.context import WorkflowContext
-from service.workflows.errors import JobNotOwnedError, NotAllowedError, NotReadyError
+from service.workflows.errors import (
+    JobNotOwnedError,
+    NotAllowedError,
+    NotReadyError,
+    PortraitNotReviewedError,
+)
 
 NOTE_MAX = 1000
 
@@ -39,10 +45,24 @@ class NoteKind(StrEnum):
 
 @dataclass(frozen=True)
 class Reviewer:
-    """A signed-in portrait reviewer: their canonical reference and their role."""
+    """A signed-in portrait reviewer: their canonical reference, role and (where known) name.
+
+    `reference` is a fhirUser (`Practitioner/prac-3`) for a launch, or the staff actor
+    (`urn:carecanvas:staff:<sub>`) for a staff sign-in.
+    """
 
     reference: str
     role: str
+    display: str | None = None
+
+    @property
+    def is_staff(self) -> bool:
+        return self.reference.startswith(STAFF_ACTOR_PREFIX)
+
+    @property
+    def shown(self) -> str:
+        """How pages name them: the name for staff (their URN means nothing to a clinician)."""
+        return self.display or self.reference if self.is_staff else self.reference
 
 
 @dataclass(frozen=True)
@@ -52,6 +72,13 @@ class ReviewNote:
     author_role: str | None
     text: str
     created_at: datetime
+
+    @property
+    def author_shown(self) -> str:
+        """The note's author as pages name them: a staff user by their sign-in name (subject)."""
+        if self.author and self.author.startswith(STAFF_ACTOR_PREFIX):
+            return f"staff reviewer {self.author.removeprefix(STAFF_ACTOR_PREFIX)}"
+        return self.author or "CareCanvas"
 
 
 @dataclass(frozen=True)
@@ -66,6 +93,13 @@ class QueueItem:
     decided_by: str | None
     decided_role: str | None
     updated_at: datetime
+    decided_display: str | None = None  # a staff reviewer's name (kept encrypted with the details)
+    ehr_name: str = ""
+
+    @property
+    def decided_shown(self) -> str | None:
+        """Who decided, as pages name them (a staff reviewer by name)."""
+        return self.decided_display or self.decided_by
 
 
 @dataclass(frozen=True)
@@ -143,8 +177,16 @@ async def notes_for(db: AsyncSession, *, keyring: Keyring, job_id: str) -> tuple
     )
 
 
+def _details(row: PortraitReview, keyring: Keyring) -> dict[str, object]:
+    details: dict[str, object] = json.loads(
+        keyring.decrypt(row.details, aad=aad_for("portrait_reviews", row.job_id, "details"))
+    )
+    return details
+
+
 def _item(row: PortraitReview, keyring: Keyring) -> QueueItem:
-    details = json.loads(keyring.decrypt(row.details, aad=aad_for("portrait_reviews", row.job_id, "details")))
+    details = _details(row, keyring)
+    decided_display = details.get("decided_display") if row.decided_by else None
     return QueueItem(
         job_id=row.job_id,
         status=ReviewStatus(row.status),
@@ -154,7 +196,15 @@ def _item(row: PortraitReview, keyring: Keyring) -> QueueItem:
         decided_by=row.decided_by,
         decided_role=row.decided_role,
         updated_at=row.updated_at,
+        decided_display=decided_display if isinstance(decided_display, str) else None,
+        ehr_name=row.ehr_name,
     )
+
+
+async def draft_ehr(db: AsyncSession, job_id: str) -> str | None:
+    """The EHR a draft in the queue came from (a staff reviewer works at every EHR)."""
+    statement = select(PortraitReview.ehr_name).where(PortraitReview.job_id == job_id)
+    return (await db.execute(statement)).scalar_one_or_none()
 
 
 async def _row(db: AsyncSession, job_id: str, ehr_name: str) -> PortraitReview | None:
@@ -275,6 +325,15 @@ async def decide(
         if row.status != ReviewStatus.WAITING:
             raise NotAllowedError("Only a portrait that is waiting for review can be sent back or approved.")
         status = ReviewStatus.SENT_BACK if kind is NoteKind.SEND_BACK else ReviewStatus.APPROVED
+        keyring = ctx.services.keyring
+        # A staff reviewer's name, for the pages and the Provenance (a launch reviewer is named by fhirUser).
+        details = {
+            **_details(row, keyring),
+            "decided_display": reviewer.display if reviewer.is_staff else None,
+        }
+        sealed = keyring.encrypt(
+            json.dumps(details).encode("utf-8"), aad=aad_for("portrait_reviews", job_id, "details")
+        )
         await ctx.db.execute(
             update(PortraitReview)
             .where(PortraitReview.job_id == job_id)
@@ -283,6 +342,7 @@ async def decide(
                 decided_by=reviewer.reference,
                 decided_role=reviewer.role,
                 decided_at=datetime.now(UTC),
+                details=sealed,
             )
         )
         action = (
@@ -310,14 +370,50 @@ async def decide(
     return ReviewStatus(refreshed.status if refreshed else row.status)
 
 
-async def approving_reviewer(db: AsyncSession, job_id: str) -> Reviewer | None:
-    """Who approved this portrait as its reviewer (for the Provenance), if anyone did."""
+async def approving_reviewer(
+    db: AsyncSession, job_id: str, *, keyring: Keyring | None = None
+) -> Reviewer | None:
+    """Who approved this portrait as its reviewer (for the Provenance), if anyone did (with a keyring: and
+    their name, where the approval kept one)."""
     row = (
         await db.execute(select(PortraitReview).where(PortraitReview.job_id == job_id))
     ).scalar_one_or_none()
     if row is None or row.status != ReviewStatus.APPROVED or not row.decided_by:
         return None
-    return Reviewer(reference=row.decided_by, role=row.decided_role or "reviewer")
+    display = _item(row, keyring).decided_display if keyring is not None else None
+    return Reviewer(reference=row.decided_by, role=row.decided_role or "reviewer", display=display)
+
+
+def reviewers_configured(settings: Settings) -> bool:
+    """Reviewers on the fhirUser list or staff reviewer roles: then a portrait needs a reviewer's approval."""
+    staff = settings.staff_oidc
+    return bool(settings.portrait_reviewers) or bool(staff is not None and staff.reviewer_roles)
+
+
+async def review_status(db: AsyncSession, job_id: str) -> ReviewStatus | None:
+    """Where this draft stands with the reviewers (None: never sent to them)."""
+    statement = select(PortraitReview.status).where(PortraitReview.job_id == job_id)
+    status = (await db.execute(statement)).scalar_one_or_none()
+    return ReviewStatus(status) if status else None
+
+
+_NOT_REVIEWED = {
+    None: "A reviewer has to approve this portrait before it goes to the chart. "
+    "Send it to the reviewer first.",
+    ReviewStatus.WAITING: "This portrait is waiting for the reviewer. "
+    "It can go to the chart once they approve it.",
+    ReviewStatus.SENT_BACK: "The reviewer sent this portrait back. "
+    "Read their note, change it, and send it again.",
+}
+
+
+async def require_review(db: AsyncSession, settings: Settings, job_id: str) -> None:
+    """Raise PortraitNotReviewedError unless reviewers are off or one approved this portrait."""
+    if not reviewers_configured(settings):
+        return
+    status = await review_status(db, job_id)
+    if status is not ReviewStatus.APPROVED:
+        raise PortraitNotReviewedError(_NOT_REVIEWED[status], status=status.value if status else "not_sent")
 
 
 async def review_image(ctx: WorkflowContext, reviewer: Reviewer, job_id: str) -> bytes:
@@ -341,6 +437,93 @@ async def review_image(ctx: WorkflowContext, reviewer: Reviewer, job_id: str) ->
     return png
 
 
+@dataclass(frozen=True)
+class PatientReview:
+    """One of this patient's portrait drafts as a clinician sees it in any session: status, who, note."""
+
+    item: QueueItem
+    send_back_note: str | None  # the reviewer's latest send-back note, while it is sent back
+
+
+async def _patient_rows(ctx: WorkflowContext) -> list[PortraitReview]:
+    rows = (
+        await ctx.db.execute(
+            select(PortraitReview)
+            .where(PortraitReview.ehr_name == ctx.ehr.name)
+            .order_by(PortraitReview.updated_at.desc())
+            .limit(500)
+        )
+    ).scalars()
+    # The patient is in the encrypted details (never a plaintext column): read and keep this patient's.
+    keyring = ctx.services.keyring
+    return [row for row in rows if _item(row, keyring).patient_id == ctx.patient_id]
+
+
+async def patient_reviews(ctx: WorkflowContext) -> list[PatientReview]:
+    """This patient's portrait drafts sent to the reviewers at this EHR, from the database (any session)."""
+    if not ctx.patient_id:
+        return []
+    keyring = ctx.services.keyring
+    shown: list[PatientReview] = []
+    for row in await _patient_rows(ctx):
+        item = _item(row, keyring)
+        note = None
+        if item.status is ReviewStatus.SENT_BACK:
+            notes = await notes_for(ctx.db, keyring=keyring, job_id=row.job_id)
+            note = next((n.text for n in reversed(notes) if n.kind is NoteKind.SEND_BACK), None)
+        shown.append(PatientReview(item=item, send_back_note=note))
+    if shown:
+        await ctx.audit(
+            AuditAction.VIEW, resource="portrait reviews of the patient", detail={"count": len(shown)}
+        )
+    return shown
+
+
+async def _patient_row(ctx: WorkflowContext, job_id: str) -> PortraitReview:
+    row = await _row(ctx.db, job_id, ctx.ehr.name)
+    if row is None or not ctx.patient_id or _item(row, ctx.services.keyring).patient_id != ctx.patient_id:
+        raise JobNotOwnedError("No such portrait for this patient.")
+    return row
+
+
+async def patient_draft(ctx: WorkflowContext, job_id: str) -> ReviewDetail:
+    """One of this patient's reviewed portrait drafts with its notes, for the clinician (audited)."""
+    row = await _patient_row(ctx, job_id)
+    document = await load_document(ctx.db, keyring=ctx.services.keyring, job_id=job_id)
+    if document is None:
+        raise JobNotOwnedError("No such portrait for this patient.")
+    content = document.content
+    await ctx.audit(
+        AuditAction.VIEW,
+        entities=[AuditEntity(carecanvas_ref(CareCanvasObject.DRAFT, job_id))],
+        detail={"job_id": job_id, "reviews": True},
+    )
+    return ReviewDetail(
+        item=_item(row, ctx.services.keyring),
+        title=content.title,
+        caption=content.caption,
+        alt_text=content.alt_text,
+        style=content.style or "",
+        seed=content.seed,
+        notes=await notes_for(ctx.db, keyring=ctx.services.keyring, job_id=job_id),
+    )
+
+
+async def patient_draft_image(ctx: WorkflowContext, job_id: str) -> bytes:
+    """The picture of one of this patient's reviewed portrait drafts, for the clinician (audited)."""
+    try:
+        png = await ctx.services.queue.read_artifact(job_id, "png")  # before this transaction's connection
+    except LookupError:
+        raise JobNotOwnedError("No such portrait for this patient.") from None
+    await _patient_row(ctx, job_id)
+    await ctx.audit(
+        AuditAction.VIEW,
+        entities=[AuditEntity(carecanvas_ref(CareCanvasObject.IMAGE, job_id))],
+        detail={"job_id": job_id, "reviews": True},
+    )
+    return png
+
+
 def provenance_agent(reviewer: Reviewer, on_behalf_of: dict[str, object] | None) -> dict[str, object]:
     """The reviewer as a Provenance agent: who shaped the portrait, with their role (artist or clinician)."""
     agent: dict[str, object] = {
@@ -353,8 +536,31 @@ def provenance_agent(reviewer: Reviewer, on_behalf_of: dict[str, object] | None)
             ]
         },
         "role": [{"text": f"portrait reviewer ({reviewer.role})"}],
-        "who": {"reference": reviewer.reference},
+        "who": _who(reviewer),
     }
     if on_behalf_of:
         agent["onBehalfOf"] = on_behalf_of
     return agent
+
+
+STAFF_REVIEWER_ID = "staff-reviewer"  # the contained Practitioner a staff reviewer is in the Provenance
+
+
+def _who(reviewer: Reviewer) -> dict[str, object]:
+    """A launch reviewer by their fhirUser reference; a staff reviewer (no FHIR id) by a contained one."""
+    if not reviewer.is_staff:
+        return {"reference": reviewer.reference}
+    return {"reference": f"#{STAFF_REVIEWER_ID}", "display": reviewer.display or reviewer.shown}
+
+
+def contained_reviewer(reviewer: Reviewer) -> dict[str, object] | None:
+    """A staff reviewer as a contained Practitioner (identifier: the staff actor; name: sign-in name)."""
+    if not reviewer.is_staff:
+        return None
+    subject = reviewer.reference.removeprefix(STAFF_ACTOR_PREFIX)
+    return {
+        "resourceType": "Practitioner",
+        "id": STAFF_REVIEWER_ID,
+        "identifier": [{"system": STAFF_ACTOR_PREFIX.rstrip(":"), "value": subject}],
+        "name": [{"text": reviewer.display or subject}],
+    }

@@ -243,14 +243,24 @@ def test_an_approved_portrait_is_written_back_with_the_story_as_its_source(
         )
         job_id = started.headers["location"].split("jobs=", 1)[1].split(",")[0]
         assert wait_for_job(client, job_id)["status"] == "succeeded"
-        approved = client.post(
-            f"/review/{job_id}/approve",
-            data={
-                "caption": "Your garden, with a hummingbird.",
-                "alt_text": "A garden picture.",
-                "csrf_token": csrf,
-            },
-        )
+        approval = {
+            "caption": "Your garden, with a hummingbird.",
+            "alt_text": "A garden picture.",
+            "csrf_token": csrf,
+        }
+        # Reviewers are configured: no reviewer approved it yet, so nothing is written (issue 13).
+        refused = client.post(f"/review/{job_id}/approve", data=approval)
+        assert refused.status_code == 409
+        assert "Send it to the reviewer first" in refused.text
+        jobs = started.headers["location"].split("jobs=", 1)[1]
+        sent = client.post(f"/portraits/{job_id}/send", data={"csrf_token": csrf, "jobs": jobs})
+        assert sent.status_code == 303
+        with launch_session(
+            portrait_app.url, portrait_sandbox, patient="pat-2", practitioner="prac-3", encounter="enc-2"
+        ) as reviewer:
+            token = csrf_from(reviewer.get(f"/reviewer/{job_id}").text)
+            assert reviewer.post(f"/reviewer/{job_id}/approve", data={"csrf_token": token}).status_code == 303
+        approved = client.post(f"/review/{job_id}/approve", data=approval)
         assert approved.status_code == 200, approved.text
     token = portrait_sandbox.mint_token(
         scope="user/*.read", fhirUser=f"{portrait_sandbox.fhir_base}/Practitioner/prac-1"
