@@ -17,6 +17,7 @@ from service.web.workflow_errors import workflow_errors
 from service.workflows.approve import ABOVE_TARGET_LABELS, AboveTargetReason, Approval, approve_and_write_back
 from service.workflows.drafts import DraftChange, handout_page_image, handout_pages, revise_draft
 from service.workflows.review import ArtifactKind, GradedCaption, read_owned_artifact, review_draft
+from service.workflows.reviewer import review_hold
 
 router = APIRouter()
 _NO_STORE = {"Cache-Control": "private, no-store"}
@@ -36,6 +37,8 @@ def require(ctx: ClinicianContext, resource_type: str, interaction: Interaction,
 async def review_page(request: Request, job: OwnedJob, ctx: ClinicianContext) -> Response:
     async with workflow_errors(ctx.db):
         draft = await review_draft(ctx.workflow(), job.job_id)
+        settings, kind = ctx.services.settings, draft.document.content.kind
+        held = await review_hold(ctx.db, settings, job.job_id, kind)
         await ctx.db.commit()
         pages = await handout_pages(ctx.workflow(), job)
     await ctx.db.commit()
@@ -54,6 +57,7 @@ async def review_page(request: Request, job: OwnedJob, ctx: ClinicianContext) ->
             "model": draft.model,
             "above_target_reasons": ABOVE_TARGET_LABELS,
             "can_write": ctx.allows("DocumentReference", "create"),
+            "held_for_reviewer": held,
         },
     )
 

@@ -407,6 +407,16 @@ _NOT_REVIEWED = {
 }
 
 
+async def review_hold(db: AsyncSession, settings: Settings, job_id: str, kind: JobKind) -> str | None:
+    """Why this draft cannot go to the chart yet (a portrait no reviewer approved), in words; None: it can."""
+    try:
+        if kind == JobKind.PORTRAIT:
+            await require_review(db, settings, job_id)
+    except PortraitNotReviewedError as held:
+        return held.message
+    return None
+
+
 async def require_review(db: AsyncSession, settings: Settings, job_id: str) -> None:
     """Raise PortraitNotReviewedError unless reviewers are off or one approved this portrait."""
     if not reviewers_configured(settings):

@@ -158,7 +158,9 @@ def test_a_staff_reviewer_signs_in_sends_back_and_approves_and_the_gate_holds(
     with launch_session(gate_app.url, gate_sandbox, patient="pat-1", encounter="enc-1") as clinician:
         job_id, location, csrf = start_portrait(clinician)
 
-        # Never sent to a reviewer: the write-back is refused (page and API), nothing reaches the EHR.
+        # Never sent to a reviewer: the review page says so, and the write-back is refused (page and API),
+        # nothing reaches the EHR.
+        assert 'data-testid="held-for-reviewer"' in clinician.get(f"/review/{job_id}").text
         refused = write_back(clinician, job_id, csrf)
         assert refused.status_code == 409
         assert "Send it to the reviewer first" in refused.text
@@ -251,6 +253,7 @@ def test_a_staff_reviewer_signs_in_sends_back_and_approves_and_the_gate_holds(
         later_page = clinician.get("/portraits").text
         assert f'data-job-id="{job_id}" data-review="approved"' in later_page
         assert f"Approved by {ARTIST_NAME} (artist)" in later_page
+        assert 'data-testid="held-for-reviewer"' not in clinician.get(f"/review/{job_id}").text
         written = write_back(clinician, job_id, csrf)
         assert written.status_code == 200, written.text
 
@@ -310,6 +313,7 @@ def test_staff_without_a_reviewer_role_get_a_readable_403(
 def test_education_pictures_are_never_gated(gate_app: RunningApp, gate_sandbox: SandboxEHR) -> None:
     with launch_session(gate_app.url, gate_sandbox, patient="pat-1", encounter="enc-1") as client:
         job_id, csrf = generate_picture(client)
+        assert 'data-testid="held-for-reviewer"' not in client.get(f"/review/{job_id}").text
         approved = client.post(
             f"/review/{job_id}/approve",
             data={"caption": "Your heart.", "alt_text": "A heart picture.", "csrf_token": csrf},
