@@ -1,6 +1,8 @@
 """The clinician's handout journey in Chromium inside the sandbox EHR's iframe: workspace → review (handout
-pages, live grade, approve anyway) → confirmation (banner, give to patient) → print → withdraw; keyboard
-for the actions, axe-core on every page, screenshots for the README."""
+pages, live grade, approve anyway) → confirmation (banner, give to patient) → print → withdraw; inside
+CareCanvas keyboard only (Tab, arrow keys, Enter, typing: dropdowns, radios, the caption, links and buttons;
+the EHR's own launch form is clicked), a closest topic picked by keyboard on the generic fallback, axe-core
+on every page, screenshots for the README."""
 
 from __future__ import annotations
 
@@ -153,7 +155,10 @@ def test_clinician_handout_journey_inside_the_ehr_iframe(sandbox: SandboxEHR, ca
             expect(review.get_by_test_id("caption-grade")).not_to_contain_text("please simplify")
             assert_in_frame_view(page, review.get_by_role("button", name="Approve and save to chart"))
             # Typing jargon: the grade says so, "approve anyway" appears, the handout pages are redrawn.
-            review.get_by_label("Caption (plain language)").fill(JARGON)
+            caption = review.get_by_label("Caption (plain language)")
+            press_tab_until(page, review, caption)
+            page.keyboard.press("Control+A")
+            page.keyboard.type(JARGON)
             expect(review.get_by_test_id("caption-grade")).to_contain_text("please simplify")
             expect(review.get_by_test_id("handout-preview")).not_to_have_attribute(
                 "data-revision", revision or ""
@@ -184,12 +189,14 @@ def test_clinician_handout_journey_inside_the_ehr_iframe(sandbox: SandboxEHR, ca
             given = app_frame(page, carecanvas.url, "/documents/")
             expect(given.get_by_test_id("handover-recorded")).to_be_visible()
             assert_accessible(given)
-            given.get_by_role("link", name="Open and print the handout").click()
+            press_tab_until(page, given, given.get_by_role("link", name="Open and print the handout"))
+            page.keyboard.press("Enter")
             printable = app_frame(page, carecanvas.url, "/documents/")
             expect(printable.get_by_test_id("print-page").first).to_have_js_property("complete", True)
             expect(printable.get_by_test_id("print")).to_be_visible()
             assert_accessible(printable)
-            printable.get_by_role("link", name="Back to the workspace").click()
+            press_tab_until(page, printable, printable.get_by_role("link", name="Back to the workspace"))
+            page.keyboard.press("Enter")
 
             history = app_frame(page, carecanvas.url, "/app")
             row = history.get_by_test_id("history").locator("tbody tr").first
