@@ -13,6 +13,7 @@ from fastapi.staticfiles import StaticFiles
 
 from service.api import install_api
 from service.ehrs import EhrRegistry
+from service.generation import readability
 from service.logging import bind_path_fields
 from service.metrics import record_checkpoint_round
 from service.services import Services, build_services
@@ -80,6 +81,9 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         services = await build_services(settings, ehrs=registry)
         app.state.services = services
+        # The reading-grade dictionaries load here, not inside the first request that grades a caption
+        # (0.5-1 s with the event loop blocked, every request queued behind it).
+        await asyncio.to_thread(readability.warm_up)
         stop = asyncio.Event()
         worker_task = await _start_embedded_worker(services, stop) if settings.embedded_worker else None
         checkpoints = asyncio.create_task(checkpoint_periodically(services, stop), name="audit-checkpoints")

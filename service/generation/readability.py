@@ -79,6 +79,14 @@ def fernandez_huerta(text: str) -> float:
     return float(_textstat_metrics.fernandez_huerta(text, "es"))
 
 
+def warm_up() -> None:
+    """Load the pronouncing dictionary and hyphenation tables now (the first grade otherwise pays for it)."""
+    caption_grade("A picture of your heart.", "en")
+    caption_grade("Una imagen de su corazón.", "es")
+
+
+# A pure function of its inputs; the same template caption is graded on every request for its topic.
+@functools.lru_cache(maxsize=4096)
 def caption_grade(text: str, language: str) -> float:
     """US school grade needed to read ``text`` (never below 0).
 

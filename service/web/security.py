@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import structlog
 from fastapi import Request, Response
 from fastapi.responses import HTMLResponse
-from starlette.middleware.base import BaseHTTPMiddleware
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.settings import Settings
 from service.web.errors import API_PREFIX, AppError, ErrorCode, error_json
@@ -101,40 +102,60 @@ def log_cookie_mode(settings: Settings) -> None:
         )
 
 
-class SecurityHeadersMiddleware(BaseHTTPMiddleware):
-    """CSP with frame-ancestors limited to the registered EHR origins; no sniffing; no referrer leaks."""
+class SecurityHeadersMiddleware:
+    """CSP with frame-ancestors limited to the registered EHR origins; no sniffing; no referrer leaks.
 
-    def __init__(self, app: object, *, frame_origins: Callable[[], list[str]]) -> None:
-        super().__init__(app)  # type: ignore[arg-type]
+    Plain ASGI (not Starlette's BaseHTTPMiddleware): the request runs in the caller's task and a streamed
+    answer (SSE) goes straight through, instead of through a task group and a memory stream per request.
+    """
+
+    def __init__(self, app: ASGIApp, *, frame_origins: Callable[[], list[str]]) -> None:
+        self.app = app
         self._frame_origins = frame_origins
 
-    async def dispatch(
-        self, request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        request.state.request_id = secrets.token_hex(8)
-        structlog.contextvars.bind_contextvars(request_id=request.state.request_id)
+    def _headers(self, request_id: str) -> tuple[tuple[str, str], ...]:
+        ancestors = " ".join(["'self'", *self._frame_origins()])
+        return (
+            (
+                "Content-Security-Policy",
+                "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
+                f"connect-src 'self'; form-action 'self'; base-uri 'none'; object-src 'none'; "
+                f"frame-ancestors {ancestors}",
+            ),
+            ("X-Content-Type-Options", "nosniff"),
+            ("Referrer-Policy", "no-referrer"),
+            ("Cache-Control", "no-store"),
+            ("Cross-Origin-Opener-Policy", "same-origin-allow-popups"),
+            ("X-Request-Id", request_id),
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = secrets.token_hex(8)
+        scope.setdefault("state", {})["request_id"] = request_id
+        defaults = self._headers(request_id)
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for name, value in defaults:  # a route's own value wins (setdefault)
+                    if name not in headers:
+                        headers.append(name, value)
+            await send(message)
+
+        structlog.contextvars.bind_contextvars(request_id=request_id)
         try:
+            request = Request(scope, receive)
             refused = cross_site_reason(request, request.app.state.settings)
             if refused is not None:
                 log.warning("cross-site request refused", method=request.method, reason=refused)
-                response: Response = _cross_site_page(request)
+                await _cross_site_page(request)(scope, receive, send_with_headers)
             else:
-                response = await call_next(request)
+                await self.app(scope, receive, send_with_headers)
         finally:
             structlog.contextvars.unbind_contextvars("request_id")
-        ancestors = " ".join(["'self'", *self._frame_origins()])
-        response.headers.setdefault(
-            "Content-Security-Policy",
-            "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
-            f"connect-src 'self'; form-action 'self'; base-uri 'none'; object-src 'none'; "
-            f"frame-ancestors {ancestors}",
-        )
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        response.headers.setdefault("Referrer-Policy", "no-referrer")
-        response.headers.setdefault("Cache-Control", "no-store")
-        response.headers.setdefault("Cross-Origin-Opener-Policy", "same-origin-allow-popups")
-        response.headers.setdefault("X-Request-Id", request.state.request_id)
-        return response
 
 
 def _cross_site_page(request: Request) -> Response:
