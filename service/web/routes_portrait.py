@@ -19,9 +19,12 @@ from service.web.choices import (
     checked_portrait_language,
     checked_portrait_style,
 )
+from service.web.chrome import clinician_chrome
 from service.web.context import ClinicianContext
 from service.web.errors import AppError, ErrorCode
+from service.web.routes_review import checked_above_target
 from service.web.workflow_errors import workflow_errors
+from service.workflows.approve import ABOVE_TARGET_LABELS, write_back_reviewed_portrait
 from service.workflows.intake import LIST_FIELDS, IntakeError, StoryIntake, write_story
 from service.workflows.jobs import SSE_MAX_SECONDS, SSE_POLL_SECONDS, owned_progress
 from service.workflows.portrait import (
@@ -32,6 +35,7 @@ from service.workflows.portrait import (
     read_story_audited,
     start_portraits_from_story,
 )
+from service.workflows.review import GradedCaption
 from service.workflows.reviewer import (
     notes_for,
     patient_draft,
@@ -96,7 +100,66 @@ async def reviewed_draft_page(request: Request, job_id: str, ctx: ClinicianConte
         detail = await patient_draft(ctx.workflow(), job_id)
     await ctx.db.commit()
     return ctx.services.templates.TemplateResponse(
-        request, "portrait_draft.html", {"detail": detail, "banner": _banner(ctx)}
+        request,
+        "portrait_draft.html",
+        {
+            "detail": detail,
+            "banner": _banner(ctx),
+            "csrf_token": ctx.csrf_token,
+            "can_write": ctx.allows("DocumentReference", "create"),
+            "grade": GradedCaption.of(detail.caption, detail.language),
+            "above_target_reasons": ABOVE_TARGET_LABELS,
+        },
+    )
+
+
+@router.post("/portraits/drafts/{job_id}/approve", response_class=HTMLResponse)
+async def write_back_reviewed_draft(
+    request: Request,
+    job_id: str,
+    ctx: ClinicianContext,
+    csrf_token: Annotated[str, Form(max_length=100)],
+    above_target_reason: Annotated[str, Form(max_length=40)] = "",
+) -> Response:
+    """Save a reviewer-approved portrait to the chart from any clinician launch for its patient and EHR.
+
+    Who may write a portrait draft back (issue 13): a draft, its review page and its approval belong to
+    the session that made it (`/review/{id}`; anyone else gets a 404), so work nobody has vetted is never
+    opened, changed or sent to the chart by another launch. A reviewer's approval ends that: the picture
+    and its words are vetted, and the patient's next visit may be with another clinician, in another
+    launch. So an approved draft is written back from here by any clinician launch for the same patient at
+    the same EHR, with the words the reviewer approved (nothing is edited here; to change them, make a new
+    version and send it again). Another patient's or another EHR's draft, and one no reviewer approved
+    (waiting, sent back, never sent), is a 404 as before. The write is the approve path's own
+    (`approve_and_write_back`): exactly once, audited, the Provenance naming this clinician and the reviewer.
+    """
+    if not JOB_ID.fullmatch(job_id):
+        raise AppError(404, "No such portrait", "Start again from the portrait page.")
+    ctx.patient_id()
+    if not ctx.allows("DocumentReference", "create"):
+        raise AppError(
+            403,
+            "Write-back is not allowed for this launch",
+            "The EHR did not grant CareCanvas permission for this. Ask your EHR team.",
+            code=ErrorCode.NOT_ALLOWED,
+        )
+    above_target = checked_above_target(above_target_reason)
+    async with workflow_errors(ctx.db), ctx.fhir() as fhir:
+        result = await write_back_reviewed_portrait(ctx.workflow(), fhir, job_id, above_target=above_target)
+    return ctx.services.templates.TemplateResponse(
+        request,
+        "approved.html",
+        {
+            **clinician_chrome(ctx),
+            "job_id": job_id,
+            "fhir_document_id": result.fhir_document_id,
+            "already_written": result.already_written,
+            "included_image": result.included_image,
+            "notes": result.notes,
+            "replaced_document_id": result.replaced_document_id,
+            "superseded": result.superseded,
+            "can_give": ctx.allows("Communication", "create"),
+        },
     )
 
 

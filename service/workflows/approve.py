@@ -64,6 +64,7 @@ from service.workflows.regenerate import SupersedeOutcome, supersede_document
 from service.workflows.review import MAX_CAPTION_GRADE, measured_grade
 from service.workflows.reviewer import (
     Reviewer,
+    approved_patient_portrait,
     approving_reviewer,
     contained_reviewer,
     provenance_agent,
@@ -385,6 +386,29 @@ async def approve_and_write_back(
     return await _WriteBack(
         ctx, fhir, claimed, png=png, practitioner_id=practitioner_id, profile=profile
     ).run()
+
+
+async def write_back_reviewed_portrait(
+    ctx: WorkflowContext, fhir: FhirClient, job_id: str, *, above_target: AboveTargetReason | None
+) -> WriteBackResult:
+    """Write a reviewer-approved portrait of this patient to the chart from any clinician launch.
+
+    The words are the draft's as they stand (what the reviewer approved), never a form's; the rest is
+    `approve_and_write_back`: the same claim (exactly once, a second try answers what the first wrote), the
+    same gate, reading target, audit records and Provenance (this launch's clinician as author, the reviewer
+    as verifier). Another patient's or EHR's draft, or one no reviewer approved, is JobNotOwnedError.
+    """
+    document = await approved_patient_portrait(ctx, job_id)
+    await ctx.db.commit()  # a short read; approve_and_write_back's queue reads come first (SQLite)
+    content = document.content
+    approval = Approval(
+        job_id=job_id,
+        caption=content.caption,
+        alt_text=content.alt_text,
+        reading_target=True,
+        above_target=above_target,
+    )
+    return await approve_and_write_back(ctx, fhir, approval)
 
 
 class _WriteBack:

@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from service.audit import AuditAction, AuditEntity, CareCanvasObject, canonical_actor, carecanvas_ref
 from service.crypto import Keyring, aad_for
 from service.db.models import PortraitNote, PortraitReview
-from service.documents import load_document
+from service.documents import DocumentView, load_document
 from service.jobs import JobKind
 from service.settings import Settings
 from service.staff_auth import STAFF_ACTOR_PREFIX
@@ -111,6 +111,9 @@ class ReviewDetail:
     style: str
     seed: int | None
     notes: tuple[ReviewNote, ...]
+    document_status: str | None = None  # draft, approved, written, failed, retracted (clinician pages)
+    fhir_document_id: str | None = None
+    language: str = "en"
 
 
 def reviewer_for(settings: Settings, fhir_user: str | None) -> Reviewer | None:
@@ -516,7 +519,35 @@ async def patient_draft(ctx: WorkflowContext, job_id: str) -> ReviewDetail:
         style=content.style or "",
         seed=content.seed,
         notes=await notes_for(ctx.db, keyring=ctx.services.keyring, job_id=job_id),
+        document_status=document.status,
+        fhir_document_id=document.fhir_document_id,
+        language=content.language,
     )
+
+
+async def approved_patient_portrait(ctx: WorkflowContext, job_id: str) -> DocumentView:
+    """A portrait draft of this launch's patient at this launch's EHR that a reviewer approved.
+
+    Such a draft may be written back to the chart from any clinician launch for that patient and EHR, not
+    only from the session that made it. Anything else is "no such portrait" (a 404 on the page): another
+    patient's draft, another EHR's, one that is no portrait, and one no reviewer approved yet (waiting, sent
+    back, never sent) - those stay with the session that made them, see `web.routes_portrait`.
+    """
+    missing = JobNotOwnedError("No such portrait for this patient.")
+    row = await _row(ctx.db, job_id, ctx.ehr.name)
+    if row is None or row.status != ReviewStatus.APPROVED or not ctx.patient_id:
+        raise missing
+    if _item(row, ctx.services.keyring).patient_id != ctx.patient_id:
+        raise missing
+    document = await load_document(ctx.db, keyring=ctx.services.keyring, job_id=job_id)
+    if (
+        document is None
+        or document.content.kind != JobKind.PORTRAIT
+        or document.content.patient_id != ctx.patient_id
+        or document.ehr_name != ctx.ehr.name
+    ):
+        raise missing
+    return document
 
 
 async def patient_draft_image(ctx: WorkflowContext, job_id: str) -> bytes:
