@@ -91,6 +91,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+# The demo's portrait reviewers (with_demo_reviewers): a sandbox practitioner and a sandbox staff user.
+DEMO_PRACTITIONER_REVIEWER = "Practitioner/prac-3"  # Sofia Lopez
+DEMO_STAFF_REVIEWER = "Rosa Alvarez-Test"  # sandbox staff, group portrait-artists
+
+
 def demo_settings(
     *, data_dir: Path, fhir_base: str, auth_base: str, ehr_origin: str, port: int, ehr_url: str | None = None
 ) -> Settings:
@@ -115,6 +120,28 @@ def demo_settings(
         staff_oidc=StaffOidcSettings(issuer=f"{auth_base}/staff", client_id="carecanvas-staff"),
         embedded_worker=True,
         demo_ehr_url=ehr_url,
+    )
+
+
+def with_demo_reviewers(settings: Settings) -> Settings:
+    """The demo's portrait reviewers, so a newcomer can try the reviewer's queue: the sandbox practitioner
+    Sofia Lopez (by her EHR launch) and the sandbox staff user in `portrait-artists`, Rosa Alvarez-Test (by
+    staff sign-in at /reviewer), both artists. With reviewers set, a portrait goes to the chart only after
+    one of them approved it (education pictures are never held)."""
+    from sandbox.staff_oidc import PORTRAIT_ARTIST_GROUP
+
+    staff = settings.staff_oidc
+    return settings.model_copy(
+        update={
+            "portrait_reviewers": {**settings.portrait_reviewers, DEMO_PRACTITIONER_REVIEWER: "artist"},
+            "staff_oidc": (
+                staff.model_copy(
+                    update={"reviewer_roles": {**staff.reviewer_roles, PORTRAIT_ARTIST_GROUP: "artist"}}
+                )
+                if staff is not None
+                else None
+            ),
+        }
     )
 
 
@@ -165,7 +192,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         )
         # A backend client for `carecanvas audit push --ehr sandbox`, and the registration in the data dir
         # so that command (another process) finds this EHR.
-        settings, backend_jwks = with_demo_backend(settings)
+        settings, backend_jwks = with_demo_backend(with_demo_reviewers(settings))
         sandbox.register_client(
             ClientRegistration(
                 DEMO_BACKEND_CLIENT_ID,
@@ -180,6 +207,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             f"  Sandbox EHR:  {sandbox.ehr_url}   <- open this, pick a patient, press Launch\n"
             f"  CareCanvas:   {app_url}\n"
             f"  Compliance:   {app_url}/compliance   <- staff sign-in at the sandbox identity provider\n"
+            f"  Reviewer:     {app_url}/reviewer   <- portrait reviews: sign in as {DEMO_STAFF_REVIEWER}"
+            " (or launch as Sofia Lopez)\n"
             f"  FHIR server:  {sandbox.fhir_base}\n"
             f"  Data dir:     {settings.data_dir.resolve()}\n"
             f"The test model has random weights: its pictures are noise. Ctrl-C stops everything.\n"

@@ -30,6 +30,8 @@ async def welcome(request: Request, services: ServicesDep) -> Response:
         {
             "demo_ehr_url": settings.demo_ehr_url,
             "console": settings.staff_oidc is not None,
+            # Portrait reviewers who sign in as staff (the queue also opens from an EHR launch).
+            "reviewer_sign_in": settings.staff_oidc is not None and bool(settings.staff_oidc.reviewer_roles),
             "portal_ehrs": portal_ehrs,
         },
     )

@@ -137,9 +137,12 @@ def test_a_fresh_clones_scripts_demo_answers_its_printed_urls_at_once_and_stops_
         text = output.text()
         assert announced, f"no URLs within {READY_WITHIN_S} s:\n{text[-4000:]}"
         urls = dict(
-            re.findall(r"^  (Sandbox EHR|CareCanvas|Compliance|FHIR server):\s+(http://\S+)", text, re.M)
+            re.findall(
+                r"^  (Sandbox EHR|CareCanvas|Compliance|Reviewer|FHIR server):\s+(http://\S+)", text, re.M
+            )
         )
-        assert set(urls) == {"Sandbox EHR", "CareCanvas", "Compliance", "FHIR server"}, text[-4000:]
+        printed = {"Sandbox EHR", "CareCanvas", "Compliance", "Reviewer", "FHIR server"}
+        assert set(urls) == printed, text[-4000:]
         assert all(url.startswith("http://127.0.0.1:") for url in urls.values()), urls
         ports = sorted({int(re.findall(r":(\d+)", url)[0]) for url in urls.values()})
         assert text.index("Starting CareCanvas") < text.index("Sandbox EHR:")
@@ -149,6 +152,7 @@ def test_a_fresh_clones_scripts_demo_answers_its_printed_urls_at_once_and_stops_
             ehr = browser.get(urls["Sandbox EHR"])
             home = browser.get(urls["CareCanvas"])
             console = browser.get(urls["Compliance"])
+            reviewer = browser.get(urls["Reviewer"])
             fhir = browser.get(f"{urls['FHIR server']}/metadata")
             ready = browser.get(f"{urls['CareCanvas']}/readyz")
             icon = browser.get(f"{urls['CareCanvas']}/favicon.ico")
@@ -164,6 +168,11 @@ def test_a_fresh_clones_scripts_demo_answers_its_printed_urls_at_once_and_stops_
         assert (
             "Staff sign-in" in console.text
         )  # the console sends the officer to the sandbox's identity provider
+        # The demo has portrait reviewers: the queue sends the artist to the sandbox's staff sign-in.
+        assert reviewer.status_code == 200
+        assert "Rosa Alvarez-Test" in reviewer.text
+        assert "sign in as Rosa Alvarez-Test" in text
+        assert 'data-testid="reviewer-link"' in home.text
         assert (fhir.status_code, fhir.json()["resourceType"]) == (200, "CapabilityStatement")
         assert ready.json() == {"status": "ready"}
         assert (icon.status_code, icon.headers["content-type"]) == (200, "image/x-icon")

@@ -3,12 +3,17 @@ axe-core on it at phone and desktop sizes."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
 import pytest
 from harness import RunningApp
 from playwright.sync_api import expect, sync_playwright
 
 from sandbox.run import SandboxEHR
+from service.cli import with_demo_reviewers
+
+SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
 
 
 def test_root_leads_to_a_landing_page_not_a_bare_404(carecanvas: RunningApp) -> None:
@@ -52,12 +57,23 @@ def test_the_landing_page_passes_axe_on_a_phone_and_a_desktop(
                 "document.documentElement.scrollWidth <= window.innerWidth"
             )  # no sideways scroll
             assert serious_violations(page) == []
-            # As `carecanvas demo` shows it: with the link to its sandbox EHR inside the notice.
+            expect(page.get_by_test_id("reviewer-link")).to_have_count(0)  # no staff reviewer roles here
+            # As `carecanvas demo` shows it: with the link to its sandbox EHR inside the notice, and its
+            # staff portrait reviewers (with_demo_reviewers) the way to the review queue.
             monkeypatch.setattr(carecanvas.services.settings, "demo_ehr_url", sandbox.ehr_url)
+            monkeypatch.setattr(
+                carecanvas.services.settings,
+                "staff_oidc",
+                with_demo_reviewers(carecanvas.services.settings).staff_oidc,
+            )
             page.reload()
             demo = page.get_by_test_id("demo-ehr")
             expect(demo.get_by_role("link", name="sandbox EHR")).to_have_attribute("href", sandbox.ehr_url)
+            expect(page.get_by_test_id("reviewer-link")).to_have_attribute("href", "/reviewer")
             assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
             assert serious_violations(page) == []
+            if width == 1280:
+                SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+                page.screenshot(path=str(SCREENSHOTS / "landing.png"))
         finally:
             browser.close()
