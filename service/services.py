@@ -124,6 +124,7 @@ class Services:
         return self.read_sessionmaker or self.sessionmaker
 
     async def aclose(self) -> None:
+        await self.queue.watch.aclose()
         await self.connections.aclose()
         await self.http.aclose()
         await self.engine.dispose()

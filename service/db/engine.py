@@ -38,6 +38,7 @@ from sqlalchemy.ext.asyncio import (
 from service.db.roles import AppRoleError, AppRoleGrants, apply_app_role_grants, check_app_role, checked_role
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+READ_POOL_SIZE = 10
 _BEGIN_OPTION = "carecanvas_sqlite_begin"
 _MIGRATIONS = Path(__file__).with_name("migrations")
 # The read-only sibling of each SQLite writer engine, made on first use and disposed with the writer.
@@ -106,7 +107,9 @@ def read_engine(engine: AsyncEngine) -> AsyncEngine:
         return engine
     reader = _READERS.get(engine.sync_engine)
     if reader is None:
-        reader = create_async_engine(engine.url)
+        # Connections are kept, not opened per burst: each aiosqlite connection starts a thread and runs
+        # its PRAGMAs, which cost more than the read itself when overflow connections came and went.
+        reader = create_async_engine(engine.url, pool_size=READ_POOL_SIZE, max_overflow=READ_POOL_SIZE)
         _configure_sqlite(reader, read_only=True)
         _READERS[engine.sync_engine] = reader
         event.listen(engine.sync_engine, "engine_disposed", _dispose_reader)

@@ -28,6 +28,7 @@ from service.crypto.keyring import Keyring
 from service.db.models import ARTIFACT_KINDS, Artifact, Job
 from service.jobs.progress import LiveProgress, ProgressBoard
 from service.jobs.types import TERMINAL_STATUSES, JobPriority, JobStatus
+from service.jobs.watch import JobWatch
 
 log = structlog.get_logger("carecanvas.jobs")
 
@@ -136,6 +137,7 @@ class JobQueue:
         max_attempts: int = 3,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         read_sessionmaker: async_sessionmaker[AsyncSession] | None = None,
+        watch_interval: float = 0.25,
     ) -> None:
         if lease_seconds <= 0 or max_attempts < 1:
             raise ValueError("lease_seconds must be > 0 and max_attempts ≥ 1")
@@ -149,6 +151,8 @@ class JobQueue:
         self._clock = clock
         # Live progress of the jobs this process's worker runs (embedded mode); empty in an API-only process.
         self.board = ProgressBoard()
+        # The rows of every job this process's progress streams follow, read together once per interval.
+        self.watch: JobWatch[JobView] = JobWatch(self._views_of, interval=watch_interval)
 
     def _now(self) -> datetime:
         return self._clock().astimezone(UTC)
@@ -544,6 +548,11 @@ class JobQueue:
             # The row is written once per reporting interval; this process's worker knows the current step.
             return dataclasses.replace(view, progress_step=live.step, progress_total=live.total)
         return view
+
+    async def _views_of(self, job_ids: Sequence[str]) -> dict[str, JobView]:
+        async with self._reads() as session, session.begin():
+            jobs = (await session.execute(select(Job).where(Job.id.in_(job_ids)))).scalars().all()
+            return {job.id: _view(job) for job in jobs}
 
     def live(self, job_id: str) -> LiveProgress | None:
         """Step k of n from this process's own worker (embedded mode), without a database read."""

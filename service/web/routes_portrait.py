@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -26,7 +25,7 @@ from service.web.routes_review import checked_above_target
 from service.web.workflow_errors import workflow_errors
 from service.workflows.approve import ABOVE_TARGET_LABELS, write_back_reviewed_portrait
 from service.workflows.intake import LIST_FIELDS, IntakeError, StoryIntake, write_story
-from service.workflows.jobs import SSE_MAX_SECONDS, SSE_POLL_SECONDS, owned_progress
+from service.workflows.jobs import follow_many, owned_progress
 from service.workflows.portrait import (
     MAX_VARIANTS,
     LikenessConsent,
@@ -292,17 +291,8 @@ async def variants_events(ctx: ClinicianContext, jobs: JobsQuery) -> AsyncIterat
     queue, session = ctx.services.queue, ctx.session.id_hash
     async with workflow_errors(ctx.db):
         last = [await owned_progress(queue, session_id_hash=session, job_id=job_id) for job_id in job_ids]
-    for job in last:
-        yield job.to_dict()
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + SSE_MAX_SECONDS
-    while not all(job.final for job in last) and loop.time() < deadline:
-        await asyncio.sleep(SSE_POLL_SECONDS)
-        current = [await owned_progress(queue, session_id_hash=session, job_id=job_id) for job_id in job_ids]
-        for before, now in zip(last, current, strict=True):
-            if now != before:
-                yield now.to_dict()
-        last = current
+    async for progress in follow_many(queue, session_id_hash=session, first=last):
+        yield progress.to_dict()
 
 
 @router.post("/portraits/{job_id}/more")

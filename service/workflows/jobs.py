@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from service.jobs import JobQueue, JobStatus, JobView
 from service.workflows.errors import JobNotOwnedError
 
-SSE_POLL_SECONDS = 0.25
 SSE_MAX_SECONDS = 600
-# With an embedded worker the stream reads its in-memory progress, and the row only this often (status).
-LIVE_ROW_CHECK_SECONDS = 2.0
 _NOT_OWNED = "It may belong to another session. Start from the workspace."
 
 
@@ -65,27 +63,45 @@ async def owned_progress(queue: JobQueue, *, session_id_hash: str, job_id: str) 
     return progress_of(await owned_job(queue, session_id_hash=session_id_hash, job_id=job_id))
 
 
-async def follow(
-    queue: JobQueue, *, session_id_hash: str, first: JobProgress, poll_seconds: float = SSE_POLL_SECONDS
-) -> AsyncIterator[JobProgress]:
+async def follow(queue: JobQueue, *, session_id_hash: str, first: JobProgress) -> AsyncIterator[JobProgress]:
     """Each change of the job's progress until it is final (or the stream's time is up): both faces' SSE."""
+    async for progress in follow_many(queue, session_id_hash=session_id_hash, first=[first]):
+        yield progress
+
+
+async def follow_many(
+    queue: JobQueue, *, session_id_hash: str, first: Sequence[JobProgress]
+) -> AsyncIterator[JobProgress]:
+    """``first``, then each change of any of these jobs until all are final or the stream's time is up.
+
+    The rows come from the queue's watch (one read per interval for every stream of this process); with an
+    embedded worker, a running job's step comes from its in-memory board.
+    """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + SSE_MAX_SECONDS
-    progress, last = first, None
-    row_read_at = loop.time()
-    while True:
-        if progress != last:
-            yield progress
-            last = progress
-        if progress.final or loop.time() >= deadline:
-            return
-        await asyncio.sleep(poll_seconds)
-        live = queue.live(first.job_id)
-        if live is not None and loop.time() - row_read_at < LIVE_ROW_CHECK_SECONDS:
-            # An embedded worker runs it: its in-memory step, no database read (the row comes every few s).
-            progress = dataclasses.replace(
-                progress, status=JobStatus.RUNNING, step=live.step, total=live.total
-            )
-            continue
-        progress = await owned_progress(queue, session_id_hash=session_id_hash, job_id=first.job_id)
-        row_read_at = loop.time()
+    last = {progress.job_id: progress for progress in first}
+    for progress in last.values():
+        yield progress
+    async with contextlib.AsyncExitStack() as stack:
+        for job_id in last:
+            await stack.enter_async_context(queue.watch.following(job_id))
+        while not all(progress.final for progress in last.values()) and loop.time() < deadline:
+            views = await queue.watch.next_round(last)
+            for job_id, before in list(last.items()):
+                if before.final:
+                    continue
+                now = _current(queue, views.get(job_id), session_id_hash)
+                if now != before:
+                    last[job_id] = now
+                    yield now
+
+
+def _current(queue: JobQueue, view: JobView | None, session_id_hash: str) -> JobProgress:
+    if view is None or view.session_id_hash != session_id_hash:
+        raise JobNotOwnedError(_NOT_OWNED)  # deleted (expired) since the stream began
+    progress = progress_of(view)
+    live = queue.live(view.id)
+    if live is not None and progress.status is JobStatus.RUNNING:
+        # The row is written once per reporting interval; this process's worker knows the current step.
+        progress = dataclasses.replace(progress, step=live.step, total=live.total)
+    return progress
