@@ -39,3 +39,27 @@ def test_docs_link_only_to_files_in_the_repository() -> None:
             if not resolved.is_relative_to(ROOT) or not resolved.exists():
                 broken.append(f"{doc.relative_to(ROOT)} → {target}")
     assert broken == []
+
+
+# The main screens the README shows (issue 13), each written by a test so it shows what the code does today.
+MAIN_SCREENS = (
+    "portrait-variants.png",
+    "reviewer-queue.png",
+    "portal-phone.png",
+    "portal-desktop.png",
+    "ehr-chart.png",
+    "landing.png",
+    "review.png",
+    "confirmation.png",
+)
+
+
+def test_the_readme_shows_the_main_screens_and_tests_write_each_of_them() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    shown = set(re.findall(r"\]\(docs/screenshots/([\w.-]+\.png)\)", readme))
+    assert set(MAIN_SCREENS) <= shown, sorted(set(MAIN_SCREENS) - shown)
+    browser_tests = "\n".join(
+        path.read_text(encoding="utf-8") for path in sorted((ROOT / "tests" / "e2e").glob("test_*.py"))
+    )
+    unwritten = [name for name in MAIN_SCREENS if f'"{name}"' not in browser_tests]
+    assert unwritten == [], f"no browser test writes {unwritten}"

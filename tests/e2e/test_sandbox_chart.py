@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import io
 import re
+from pathlib import Path
 
 import httpx
 import pytest
 from harness import RunningApp, approve_picture, generate_picture, launch_session
+from playwright.sync_api import expect, sync_playwright
 from pypdf import PdfReader
 
 from sandbox.run import SandboxEHR
+
+SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
 
 pytestmark = pytest.mark.slow
 
@@ -61,3 +65,43 @@ def test_a_saved_picture_is_readable_in_the_ehr_chart(carecanvas: RunningApp, sa
         f"{sandbox.auth_base}/ehr/chart/attachment", params={"doc": document_id, "n": "99"}, timeout=30
     )
     assert no_attachment.status_code == 404
+
+
+@pytest.mark.browser
+def test_the_ehr_chart_view_opens_from_the_ehr_page_in_chromium_and_passes_axe(
+    carecanvas: RunningApp, sandbox: SandboxEHR
+) -> None:
+    """What a clinician checks after saving: the EHR page's link opens the chart view of the patient's
+    documents (the README's screenshot is written here)."""
+    from test_compliance_browser import AXE, CHROMIUM_ARGS, serious_violations
+
+    assert AXE.exists(), "axe-core is missing: run scripts/bootstrap"
+    with launch_session(carecanvas.url, sandbox, patient="pat-2", practitioner="prac-1") as client:
+        job_id, csrf = generate_picture(client)
+        saved = approve_picture(client, job_id, csrf, caption="Your lungs and how to breathe easier.")
+    match = re.search(r"<code>([A-Za-z0-9\-.]+)</code>", saved.text)
+    assert match, "the approved page names the document"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_ARGS
+        )
+        try:
+            context = browser.new_context(bypass_csp=True, viewport={"width": 1280, "height": 800})
+            page = context.new_page()
+            page.goto(sandbox.ehr_url)
+            page.get_by_label("James Okafor").check()
+            page.get_by_label(re.compile("Alice Chen")).check()
+            page.get_by_role("button", name="Launch CareCanvas").click()
+            with context.expect_page() as opened:
+                page.get_by_test_id("chart-link").click()
+            chart = opened.value
+            chart.wait_for_load_state()
+            row = chart.locator(f'[data-testid="chart-document"][data-id="{match.group(1)}"]')
+            expect(row).to_contain_text("Author: Dr. Alice Chen")
+            expect(row.get_by_test_id("provenance").first).to_be_visible()
+            expect(row.get_by_test_id("device")).to_contain_text("Made with:")
+            assert serious_violations(chart) == []
+            SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+            chart.screenshot(path=str(SCREENSHOTS / "ehr-chart.png"))
+        finally:
+            browser.close()
