@@ -16,6 +16,7 @@ from typing import Literal, Protocol, cast
 from fpdf import FPDF
 
 from service.generation.languages import HandoutChrome, LanguagePack, TopicSections, default_language_packs
+from service.generation.pdf_fonts import FontCache
 from service.images import png_size
 
 PageSize = Literal["letter", "a4"]
@@ -84,6 +85,8 @@ _MAX_LOGO_BYTES = 1_000_000
 _LOGO_HEIGHT_MM = 12.0
 _PHONE = re.compile(r"^\+?[0-9][0-9 ().\-/]{5,28}[0-9](\s*(ext\.?|x)\s*[0-9]{1,6})?$", re.IGNORECASE)
 _FAMILY = "HandoutMain"
+# Every handout's fonts, parsed once per process (a Chinese or Korean handout took 1-4 s, mostly parsing).
+FONTS = FontCache()
 _RLM = "\u200f"
 
 
@@ -303,6 +306,43 @@ def _render(
     approver: str | None,
     clinic: ClinicDetails,
 ) -> bytes:
+    return _build(
+        png,
+        pixels,
+        title,
+        caption,
+        alt_text,
+        language,
+        created,
+        page_size,
+        test_model,
+        sections,
+        patient,
+        approver,
+        clinic,
+        fonts=FONTS,
+    )
+
+
+def _build(
+    png: bytes,
+    pixels: tuple[int, int],
+    title: str,
+    caption: str,
+    alt_text: str,
+    language: str,
+    created: date,
+    page_size: PageSize,
+    test_model: bool,
+    sections: TopicSections | None,
+    patient: str | None,
+    approver: str | None,
+    clinic: ClinicDetails,
+    *,
+    fonts: FontCache | None,
+) -> bytes:
+    """The handout's bytes; ``fonts`` None parses every font for this document alone (fpdf2's own
+    ``add_font``, as before the cache: bench/bench_handout_fonts.py compares the two)."""
     pixel_width, pixel_height = pixels
     pack = default_language_packs()[language]
     words = pack.chrome
@@ -311,14 +351,19 @@ def _render(
     pdf = FPDF(orientation="portrait", unit="mm", format=PAGE_SIZES[page_size])
     pdf.set_margins(_MARGIN_MM, _MARGIN_MM, _MARGIN_MM)
     pdf.set_auto_page_break(auto=True, margin=_MARGIN_MM)
-    main = _face_for(pack.script, language)
-    pdf.add_font(_FAMILY, "", str(main.regular), collection_font_number=main.index)
-    pdf.add_font(_FAMILY, "B", str(main.bold), collection_font_number=main.index)
+
+    def add_face(family: str, face: FontFace) -> None:
+        for style, path in (("", face.regular), ("B", face.bold)):
+            if fonts is None:
+                pdf.add_font(family, style, str(path), collection_font_number=face.index)
+            else:
+                fonts.add_font(pdf, family, style, path, index=face.index)
+
+    add_face(_FAMILY, _face_for(pack.script, language))
     fallbacks = []
     for number, face in enumerate(_fallback_faces(list(texts.values()), pack.script, language)):
         family = f"HandoutFallback{number}"
-        pdf.add_font(family, "", str(face.regular), collection_font_number=face.index)
-        pdf.add_font(family, "B", str(face.bold), collection_font_number=face.index)
+        add_face(family, face)
         fallbacks.append(family)
     if fallbacks:
         pdf.set_fallback_fonts(fallbacks)
@@ -370,6 +415,8 @@ def _render(
             pdf.set_text_color(*((60, 60, 60) if text == texts["description"] else (0, 0, 0)))
             writer.text(text, size, style)
         pdf.ln(gap)
+    if fonts is not None:
+        fonts.before_output(pdf)
     return bytes(pdf.output())
 
 

@@ -7,6 +7,7 @@ import io
 from datetime import date
 from pathlib import Path
 
+import fpdf
 import pypdfium2 as pdfium
 import pytest
 from PIL import Image
@@ -15,7 +16,9 @@ from pypdf import PdfReader
 from service.generation import handout
 from service.generation.handout import ClinicDetails, clinic_details, clinic_details_of, render_handout_pdf
 from service.generation.languages import LANGUAGE_CODES
+from service.generation.pdf_fonts import FontCache
 from service.generation.prompts import PromptLibrary, load_prompt_library
+from service.generation.readability import caption_grade
 from service.settings import EhrSettings
 
 
@@ -426,3 +429,113 @@ def test_the_same_handout_asked_for_again_is_not_laid_out_again() -> None:
     first = render(language="es", caption="Su corazón empuja la sangre.")
     assert render(language="es", caption="Su corazón empuja la sangre.") is first  # kept in memory
     assert render(language="es", caption="Otra frase.") != first
+
+
+# --- fonts parsed once per process (service/generation/pdf_fonts.py) ----------------------------------------
+
+
+def build_both_ways(language: str, caption_suffix: str = "") -> tuple[bytes, bytes, FontCache]:
+    words = library().topic("anaemia").text[language]
+    fonts = FontCache()
+    arguments = (
+        png_bytes(64, 48),
+        (64, 48),
+        words.title,
+        words.caption + caption_suffix,
+        words.alt_text,
+        language,
+        date(2025, 3, 4),
+        "letter",
+        True,
+        words.sections,
+        "Layla Haddad",
+        "Dr. Ana López",
+        ClinicDetails(name="Riverside Family Clinic", phone="+1 (555) 010-2000"),
+    )
+    fresh = handout._build(*arguments, fonts=None)  # type: ignore[arg-type]
+    handout._build(*arguments, fonts=fonts)  # type: ignore[arg-type]  # the first document fills the cache
+    cached = handout._build(*arguments, fonts=fonts)  # type: ignore[arg-type]
+    return fresh, cached, fonts
+
+
+@pytest.mark.parametrize("language", LANGUAGE_CODES)
+def test_fonts_parsed_once_give_the_same_bytes_as_fonts_parsed_per_document(language: str) -> None:
+    fresh, cached, _fonts = build_both_ways(language)
+    # The same file: fonts, subsets, glyph codes and all (the second cached document reuses the faces).
+    assert cached == fresh
+
+
+def test_a_face_is_parsed_once_and_the_shared_copy_is_never_subset(monkeypatch: pytest.MonkeyPatch) -> None:
+    _fresh, _cached, fonts = build_both_ways("zh-Hans")
+    prototypes = dict(fonts._prototypes)
+    glyphs = {key: len(font.ttfont.getGlyphOrder()) for key, font in prototypes.items()}
+    assert all(count > 60_000 for key, count in glyphs.items() if "CJK" in key[0]), glyphs  # not a subset
+
+    parsed: list[str] = []
+    real_add_font = fpdf.FPDF.add_font
+
+    def counting_add_font(self: fpdf.FPDF, *args: object, **kwargs: object) -> None:
+        parsed.append(str(args))
+        real_add_font(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(fpdf.FPDF, "add_font", counting_add_font)
+    words = library().topic("asthma").text["zh-Hans"]
+    pdf = handout._build(
+        png_bytes(64, 48), (64, 48), words.title, words.caption, words.alt_text, "zh-Hans", date(2025, 3, 4),
+        "a4", False, words.sections, None, None, ClinicDetails(), fonts=fonts,
+    )  # fmt: skip
+    assert parsed == []  # every face came from the cache
+    assert fonts._prototypes == prototypes
+    assert squeezed(words.sections.what_it_is) in squeezed(extracted(pdf))  # type: ignore[union-attr]
+
+
+# --- each section read back from the PDF, and graded there --------------------------------------------------
+
+
+def pdf_sections(pdf: bytes, language: str) -> dict[str, str]:
+    """The text under each section heading as pypdf reads it back from the PDF (wrapped lines joined)."""
+    chrome = library().languages[language].chrome
+    lines = [line.strip() for line in extracted(pdf).splitlines() if line.strip()]
+    headings = {
+        chrome.what_heading: "what",
+        chrome.do_heading: "do",
+        chrome.call_heading: "call",
+        chrome.now_heading: "now",
+    }
+    found: dict[str, list[str]] = {}
+    current: str | None = None
+    for line in lines:
+        if line in headings:
+            current = headings[line]
+            found[current] = []
+        elif line.startswith(f"{chrome.description_label}:"):
+            current = None
+        elif current is not None:
+            found[current].append(line)
+    return {key: " ".join(value) for key, value in found.items()}
+
+
+@pytest.mark.parametrize("language", ["en", "es"])
+def test_every_topics_sections_read_back_from_the_pdf_at_grade_6(language: str) -> None:
+    """Per topic, each section as pypdf reads it from the printed handout (not the template): its words are
+    the template's, and its reading grade (Flesch-Kincaid; Fernández-Huerta for Spanish) is at most 6."""
+    for topic in library().topics:
+        words = topic.text[language]
+        assert words.sections is not None, topic.id
+        pdf = render(
+            title=words.title, caption=words.caption, alt_text=words.alt_text, language=language,
+            sections=words.sections,
+        )  # fmt: skip
+        read = pdf_sections(pdf, language)
+        assert sorted(read) == ["call", "do", "now", "what"], (topic.id, read)
+        expected = {
+            "what": words.sections.what_it_is,
+            "do": " ".join(f"• {item}" for item in words.sections.can_do),
+            "call": words.sections.when_to_call,
+            "now": words.sections.get_help_now,
+        }
+        for key, text in read.items():
+            assert squeezed(text) == squeezed(expected[key]), (topic.id, key, text)
+            graded = text.replace("•", " ") if key == "do" else text
+            grade = caption_grade(graded, language)
+            assert grade <= 6.0, f"{topic.id}/{language}/{key}: grade {grade} in the PDF: {text!r}"
