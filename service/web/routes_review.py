@@ -17,7 +17,7 @@ from service.web.workflow_errors import workflow_errors
 from service.workflows.approve import ABOVE_TARGET_LABELS, AboveTargetReason, Approval, approve_and_write_back
 from service.workflows.drafts import DraftChange, handout_page_image, handout_pages, revise_draft
 from service.workflows.review import ArtifactKind, GradedCaption, read_owned_artifact, review_draft
-from service.workflows.reviewer import review_hold
+from service.workflows.reviewer import review_hold, words_locked
 
 router = APIRouter()
 _NO_STORE = {"Cache-Control": "private, no-store"}
@@ -39,6 +39,7 @@ async def review_page(request: Request, job: OwnedJob, ctx: ClinicianContext) ->
         draft = await review_draft(ctx.workflow(), job.job_id)
         settings, kind = ctx.services.settings, draft.document.content.kind
         held = await review_hold(ctx.db, settings, job.job_id, kind)
+        locked = await words_locked(ctx.db, job.job_id, kind)
         await ctx.db.commit()
         pages = await handout_pages(ctx.workflow(), job)
     await ctx.db.commit()
@@ -58,6 +59,7 @@ async def review_page(request: Request, job: OwnedJob, ctx: ClinicianContext) ->
             "above_target_reasons": ABOVE_TARGET_LABELS,
             "can_write": ctx.allows("DocumentReference", "create"),
             "held_for_reviewer": held,
+            "words_locked": locked,
         },
     )
 

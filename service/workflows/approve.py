@@ -69,6 +69,7 @@ from service.workflows.reviewer import (
     contained_reviewer,
     provenance_agent,
     require_review,
+    words_locked,
 )
 
 log = structlog.get_logger("carecanvas.approve")
@@ -346,7 +347,9 @@ async def _claim(ctx: WorkflowContext, approval: Approval) -> DocumentView | Wri
             await asyncio.sleep(0.25)
             continue
         before = document.content
-        approved_content = _approved_content(before, approval)
+        # A portrait a reviewer approved goes to the chart with the words they approved, not the form's.
+        locked = await words_locked(db, document.job_id, before.kind)
+        approved_content = before if locked else _approved_content(before, approval)
         try:
             _check_reading_target(approved_content, approval)
         except AboveReadingTargetError:
@@ -393,7 +396,7 @@ async def write_back_reviewed_portrait(
 ) -> WriteBackResult:
     """Write a reviewer-approved portrait of this patient to the chart from any clinician launch.
 
-    The words are the draft's as they stand (what the reviewer approved), never a form's; the rest is
+    The words are the ones the reviewer approved (locked since: `reviewer.words_locked`); the rest is
     `approve_and_write_back`: the same claim (exactly once, a second try answers what the first wrote), the
     same gate, reading target, audit records and Provenance (this launch's clinician as author, the reviewer
     as verifier). Another patient's or EHR's draft, or one no reviewer approved, is JobNotOwnedError.

@@ -24,6 +24,7 @@ from service.workflows.context import WorkflowContext
 from service.workflows.errors import ArtifactNotReadyError, JobNotOwnedError, NotReadyError
 from service.workflows.jobs import JobProgress
 from service.workflows.review import GradedCaption
+from service.workflows.reviewer import WORDS_LOCKED, words_locked
 
 # Only a draft may change: once approved, the chart holds what was approved.
 _EDITABLE = frozenset({"draft", "failed"})
@@ -49,6 +50,8 @@ async def edit_draft(ctx: WorkflowContext, job_id: str, change: DraftChange) -> 
     document = await _owned_document(ctx, job_id)
     if document.status not in _EDITABLE:
         raise NotReadyError("This picture was already approved; make a new version to change it.")
+    if await words_locked(ctx.db, job_id, document.content.kind):
+        raise NotReadyError(WORDS_LOCKED)
     content_before = document.content
     update: dict[str, str] = {}
     if change.caption is not None:

@@ -400,6 +400,20 @@ async def review_status(db: AsyncSession, job_id: str) -> ReviewStatus | None:
     return ReviewStatus(status) if status else None
 
 
+WORDS_LOCKED = (
+    "A reviewer approved these words, so they stay as they are. "
+    "To change them, make new variants and send one to the reviewer."
+)
+
+
+async def words_locked(db: AsyncSession, job_id: str, kind: JobKind) -> bool:
+    """A portrait a reviewer approved keeps the words they approved: no edit, and approval writes those.
+
+    So the reviewer the Provenance names as verifier saw exactly what goes to the chart (from any launch).
+    """
+    return kind == JobKind.PORTRAIT and await review_status(db, job_id) is ReviewStatus.APPROVED
+
+
 _NOT_REVIEWED = {
     None: "A reviewer has to approve this portrait before it goes to the chart. "
     "Send it to the reviewer first.",

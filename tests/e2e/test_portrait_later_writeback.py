@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
-from harness import RunningApp, csrf_from, launch_session
+from harness import RunningApp, csrf_from, launch_session, wait_for_job
 from playwright.sync_api import expect, sync_playwright
 from test_portrait_browser import AXE, CHROMIUM_ARGS, app_frame, assert_accessible, launch
 
@@ -210,3 +210,53 @@ def test_a_reviewer_approved_portrait_is_written_back_from_a_later_launch(
     assert lookup(app, approved_job, patient=PATIENT, ehr_name="another-ehr") == "not found"
     assert lookup(app, approved_job, patient="pat-1", ehr_name="sandbox") == "not found"
     assert lookup(app, waiting_job, patient=PATIENT, ehr_name="sandbox") == "not found"
+
+
+def test_the_words_a_reviewer_approved_are_the_words_that_go_to_the_chart(
+    sandbox: SandboxEHR, carecanvas: RunningApp
+) -> None:
+    """After the reviewer's approval the words are locked (page, live edit, API), and the approval in the
+    launch that made the draft writes the approved words, whatever its form says."""
+    app = carecanvas
+    caption, alt_text = "Your quiet harbour at dusk, in soft colours.", "A harbour with boats at dusk."
+    with launch_session(app.url, sandbox, patient=PATIENT, practitioner="prac-1", encounter="enc-4") as maker:
+        maker.get("/app")
+        csrf = csrf_from(maker.get("/portraits").text)
+        started = maker.post(
+            "/portraits", data={"csrf_token": csrf, "style": "gouache", "language": "en", "variants": "1"}
+        )
+        assert started.status_code == 303, started.text
+        job_id = started.headers["location"].split("jobs=", 1)[1]
+        assert wait_for_job(maker, job_id)["status"] == "succeeded"
+        htmx = {"X-CSRF-Token": csrf}
+        # Before the reviewer approves, the clinician shapes the words (kept as typed).
+        edited = maker.post(
+            f"/review/{job_id}/draft", data={"caption": caption, "alt_text": alt_text}, headers=htmx
+        )
+        assert edited.status_code == 200, edited.text
+        assert 'data-testid="words-locked"' not in maker.get(f"/review/{job_id}").text
+        sent = maker.post(f"/portraits/{job_id}/send", data={"csrf_token": csrf, "jobs": job_id})
+        assert sent.status_code == 303, sent.text
+        reviewer_approves(app, sandbox, job_id)
+
+        page = maker.get(f"/review/{job_id}").text
+        assert 'data-testid="words-locked"' in page
+        assert re.search(r'<textarea id="caption"[^>]*\breadonly\b', page)
+        assert re.search(r'<textarea id="alt_text"[^>]*\breadonly\b', page)
+        changed = maker.post(
+            f"/review/{job_id}/draft", data={"caption": "Other words.", "alt_text": "Other."}, headers=htmx
+        )
+        assert changed.status_code == 409
+        api = maker.patch(f"/api/v1/jobs/{job_id}/draft", json={"caption": "Other words."}, headers=htmx)
+        assert api.status_code == 409, api.text
+        saved = maker.post(
+            f"/review/{job_id}/approve",
+            data={"caption": "Other words at the last minute.", "alt_text": "Other.", "csrf_token": csrf},
+        )
+        assert saved.status_code == 200, saved.text
+    [document] = documents_for(sandbox, job_id)
+    titles = {content["attachment"].get("title") for content in document["content"]}
+    assert caption in titles
+    assert not any("Other" in (title or "") for title in titles)
+    edits = audit_of(app, AuditAction.EDIT_CAPTION, job_id)
+    assert [e.detail["fields"] for e in edits] == [["alt_text", "caption"]]  # before the review; none after
