@@ -22,6 +22,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from service.cli import DEMO_FHIR_STATE_FILE
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -187,6 +189,8 @@ def test_a_fresh_clones_scripts_demo_answers_its_printed_urls_at_once_and_stops_
         # All state lives in the data directory, encrypted key file included; nothing in the clone.
         assert (data_dir / "carecanvas.db").exists()
         assert (data_dir / "keys.json").stat().st_mode & 0o077 == 0
+        # The sandbox's FHIR data next to CareCanvas's database: a restart keeps both, never half of each.
+        assert (data_dir / DEMO_FHIR_STATE_FILE).is_file()
         assert not (clone / ".carecanvas").exists()
     finally:
         with contextlib.suppress(ProcessLookupError):  # (it may have ended by itself: the output says why)
