@@ -12,8 +12,8 @@ from typing import Any
 import httpx
 import pytest
 from harness import RunningApp, csrf_from, launch_session, wait_for_job
-from playwright.sync_api import expect, sync_playwright
-from test_portrait_browser import AXE, CHROMIUM_ARGS, app_frame, assert_accessible, launch
+from playwright.sync_api import Frame, Page, expect, sync_playwright
+from test_portrait_browser import AXE, CHROMIUM_ARGS, app_frame, assert_accessible, launch, tab_to
 
 from fhir_adapters import GrantedScopes
 from sandbox.run import SandboxEHR
@@ -65,6 +65,15 @@ def reviewer_approves(app: RunningApp, sandbox: SandboxEHR, job_id: str) -> None
             f"/reviewer/{job_id}/approve", data={"csrf_token": csrf_from(draft.text), "note": "Lovely."}
         )
         assert approved.status_code == 303, approved.text
+
+
+def tab_to_link(page: Page, frame: Frame, path: str, *, limit: int = 80) -> None:
+    """Press Tab until the focused element is the link to `path` (keyboard only)."""
+    for _ in range(limit):
+        page.keyboard.press("Tab")
+        if frame.evaluate("() => document.activeElement?.getAttribute('href') || ''") == path:
+            return
+    raise AssertionError(f"Tab never reached the link to {path}")
 
 
 def lookup(app: RunningApp, job_id: str, *, patient: str, ehr_name: str) -> str:
@@ -123,8 +132,27 @@ def test_a_reviewer_approved_portrait_is_written_back_from_a_later_launch(
                 expect(grid.get_by_test_id("review-status").nth(number - 1)).to_contain_text(
                     "Waiting for the reviewer"
                 )
-            reviewer_approves(app, sandbox, approved_job)
             first.context.close()
+
+            # The reviewer (Sofia Lopez) approves the first one from her queue, by keyboard only.
+            reviewer = browser.new_context(
+                bypass_csp=True, viewport={"width": 1280, "height": 900}
+            ).new_page()
+            launch(reviewer, sandbox, "James Okafor", "Sofia Lopez")
+            app_frame(reviewer, app.url, "/app").goto(f"{app.url}/reviewer")
+            queue = app_frame(reviewer, app.url, "/reviewer")
+            expect(queue.get_by_test_id("review-queue")).to_contain_text(PATIENT_NAME)
+            queue.locator("body").focus()
+            tab_to_link(reviewer, queue, f"/reviewer/{approved_job}")
+            reviewer.keyboard.press("Enter")
+            decision = app_frame(reviewer, app.url, f"/reviewer/{approved_job}")
+            tab_to(reviewer, decision, "Your note")
+            reviewer.keyboard.type("Lovely.")
+            tab_to(reviewer, decision, "Approve")
+            reviewer.keyboard.press("Enter")
+            expect(decision.get_by_test_id("decided")).to_contain_text("Approved")
+            assert_accessible(decision)
+            reviewer.context.close()
 
             # Launch B: another clinician, another session, a new browser context.
             second = browser.new_context(bypass_csp=True, viewport={"width": 1280, "height": 900}).new_page()
