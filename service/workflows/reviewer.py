@@ -470,6 +470,7 @@ class PatientReview:
 
     item: QueueItem
     send_back_note: str | None  # the reviewer's latest send-back note, while it is sent back
+    written: bool = False  # approved and already saved to the chart
 
 
 async def _patient_rows(ctx: WorkflowContext) -> list[PortraitReview]:
@@ -494,11 +495,14 @@ async def patient_reviews(ctx: WorkflowContext) -> list[PatientReview]:
     shown: list[PatientReview] = []
     for row in await _patient_rows(ctx):
         item = _item(row, keyring)
-        note = None
+        note, written = None, False
         if item.status is ReviewStatus.SENT_BACK:
             notes = await notes_for(ctx.db, keyring=keyring, job_id=row.job_id)
             note = next((n.text for n in reversed(notes) if n.kind is NoteKind.SEND_BACK), None)
-        shown.append(PatientReview(item=item, send_back_note=note))
+        if item.status is ReviewStatus.APPROVED:
+            document = await load_document(ctx.db, keyring=keyring, job_id=row.job_id)
+            written = document is not None and document.status == "written"
+        shown.append(PatientReview(item=item, send_back_note=note, written=written))
     if shown:
         await ctx.audit(
             AuditAction.VIEW, resource="portrait reviews of the patient", detail={"count": len(shown)}

@@ -161,6 +161,7 @@ def test_a_reviewer_approved_portrait_is_written_back_from_a_later_launch(
             portraits = app_frame(second, app.url, "/portraits")
             review = portraits.locator(f'[data-testid="patient-review"][data-job-id="{approved_job}"]')
             expect(review).to_contain_text("Approved by Practitioner/prac-3 (artist)")
+            expect(review.get_by_test_id("review-to-save")).to_be_visible()
             assert_accessible(portraits)
             review.get_by_role("link", name=re.compile("Open portrait")).click()
             draft = app_frame(second, app.url, f"/portraits/drafts/{approved_job}")
@@ -177,6 +178,9 @@ def test_a_reviewer_approved_portrait_is_written_back_from_a_later_launch(
             expect(saved.get_by_test_id("draft-written")).to_contain_text(document_id)
             expect(saved.get_by_test_id("write-back-form")).to_have_count(0)
             assert_accessible(saved)
+            saved.goto(f"{app.url}/portraits")
+            listed = saved.locator(f'[data-testid="patient-review"][data-job-id="{approved_job}"]')
+            expect(listed.get_by_test_id("review-written")).to_be_visible()
 
             # The waiting draft is not offered to launch B.
             saved.goto(f"{app.url}/portraits/drafts/{waiting_job}")
