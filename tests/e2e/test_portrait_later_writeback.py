@@ -6,6 +6,7 @@ with the session that made them, and another patient's or another EHR's launch f
 
 from __future__ import annotations
 
+import html
 import re
 from typing import Any
 
@@ -13,6 +14,7 @@ import httpx
 import pytest
 from harness import RunningApp, csrf_from, launch_session, wait_for_job
 from playwright.sync_api import Frame, Page, expect, sync_playwright
+from test_portal import portal_session
 from test_portrait_browser import AXE, CHROMIUM_ARGS, app_frame, assert_accessible, launch, tab_to
 
 from fhir_adapters import GrantedScopes
@@ -167,6 +169,7 @@ def test_a_reviewer_approved_portrait_is_written_back_from_a_later_launch(
             draft = app_frame(second, app.url, f"/portraits/drafts/{approved_job}")
             expect(draft.get_by_test_id("patient-name")).to_contain_text("Schmidt")
             expect(draft.get_by_test_id("write-back-form")).to_be_visible()
+            reviewed_caption = draft.get_by_test_id("caption").inner_text().strip()
             assert_accessible(draft)
             draft.get_by_role("button", name="Save to the chart").click()
             saved = app_frame(second, app.url, f"/portraits/drafts/{approved_job}/approve")
@@ -200,6 +203,12 @@ def test_a_reviewer_approved_portrait_is_written_back_from_a_later_launch(
     [verifier] = [a for a in provenance["agent"] if a["who"].get("reference") == "Practitioner/prac-3"]
     assert verifier["role"] == [{"text": "portrait reviewer (artist)"}]
     assert documents_for(sandbox, waiting_job) == []
+
+    # Otto reads it in his portal with the caption the reviewer approved.
+    with portal_session(app.url, sandbox, patient=PATIENT) as portal:
+        page = html.unescape(portal.get("/portal").text)
+        assert f"/portal/documents/{document_id}/png" in page
+        assert reviewed_caption in page
 
     # Audited as approved and written by launch B's clinician, once.
     [approval] = [e for e in audit_of(app, AuditAction.APPROVE, approved_job) if e.outcome == "success"]
