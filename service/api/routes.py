@@ -32,10 +32,11 @@ from service.api.schemas import (
     PortraitRequest,
     RegenerateRequest,
     TopicOut,
+    TopicsOut,
     WithdrawOut,
 )
 from service.documents import DocumentView, load_document
-from service.generation.prompts import Depiction
+from service.generation.prompts import Depiction, Topic
 from service.web.choices import (
     checked_depiction,
     checked_illustration_choice,
@@ -55,7 +56,7 @@ from service.workflows.portrait import PortraitChoice, start_portraits_from_stor
 from service.workflows.regenerate import RegenerationChoice, start_regeneration
 from service.workflows.retract import retract_document
 from service.workflows.review import ArtifactKind, read_owned_artifact, review_draft
-from service.workflows.topics import condition_topics
+from service.workflows.topics import condition_topics, topic_titles
 from service.workflows.workspace import load_conditions, load_history
 
 API_BASE = "/api/v1"
@@ -121,10 +122,24 @@ async def conditions(ctx: ApiContext) -> ConditionsOut:
             codes=[CodingOut(system=c.system, code=c.code, display=c.display) for c in item.codes],
             topic=topic.match.topic.id,
             topic_fallback=topic.is_fallback,
-            closest_topics=[TopicOut(id=t.id, title=t.text["en"].title) for t in topic.match.closest],
+            closest_topics=[topic_out(t) for t in topic.match.closest],
         )
 
     return ConditionsOut(conditions=[out(item) for item in found])
+
+
+def topic_out(topic: Topic) -> TopicOut:
+    return TopicOut(id=topic.id, title=topic.text["en"].title, titles=topic_titles(topic))
+
+
+@router.get("/topics", operation_id="list_topics")
+async def topics(ctx: ApiContext) -> TopicsOut:
+    """Every handout topic a condition on the generic fallback may take as `topic_override` (not only its
+    closest ones), by English title; nothing about the patient, so nothing is audited."""
+    library = ctx.services.prompts
+    return TopicsOut(
+        topics=[topic_out(t) for t in sorted(library.topics, key=lambda t: t.text["en"].title.casefold())]
+    )
 
 
 @router.get("/documents", operation_id="list_documents")

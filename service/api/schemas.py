@@ -110,7 +110,13 @@ class CodingOut(Output):
 
 class TopicOut(Output):
     id: str
-    title: str
+    title: str  # English
+    # The title the handout carries in each language its template has one for (English included).
+    titles: dict[str, str] = Field(default_factory=dict)
+
+
+class TopicsOut(Output):
+    topics: list[TopicOut]
 
 
 class ConditionOut(Output):

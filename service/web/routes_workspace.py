@@ -16,7 +16,7 @@ from service.web.context import ClinicianContext
 from service.web.workflow_errors import workflow_errors
 from service.workflows.drafts import pending_drafts
 from service.workflows.illustrate import start_illustration
-from service.workflows.topics import condition_topics
+from service.workflows.topics import condition_topics, topic_label, topic_titles
 from service.workflows.workspace import load_workspace
 
 router = APIRouter()
@@ -35,13 +35,19 @@ def language_note(preference: LanguagePreference | None) -> str | None:
     return f"Language set to the patient's preferred language ({LANGUAGES[preference.language]})."
 
 
-def chosen_topic(topic_choices: list[str], condition_id: str) -> str | None:
+ANOTHER_TOPIC = "*"  # a fallback condition's "Another topic": the page's list of every topic says which
+
+
+def chosen_topic(topic_choices: list[str], condition_id: str, other_topic: str | None = None) -> str | None:
     """The topic picked for the chosen condition. Each fallback condition on the page has its own topic
-    list, whose values are "<condition id>:<topic id>" ("<condition id>:" keeps the general handout); the
-    lists of the conditions not chosen are ignored."""
+    list, whose values are "<condition id>:<topic id>" ("<condition id>:" keeps the general handout,
+    "<condition id>:*" takes the topic picked in the one list of every topic, `other_topic`); the lists of
+    the conditions not chosen are ignored. "*" with no topic picked stays "*": refused as unknown."""
     for value in topic_choices:
         condition, separator, topic = value.partition(":")
         if separator and condition == condition_id:
+            if topic == ANOTHER_TOPIC:
+                return other_topic or ANOTHER_TOPIC
             return topic or None
     return None
 
@@ -83,6 +89,12 @@ async def workspace(request: Request, ctx: ClinicianContext) -> Response:
             "can_update": ctx.allows("DocumentReference", "update"),
             "unspecified_text": UNSPECIFIED_CONDITION,
             "topics": condition_topics(services.prompts, view.conditions, unspecified=UNSPECIFIED_CONDITION),
+            # A fallback condition may take any topic (the clinician may know better than the closest three).
+            "all_topics": sorted(
+                services.prompts.topics, key=lambda topic: topic.text["en"].title.casefold()
+            ),
+            "topic_label": topic_label,
+            "topic_titles": topic_titles,
             "drafts": drafts,
             "default_language": ctx.session.data.preferred_language or "en",
             "language_note": ctx.session.data.language_note,
@@ -100,6 +112,7 @@ async def create_illustration(
     csrf_token: Annotated[str, Form(max_length=100)],
     depiction: Annotated[str, Form(max_length=40)] = "varied",
     topic_choice: Annotated[list[str] | None, Form()] = None,
+    topic_other: Annotated[str | None, Form(max_length=100)] = None,
 ) -> Response:
     choice = checked_illustration_choice(
         ctx.services.prompts,
@@ -107,7 +120,7 @@ async def create_illustration(
         style=style,
         language=language,
         depiction=depiction,
-        topic_override=chosen_topic(topic_choice or [], condition_id),
+        topic_override=chosen_topic(topic_choice or [], condition_id, topic_other),
     )
     ctx.patient_id()
     async with workflow_errors(ctx.db), ctx.fhir() as fhir:

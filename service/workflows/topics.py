@@ -6,7 +6,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from fhir_adapters import ConditionSummary
-from service.generation.prompts import PromptLibrary, TopicMatch
+from service.generation.prompts import PromptLibrary, Topic, TopicMatch
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,19 @@ class ConditionTopic:
     @property
     def closest_titles(self) -> tuple[str, ...]:
         return tuple(topic.text["en"].title for topic in self.match.closest)
+
+
+def topic_titles(topic: Topic) -> dict[str, str]:
+    """The topic's title in each language its template gives one (English always)."""
+    return {language: words.title for language, words in topic.text.items()}
+
+
+def topic_label(topic: Topic, language: str) -> str:
+    """What a topic list on the clinician's (English) page shows: the English title and, for a handout in
+    another language, the title the handout will carry in it (where its template has one)."""
+    english = topic.text["en"].title
+    local = topic.text[language].title if language in topic.text else None
+    return f"{english} — {local}" if local and local != english else english
 
 
 def condition_topics(

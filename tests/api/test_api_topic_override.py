@@ -90,3 +90,32 @@ def test_a_topic_override_for_a_condition_with_its_own_topic_is_422_and_writes_n
     assert_error(refused, 422, "topic_already_matched")
     assert "general handout" in refused.json()["detail"]
     assert counts(carecanvas) == before
+
+
+def test_every_topic_is_listed_with_its_titles_and_any_of_them_may_be_chosen(
+    carecanvas: RunningApp, begay: ApiSession
+) -> None:
+    """Decided: any topic, not only the closest three (the clinician may know better than a name match);
+    GET /topics lists them all, each with the title its handout carries per language."""
+    library = carecanvas.services.prompts
+    listed = begay.get("/topics").json()["topics"]
+    assert {topic["id"] for topic in listed} == {topic.id for topic in library.topics}
+    assert library.fallback.id not in {topic["id"] for topic in listed}
+    diabetes = next(topic for topic in listed if topic["id"] == "type-2-diabetes")
+    assert diabetes["titles"]["zh-Hans"] == library.topic("type-2-diabetes").text["zh-Hans"].title
+    assert set(diabetes["titles"]) == set(library.languages)
+    closest = begay.get("/conditions").json()["conditions"]
+    asthma = next(
+        t for c in closest if c["id"] == "cond-6-no-text" for t in c["closest_topics"] if t["id"] == "asthma"
+    )
+    assert asthma["titles"]["ar"] == library.topic("asthma").text["ar"].title
+
+    # A topic far from the closest three is taken all the same.
+    created = begay.post("/illustrations", json={**FALLBACK, "topic_override": "type-2-diabetes"})
+    assert created.status_code == 201, created.text
+    job_id = created.json()["job_id"]
+    assert wait_final(begay.get, job_id)["status"] == "succeeded"
+    assert (
+        begay.get(f"/jobs/{job_id}/draft").json()["title"]
+        == library.topic("type-2-diabetes").text["en"].title
+    )

@@ -252,7 +252,13 @@ def test_keyboard_only_clinician_picks_a_closest_topic_for_a_condition_without_o
             expect(fallback).to_be_checked()
             choose_with_keyboard(page, workspace, topic, "cond-6-no-text:asthma")
             expect(topic.locator("option:checked")).to_have_text(asthma.text["en"].title)
+            # The closest topics are named in the handout's language too, following the Language list.
+            choose_with_keyboard(page, workspace, workspace.get_by_label("Language"), "es")
+            expect(topic.locator("option:checked")).to_have_text(
+                f"{asthma.text['en'].title} — {asthma.text['es'].title}"
+            )
             choose_with_keyboard(page, workspace, workspace.get_by_label("Language"), "en")
+            expect(topic.locator("option:checked")).to_have_text(asthma.text["en"].title)
             press_tab_until(page, workspace, workspace.get_by_role("button", name="Generate picture"))
             page.keyboard.press("Enter")
 
@@ -261,5 +267,75 @@ def test_keyboard_only_clinician_picks_a_closest_topic_for_a_condition_without_o
             expect(review.get_by_label("Caption (plain language)")).to_have_value(asthma.text["en"].caption)
             expect(review.get_by_test_id("handout-page").first).to_have_js_property("complete", True)
             assert_accessible(review)
+        finally:
+            browser.close()
+
+
+def test_keyboard_only_any_topic_named_in_the_handouts_language_and_the_refusal_pages(
+    sandbox: SandboxEHR, carecanvas: RunningApp
+) -> None:
+    """Layla Haddad (prefers Arabic) has a condition with no code and no text. The topic lists name each
+    topic in English and in the handout's language, following the Language list as it changes; "Another
+    topic" with none picked gets the 400 page, a topic for a coded condition the 422 page, both accessible."""
+    assert AXE.exists(), "axe-core is missing: run scripts/bootstrap"
+    library = carecanvas.services.prompts
+    asthma = library.topic("asthma")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_ARGS
+        )
+        try:
+            context = browser.new_context(viewport={"width": 1280, "height": 800}, bypass_csp=True)
+            page = context.new_page()
+            page.goto(sandbox.ehr_url)
+            page.get_by_label("Layla Haddad").check()
+            page.get_by_label(re.compile("Alice Chen")).check()
+            page.get_by_role("button", name="Launch CareCanvas").click()
+
+            workspace = app_frame(page, carecanvas.url, "/app")
+            expect(workspace.get_by_test_id("patient-name")).to_contain_text("Haddad")
+            language = workspace.get_by_label("Language")
+            expect(language).to_have_value("ar")
+            other = workspace.get_by_label("Another topic, for a condition set to “Another topic”")
+            option = other.locator('option[value="asthma"]')
+            expect(option).to_have_text(f"{asthma.text['en'].title} — {asthma.text['ar'].title}")
+            assert_accessible(workspace)
+            # The names follow the Language list (keyboard only): English alone, then Chinese.
+            choose_with_keyboard(page, workspace, language, "en")
+            expect(option).to_have_text(asthma.text["en"].title)
+            choose_with_keyboard(page, workspace, language, "zh-Hans")
+            expect(option).to_have_text(f"{asthma.text['en'].title} — {asthma.text['zh-Hans'].title}")
+
+            # "Another topic" for the uncoded condition, but nothing picked in the list: the 400 page.
+            fallback = workspace.locator('input[name="condition_id"][value="cond-5-no-code"]')
+            check_radio_with_keyboard(page, workspace, "condition_id", fallback)
+            expect(fallback).to_be_checked()
+            own_list = workspace.get_by_test_id("topic-choice")
+            choose_with_keyboard(page, workspace, own_list, "cond-5-no-code:*")
+            press_tab_until(page, workspace, workspace.get_by_role("button", name="Generate picture"))
+            page.keyboard.press("Enter")
+            refused = app_frame(page, carecanvas.url, "/illustrations")
+            expect(refused.get_by_text("Unknown handout topic").first).to_be_visible()
+            assert_accessible(refused)
+
+            # No topic list for a coded condition on the page; a crafted form posting one gets the 422 page.
+            refused.goto(f"{carecanvas.url}/app")
+            workspace = app_frame(page, carecanvas.url, "/app")
+            coded = workspace.locator('input[name="condition_id"]:not([value="cond-5-no-code"])').first
+            condition_id = coded.get_attribute("value")
+            workspace.evaluate(
+                """id => {
+                    const form = document.querySelector("form.generate-form");
+                    form.querySelector(`input[name="condition_id"][value="${id}"]`).checked = true;
+                    const extra = document.createElement("input");
+                    extra.type = "hidden"; extra.name = "topic_choice"; extra.value = id + ":asthma";
+                    form.appendChild(extra);
+                    form.submit();
+                }""",
+                condition_id,
+            )
+            matched = app_frame(page, carecanvas.url, "/illustrations")
+            expect(matched.get_by_text("This condition has its own topic").first).to_be_visible()
+            assert_accessible(matched)
         finally:
             browser.close()

@@ -52,15 +52,44 @@ def draft_topic(app: RunningApp, job_id: str) -> tuple[str | None, bool]:
     return app.call(load())
 
 
-def post_generate(client: httpx.Client, csrf: str, condition_id: str, *topic_choices: str) -> httpx.Response:
+def post_generate(
+    client: httpx.Client,
+    csrf: str,
+    condition_id: str,
+    *topic_choices: str,
+    other: str | None = None,
+    language: str = "en",
+) -> httpx.Response:
     form: dict[str, Any] = {
         "condition_id": condition_id,
         "style": "flat_vector",
-        "language": "en",
+        "language": language,
         "csrf_token": csrf,
         "topic_choice": list(topic_choices),
     }
+    if other is not None:
+        form["topic_other"] = other
     return client.post("/illustrations", data=form)
+
+
+def topic_options(page: str, condition_id: str) -> list[tuple[str, bool, str]]:
+    """(topic id, selected, label) of a condition's topic list, in order."""
+    titles = r"(?: data-titles='[^']*')?"
+    found = re.findall(
+        rf'<option value="{condition_id}:([a-z0-9*-]*)"( selected)?{titles}>([^<]*)</option>', page
+    )
+    return [(topic, bool(selected), html.unescape(label)) for topic, selected, label in found]
+
+
+def other_topic_options(page: str) -> list[tuple[str, str]]:
+    """(topic id, label) of the one list of every topic ("Another topic")."""
+    listed = page.split('name="topic_other"', 1)[1].split("</select>", 1)[0]
+    return [
+        (topic, html.unescape(label))
+        for topic, label in re.findall(
+            r'<option value="([a-z0-9-]+)" data-titles=\'[^\']*\'>([^<]*)</option>', listed
+        )
+    ]
 
 
 def pdf_text(data: bytes) -> str:
@@ -75,14 +104,14 @@ def test_the_clinician_picks_a_closest_topic_and_it_makes_the_handout(
     with launch_session(carecanvas.url, sandbox, patient="pat-6", encounter="enc-6") as client:
         workspace = client.get("/app")
         csrf = csrf_from(workspace.text)
-        # The fallback condition offers its closest topics, general handout first and selected.
-        choices = re.findall(
-            rf'<option value="{FALLBACK_CONDITION}:([a-z0-9-]*)"( selected)?>([^<]*)</option>', workspace.text
-        )
-        assert (choices[0][0], choices[0][2]) == ("", "General handout")
-        assert choices[0][1] == " selected"
-        assert {topic for topic, _, _ in choices[1:]} == {"asthma", "copd", "heart-failure"}
-        assert html.unescape(dict((t, title) for t, _, title in choices)["asthma"]) == asthma.text["en"].title
+        # The fallback condition offers its closest topics, general handout first and selected, then
+        # "Another topic" (the list of every topic).
+        choices = topic_options(workspace.text, FALLBACK_CONDITION)
+        assert choices[0] == ("", True, "General handout")
+        assert {topic for topic, _, _ in choices[1:-1]} == {"asthma", "copd", "heart-failure"}
+        assert choices[-1][0] == "*"
+        assert dict((t, label) for t, _, label in choices)["asthma"] == asthma.text["en"].title
+        assert {topic for topic, _ in other_topic_options(workspace.text)} == {t.id for t in library.topics}
 
         # Another condition's list on the page is ignored; the chosen condition's value counts.
         created = post_generate(
@@ -159,4 +188,40 @@ def test_a_topic_for_a_condition_with_its_own_topic_is_refused_and_nothing_is_qu
         refused = post_generate(client, csrf, MATCHED_CONDITION, f"{MATCHED_CONDITION}:asthma")
         assert refused.status_code == 422, refused.text
         assert "This condition has its own topic" in refused.text
+        assert (jobs(carecanvas), len(generate_records(carecanvas))) == before
+
+
+def test_another_topic_from_the_list_of_every_topic_named_in_the_handouts_language(
+    sandbox: SandboxEHR, carecanvas: RunningApp
+) -> None:
+    """Layla Haddad (prefers Arabic) has a condition with no code and no text: no closest topic, but the
+    clinician may pick any topic; each topic is named in English and as her Arabic handout will name it."""
+    library = carecanvas.services.prompts
+    asthma = library.topic("asthma")
+    with launch_session(carecanvas.url, sandbox, patient="pat-5", encounter="enc-5") as client:
+        workspace = client.get("/app")
+        csrf = csrf_from(workspace.text)
+        assert [(t, label) for t, _, label in topic_options(workspace.text, "cond-5-no-code")] == [
+            ("", "General handout"),
+            ("*", "Another topic (choose it in “Another topic” below)"),
+        ]
+        every = dict(other_topic_options(workspace.text))
+        assert every["asthma"] == f"{asthma.text['en'].title} — {asthma.text['ar'].title}"
+        assert len(every) == len(library.topics)
+        assert list(every.values()) == sorted(every.values(), key=str.casefold)  # by English title
+
+        created = post_generate(
+            client, csrf, "cond-5-no-code", "cond-5-no-code:*", other="asthma", language="ar"
+        )
+        assert created.status_code == 303, created.text
+        job_id = created.headers["location"].rsplit("/", 1)[1]
+        assert draft_topic(carecanvas, job_id) == ("asthma", True)
+        assert wait_for_job(client, job_id)["status"] == "succeeded"
+        assert html.escape(asthma.text["ar"].title, quote=False) in client.get(f"/review/{job_id}").text
+
+        # "Another topic" with no topic picked in the list is refused, nothing queued.
+        before = (jobs(carecanvas), len(generate_records(carecanvas)))
+        refused = post_generate(client, csrf, "cond-5-no-code", "cond-5-no-code:*", other="")
+        assert refused.status_code == 400, refused.text
+        assert "Unknown handout topic" in refused.text
         assert (jobs(carecanvas), len(generate_records(carecanvas))) == before

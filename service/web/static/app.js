@@ -39,3 +39,29 @@
   };
   source.onerror = function () { statusText.textContent = "Lost contact with the server; reload the page to continue."; source.close(); };
 })();
+
+// The workspace's handout-topic lists name each topic in English and in the handout's language: when the
+// Language list changes, the names follow. The list of every topic carries each one's titles per language
+// (data-titles); a condition's own list ("<condition id>:<topic id>") is named from it.
+(function () {
+  "use strict";
+  var language = document.getElementById("language");
+  var every = document.querySelectorAll("#topic-other option[data-titles]");
+  if (!language || !every.length) { return; }
+  var titles = {};
+  Array.prototype.forEach.call(every, function (option) {
+    titles[option.value] = JSON.parse(option.getAttribute("data-titles"));
+  });
+  function label(topic) {
+    var local = topic[language.value];
+    return topic.en + (local && local !== topic.en ? " — " + local : "");
+  }
+  function relabel() {
+    Array.prototype.forEach.call(document.querySelectorAll("select[name=topic_choice] option, #topic-other option"), function (option) {
+      var value = option.value;
+      var topic = titles[value.slice(value.indexOf(":") + 1)];
+      if (topic) { option.textContent = label(topic); }
+    });
+  }
+  language.addEventListener("change", relabel);
+})();
