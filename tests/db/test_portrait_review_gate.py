@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.crypto import Keyring, LocalKeyFileProvider, aad_for
 from service.db.models import Job, PortraitReview
+from service.jobs import JobKind
 from service.settings import Settings, StaffOidcSettings
 from service.workflows.errors import PortraitNotReviewedError, Reason
 from service.workflows.reviewer import (
@@ -20,6 +21,7 @@ from service.workflows.reviewer import (
     provenance_agent,
     require_review,
     reviewers_configured,
+    words_locked,
 )
 
 STAFF_ROSA = "urn:carecanvas:staff:staff-rosa"
@@ -132,3 +134,18 @@ async def test_a_staff_reviewer_is_named_in_the_provenance_by_identifier_and_nam
         "name": [{"text": "Rosa Alvarez-Test"}],
     }
     assert agent["role"] == [{"text": "portrait reviewer (artist)"}]
+
+
+async def test_only_a_portrait_a_reviewer_approved_keeps_its_words(
+    sessionmaker: async_sessionmaker[AsyncSession], keyring: Keyring
+) -> None:
+    async with sessionmaker() as db:
+        never_sent, waiting, sent_back, approved = [await _job(db) for _ in range(4)]
+        await db.commit()
+        await _review(db, keyring, waiting, ReviewStatus.WAITING)
+        await _review(db, keyring, sent_back, ReviewStatus.SENT_BACK, decided_by="Practitioner/prac-3")
+        await _review(db, keyring, approved, ReviewStatus.APPROVED, decided_by="Practitioner/prac-3")
+        assert await words_locked(db, approved, JobKind.PORTRAIT)
+        for job_id in (never_sent, waiting, sent_back):
+            assert not await words_locked(db, job_id, JobKind.PORTRAIT)
+        assert not await words_locked(db, approved, JobKind.ILLUSTRATION)  # education pictures: never
