@@ -6,7 +6,8 @@ import difflib
 import functools
 import re
 import unicodedata
-from collections.abc import Iterable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
@@ -700,6 +701,9 @@ _NOT_THE_PATIENTS = re.compile(
 _ARABIC_FOLDS = str.maketrans({"أ": "ا", "إ": "ا", "آ": "ا", "ٱ": "ا", "ى": "ي", "ـ": None})
 _CLOSEST_MIN_SCORE = 0.5
 _CLOSEST_COUNT = 3
+# Topic matches kept per library (distinct codes and text); texts longer than a condition's name are not.
+MATCH_CACHE_SIZE = 4096
+MATCH_CACHE_MAX_TEXT = 300
 # Words that say nothing about which condition it is.
 _GENERIC_WORDS = frozenset(
     {
@@ -736,9 +740,19 @@ class _Synonym:
     form: str
     topic: Topic
     unspaced: bool
+    # How often each character occurs in the form: bounds how alike a text can be (see _ratio_bound).
+    characters: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
 
     def found_in(self, padded_text: str) -> bool:
         return self.form in padded_text if self.unspaced else f" {self.form} " in padded_text
+
+
+def _ratio_bound(text: str, counts: Mapping[str, int], synonym: _Synonym) -> float:
+    """An upper bound of ``difflib.SequenceMatcher(None, text, synonym.form).ratio()`` (its
+    ``quick_ratio``: the characters the two have in common, counted with repeats), without building the
+    matcher. The same formula as ``ratio()`` over at least as many matches, so never below it."""
+    matches = sum(min(count, counts.get(character, 0)) for character, count in synonym.characters.items())
+    return 2.0 * matches / (len(text) + len(synonym.form)) if text or synonym.form else 1.0
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -767,6 +781,17 @@ class PromptLibrary:
     _by_descendant: Mapping[str, Topic] = field(repr=False, default_factory=dict)
     # Longest first, so "type 2 diabetes" wins over a shorter synonym found in the same text.
     _synonyms: tuple[_Synonym, ...] = field(repr=False, default=())
+    _cached_match: Callable[[tuple[tuple[str, str], ...], str, bool], TopicMatch] = field(
+        init=False, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        # A page lists every active condition, and the same conditions come back on every load (and
+        # across patients): each distinct (codes, text) is matched once per process, at most
+        # MATCH_CACHE_SIZE kept (least recently used dropped). Keys hold codes and condition text only,
+        # never who the patient is; memory only. The library is immutable, so a kept match stays right.
+        cached = functools.lru_cache(maxsize=MATCH_CACHE_SIZE)(self._match_topic)
+        object.__setattr__(self, "_cached_match", cached)
 
     @property
     def style_names(self) -> tuple[str, ...]:
@@ -805,7 +830,15 @@ class PromptLibrary:
         exact, else the most specific ICD-10 prefix or range, else the longest topic synonym (any language)
         found in the condition's text, else the fallback topic with the closest topics. Codes come first:
         they are what the EHR coded. Text that says the condition is not the patient's own ("family
-        history of …", "ruled out") is never matched by name. ``codes`` are (system, code) pairs."""
+        history of …", "ruled out") is never matched by name. ``codes`` are (system, code) pairs.
+        Matches are kept per process (see __post_init__); a text too long to be a condition's name is
+        matched every time rather than kept."""
+        key = tuple((system, code) for system, code in codes)
+        if len(text) > MATCH_CACHE_MAX_TEXT:
+            return self._match_topic(key, text, with_closest)
+        return self._cached_match(key, text, with_closest)
+
+    def _match_topic(self, codes: tuple[tuple[str, str], ...], text: str, with_closest: bool) -> TopicMatch:
         snomed = [code.strip() for system, code in codes if system in SNOMED_SYSTEMS]
         icd10 = [_icd_key(code) for system, code in codes if system in ICD10_SYSTEMS]
         for code in snomed:
@@ -830,10 +863,9 @@ class PromptLibrary:
             return TopicMatch(best[0].topic, MatchKind.ICD10, best[1])
         form = match_form(text)
         if form and not _NOT_THE_PATIENTS.search(form):
-            padded = f" {form} "
-            for synonym in self._synonyms:
-                if synonym.found_in(padded):
-                    return TopicMatch(synonym.topic, MatchKind.SYNONYM, synonym.form)
+            named = self._named_in(form)
+            if named is not None:
+                return TopicMatch(named.topic, MatchKind.SYNONYM, named.form)
         closest = self._closest(form, icd10, snomed) if with_closest else ()
         return TopicMatch(self.fallback, MatchKind.FALLBACK, None, closest)
 
@@ -845,11 +877,20 @@ class PromptLibrary:
         scores: dict[str, float] = {
             topic.id: 1.0 for topic in self.topics if set(topic.snomed_related) & set(snomed)
         }
-        characters = set(form)
-        for synonym in self._candidates(words) if form else ():
+        block_rules = [rule for rule in self._icd_rules if any(code[:2] == rule.start[:2] for code in icd10)]
+        in_block = {rule.topic.id for rule in block_rules}
+        counts = Counter(form)
+
+        def can_change(topic_id: str, bound: float) -> bool:
+            # Whether a score of at most ``bound`` can change the outcome: it must beat the topic's score
+            # so far, and reach the list's minimum unless the topic's ICD-10 block adds to it below. The
+            # exact (costly) ratio is worked out only then; the list is the same as scoring every one.
+            return bound > scores.get(topic_id, 0.0) and (bound >= _CLOSEST_MIN_SCORE or topic_id in in_block)
+
+        for synonym in self._candidates(form, words) if form else ():
             if synonym.unspaced:
-                # Chinese and Korean: a character in common first (cheap), then how alike they are.
-                if characters.isdisjoint(synonym.form):
+                # Chinese and Korean: how alike they are, once the characters in common allow it.
+                if not can_change(synonym.topic.id, _ratio_bound(form, counts, synonym)):
                     continue
                 score = difflib.SequenceMatcher(None, form, synonym.form).ratio()
             else:
@@ -857,13 +898,14 @@ class PromptLibrary:
                     continue
                 names = synonym.form.split()
                 shared = sum(any(_same_stem(word, name) for name in names) for word in words) / len(words)
-                if not shared:
+                if not shared or not can_change(
+                    synonym.topic.id, shared + 0.2 * _ratio_bound(form, counts, synonym)
+                ):
                     continue
                 score = shared + 0.2 * difflib.SequenceMatcher(None, form, synonym.form).ratio()
             scores[synonym.topic.id] = max(scores.get(synonym.topic.id, 0.0), score)
-        for rule in self._icd_rules:
-            if any(code[:2] == rule.start[:2] for code in icd10):
-                scores[rule.topic.id] = scores.get(rule.topic.id, 0.0) + 0.5
+        for rule in block_rules:
+            scores[rule.topic.id] = scores.get(rule.topic.id, 0.0) + 0.5
         ranked = sorted(
             (topic for topic in self.topics if scores.get(topic.id, 0.0) >= _CLOSEST_MIN_SCORE),
             key=lambda topic: -scores[topic.id],
@@ -881,12 +923,60 @@ class PromptLibrary:
                     index.setdefault(name[:4], []).append(synonym)
         return {key: tuple(value) for key, value in index.items()}
 
-    def _candidates(self, words: Sequence[str]) -> list[_Synonym]:
-        """The synonyms that can score for these words: every unspaced one (scored by characters) and the
-        spaced ones sharing a four-letter stem start: the others would score 0 (about 15 ms a condition
-        when all ~2,000 synonyms were compared word by word)."""
+    @functools.cached_property
+    def _positions(self) -> Mapping[int, int]:
+        """Each synonym's place in the longest-first order (by id: synonyms are compared by identity)."""
+        return {id(synonym): position for position, synonym in enumerate(self._synonyms)}
+
+    @functools.cached_property
+    def _spaced_by_first_word(self) -> Mapping[str, tuple[tuple[str, ...], ...]]:
+        """The words of each spaced synonym, by its first word."""
+        index: dict[str, list[tuple[str, ...]]] = {}
+        for synonym in self._synonyms:
+            if not synonym.unspaced:
+                words = tuple(synonym.form.split())
+                index.setdefault(words[0], []).append(words)
+        return {key: tuple(value) for key, value in index.items()}
+
+    @functools.cached_property
+    def _spaced_by_words(self) -> Mapping[tuple[str, ...], _Synonym]:
+        return {tuple(synonym.form.split()): synonym for synonym in self._synonyms if not synonym.unspaced}
+
+    @functools.cached_property
+    def _unspaced_by_character(self) -> Mapping[str, tuple[_Synonym, ...]]:
+        """Unspaced (Chinese, Korean) synonyms by each character they contain."""
+        index: dict[str, list[_Synonym]] = {}
+        for synonym in self._synonyms:
+            if synonym.unspaced:
+                for character in set(synonym.form):
+                    index.setdefault(character, []).append(synonym)
+        return {key: tuple(value) for key, value in index.items()}
+
+    def _unspaced_sharing(self, form: str) -> list[_Synonym]:
+        """The unspaced synonyms with a character in common with the text, in the longest-first order."""
+        found = {id(s): s for c in set(form) for s in self._unspaced_by_character.get(c, ())}
+        return sorted(found.values(), key=lambda synonym: self._positions[id(synonym)])
+
+    def _named_in(self, form: str) -> _Synonym | None:
+        """The first synonym (longest first) found in the text: a spaced one as whole words, an unspaced
+        one anywhere. The same as trying every synonym in turn, with only those that can be found tried:
+        spaced ones starting with one of the text's words, unspaced ones sharing a character."""
+        words = form.split()
+        found: list[_Synonym] = []
+        for start, word in enumerate(words):
+            for names in self._spaced_by_first_word.get(word, ()):
+                if tuple(words[start : start + len(names)]) == names:
+                    found.append(self._spaced_by_words[names])
+        found.extend(synonym for synonym in self._unspaced_sharing(form) if synonym.form in form)
+        return min(found, key=lambda synonym: self._positions[id(synonym)], default=None)
+
+    def _candidates(self, form: str, words: Sequence[str]) -> list[_Synonym]:
+        """The synonyms that can score for these words: the unspaced ones with a character in common
+        (scored by characters; the others score 0) and the spaced ones sharing a four-letter stem start:
+        the others would score 0 (about 15 ms a condition when all ~2,000 synonyms were compared word by
+        word)."""
         seen: set[int] = set()
-        found = [synonym for synonym in self._synonyms if synonym.unspaced]
+        found = self._unspaced_sharing(form)
         for word in words:
             for synonym in self._stem_index.get(word[:4], ()) if len(word) >= 4 else ():
                 if id(synonym) not in seen:
@@ -1010,7 +1100,7 @@ def _synonym_index(topics: Sequence[Topic]) -> tuple[_Synonym, ...]:
     for topic in topics:
         owner.setdefault(match_form(topic.text["en"].title.split(":")[0]), topic)
     ordered = sorted(owner.items(), key=lambda item: (-len(item[0]), item[0]))
-    return tuple(_Synonym(form, topic, _is_unspaced(form)) for form, topic in ordered)
+    return tuple(_Synonym(form, topic, _is_unspaced(form), Counter(form)) for form, topic in ordered)
 
 
 # ---------------------------------------------------------------------------------------------------------
