@@ -208,6 +208,11 @@ def test_a_patient_reads_the_portal_on_a_phone_and_a_desktop(
             assert page.evaluate(
                 "document.documentElement.scrollWidth <= window.innerWidth"
             )  # no sideways scroll
+            # No stray bullet and no list indent: the card starts where its list does.
+            assert card.evaluate("e => getComputedStyle(e).listStyleType") == "none"
+            list_box = page.locator("ul.portal-documents").bounding_box()
+            assert list_box is not None
+            assert abs(card_box["x"] - list_box["x"]) <= 0.5
             for target in (card.get_by_test_id("portal-handout"), page.get_by_test_id("portal-sign-out")):
                 box = target.bounding_box()
                 assert box is not None
