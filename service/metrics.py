@@ -22,6 +22,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.db.models import AuditRecord, Job
+from service.http_gate import GatedTransport
 
 _LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _GENERATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -123,13 +124,16 @@ class MeteredTransport(httpx.AsyncBaseTransport):
 def metered_fhir_transport(
     ehr: str, *, max_connections: int, verify: bool = True
 ) -> httpx.AsyncBaseTransport:
-    """The pool's own transport (limits and TLS verification live there once a transport is given)."""
+    """The pool's own transport (limits and TLS verification live there once a transport is given).
+
+    Requests beyond the pool's size wait at the gate (service.http_gate), not in httpcore's pool.
+    """
     inner = httpx.AsyncHTTPTransport(
         verify=verify,
         limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
         trust_env=False,
     )
-    return MeteredTransport(inner, ehr=ehr)
+    return MeteredTransport(GatedTransport(inner, max_in_flight=max_connections), ehr=ehr)
 
 
 @dataclass(frozen=True)

@@ -167,6 +167,7 @@ class JobQueue:
         session_id_hash: str | None,
         job_id: str | None = None,
         priority: int = JobPriority.INTERACTIVE,
+        owner_key: str | None = None,
     ) -> str:
         """Add a queued job in the caller's transaction (so the caller audits in the same transaction)."""
         if not kind or not bucket:
@@ -188,6 +189,7 @@ class JobQueue:
                 cancel_requested=False,
                 spec=self._keyring.encrypt(spec_bytes, aad=_spec_aad(job_id)),
                 session_id_hash=session_id_hash,
+                owner_key=owner_key,
                 created_at=now,
                 updated_at=now,
             )

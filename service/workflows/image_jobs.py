@@ -8,7 +8,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.generation.models import ModelSpec
 from service.jobs import ImageJobSpec, JobKind, JobPriority, JobQueue
-from service.workflows.job_caps import JobOwner, check_room, tag_owner
+from service.workflows.job_caps import JobOwner, check_room
 
 
 async def enqueue_image_job(
@@ -51,6 +51,6 @@ async def enqueue_image_job(
         session_id_hash=owner.session_id_hash,
         job_id=job_id,
         priority=priority,
+        owner_key=owner.owner_key,
     )
-    await tag_owner(db, job_id, owner)
     return job_id

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import func, select, update
+from sqlalchemy import false, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.db.models import Job
@@ -53,17 +53,20 @@ async def unfinished_jobs(
 
 
 async def check_room(db: AsyncSession, owner: JobOwner) -> None:
-    """Raise TooManyJobsError unless one more job fits under both caps (jobs flushed so far count)."""
-    if await unfinished_jobs(db, session_id_hash=owner.session_id_hash) >= owner.per_session:
+    """Raise TooManyJobsError unless one more job fits under both caps (jobs flushed so far count).
+
+    One statement for both counts: it is the queuing transaction's first, holding SQLite's writer lock.
+    """
+    mine = Job.session_id_hash == owner.session_id_hash
+    users = Job.owner_key == owner.owner_key if owner.owner_key is not None else false()
+    query = select(func.count().filter(mine), func.count().filter(users)).where(
+        Job.status.in_(UNFINISHED), or_(mine, users)
+    )
+    in_session, for_user = (await db.execute(query)).one()
+    if in_session >= owner.per_session:
         raise TooManyJobsError(_message(owner.per_session, everywhere=False))
-    if owner.owner_key is not None and await unfinished_jobs(db, owner_key=owner.owner_key) >= owner.per_user:
+    if owner.owner_key is not None and for_user >= owner.per_user:
         raise TooManyJobsError(_message(owner.per_user, everywhere=True))
-
-
-async def tag_owner(db: AsyncSession, job_id: str, owner: JobOwner) -> None:
-    """Record whose job it is, so the per-user cap can count it."""
-    if owner.owner_key is not None:
-        await db.execute(update(Job).where(Job.id == job_id).values(owner_key=owner.owner_key))
 
 
 def _message(cap: int, *, everywhere: bool) -> str:
