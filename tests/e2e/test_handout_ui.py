@@ -339,3 +339,101 @@ def test_keyboard_only_any_topic_named_in_the_handouts_language_and_the_refusal_
             assert_accessible(matched)
         finally:
             browser.close()
+
+
+def test_keyboard_only_new_version_drafts_and_withdraw_with_restore_pass_axe(
+    sandbox: SandboxEHR, carecanvas: RunningApp
+) -> None:
+    """The issue-12 pages the first journey does not reach, keyboard only inside the EHR's frame, axe-core on
+    each: the warning for a language CareCanvas lacks (Otto Schmidt prefers German), the job page, the
+    workspace listing a pending draft next to the history, a new version continued from the drafts list,
+    and withdrawing the newest version with the earlier one made current again."""
+    assert AXE.exists(), "axe-core is missing: run scripts/bootstrap"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_ARGS
+        )
+        try:
+            context = browser.new_context(viewport={"width": 1280, "height": 800}, bypass_csp=True)
+            page = context.new_page()
+            page.goto(sandbox.ehr_url)
+            page.get_by_label("Otto Schmidt").check()
+            page.get_by_label(re.compile("Alice Chen")).check()
+            page.get_by_role("button", name="Launch CareCanvas").click()
+
+            workspace = app_frame(page, carecanvas.url, "/app")
+            expect(workspace.get_by_test_id("patient-name")).to_contain_text("Schmidt")
+            expect(workspace.get_by_test_id("language-note")).to_contain_text("no handouts in that language")
+            assert_accessible(workspace)
+            choose_with_keyboard(page, workspace, workspace.get_by_label("Language"), "en")
+            press_tab_until(page, workspace, workspace.get_by_role("button", name="Generate picture"))
+            page.keyboard.press("Enter")
+            review = app_frame(page, carecanvas.url, "/review/")
+            expect(review.get_by_test_id("handout-page").first).to_have_js_property("complete", True)
+            first_job = review.url.rsplit("/", 1)[1]
+            # The job page (here finished: the live one redirects as soon as the picture is done).
+            review.goto(f"{carecanvas.url}/jobs/{first_job}")
+            job = app_frame(page, carecanvas.url, "/jobs/")
+            expect(job.get_by_role("link", name="Review the picture")).to_be_visible()
+            assert_accessible(job)
+            press_tab_until(page, job, job.get_by_role("link", name="Review the picture"))
+            page.keyboard.press("Enter")
+            review = app_frame(page, carecanvas.url, "/review/")
+            approve = review.get_by_role("button", name="Approve and save to chart")
+            press_tab_until(page, review, approve)
+            page.keyboard.press("Enter")
+            saved = app_frame(page, carecanvas.url, "/review/")
+            expect(saved.get_by_test_id("written")).to_be_visible()
+            press_tab_until(page, saved, saved.get_by_role("link", name="Back to the workspace"), limit=60)
+            page.keyboard.press("Enter")
+
+            # A new version from the history: its draft is listed (Continue, Discard) beside the history.
+            history = app_frame(page, carecanvas.url, "/app")
+            new_version = history.get_by_role(
+                "button", name=re.compile("Make a new version of document")
+            ).first
+            press_tab_until(page, history, new_version, limit=120)
+            page.keyboard.press("Enter")
+            draft_review = app_frame(page, carecanvas.url, "/review/")
+            expect(draft_review.get_by_test_id("handout-page").first).to_have_js_property("complete", True)
+            draft_review.goto(f"{carecanvas.url}/app")
+            listed = app_frame(page, carecanvas.url, "/app")
+            draft = listed.get_by_test_id("draft").first
+            expect(draft.get_by_role("button", name=re.compile("Discard the draft"))).to_be_visible()
+            assert_accessible(listed)
+            press_tab_until(
+                page, listed, draft.get_by_role("link", name=re.compile("Continue the draft")), limit=120
+            )
+            page.keyboard.press("Enter")
+            continued = app_frame(page, carecanvas.url, "/review/")
+            approve = continued.get_by_role("button", name="Approve and save to chart")
+            press_tab_until(page, continued, approve)
+            page.keyboard.press("Enter")
+            replaced = app_frame(page, carecanvas.url, "/review/")
+            expect(replaced.get_by_test_id("replaces")).to_be_visible()
+            assert_accessible(replaced)
+            press_tab_until(
+                page, replaced, replaced.get_by_role("link", name="Back to the workspace"), limit=60
+            )
+            page.keyboard.press("Enter")
+
+            # Withdrawing the newest version offers to make the earlier one current again (checked).
+            history = app_frame(page, carecanvas.url, "/app")
+            newest = history.get_by_test_id("history").locator('tbody tr[data-status="current"]').first
+            withdraw = newest.get_by_role("link", name=re.compile("Withdraw document"))
+            press_tab_until(page, history, withdraw, limit=120)
+            page.keyboard.press("Enter")
+            confirm = app_frame(page, carecanvas.url, "/documents/")
+            restore = confirm.get_by_label(re.compile("Make the earlier version"))
+            expect(restore).to_be_checked()
+            assert_accessible(confirm)
+            check_radio_with_keyboard(
+                page, confirm, "reason", confirm.get_by_label("About the wrong condition")
+            )
+            press_tab_until(page, confirm, confirm.get_by_test_id("confirm-withdraw"))
+            page.keyboard.press("Enter")
+            done = app_frame(page, carecanvas.url, "/documents/")
+            expect(done.get_by_test_id("restored")).to_contain_text("current again")
+            assert_accessible(done)
+        finally:
+            browser.close()
