@@ -12,21 +12,28 @@ the same per-row work that is not the chain's (digests, AES-GCM of the sealed pa
 rounds of 20 after a warm-up, so drift in machine load hits both alike.
 
 Verify: a chain of ``--verify-records`` records (built in bulk from the same hashing and encryption code and
-checked by the verify itself), then ``verify_chain`` (service.audit.verify) against the reference walk it
-replaced (SQLAlchemy rows in batches of 500, ``hashed_fields`` + ``record_hash`` per record), alternating,
-three runs each; the median of each is reported.
+checked by the verify itself), then, alternating, three runs each (the median of each is reported):
+``verify_chain`` as shipped (service.audit.verify: seq ranges, a worker process per CPU the machine leaves
+idle); the same with ``MAX_WORKERS = 1`` (one process); the same with a worker per further CPU however busy
+the machine is; the walk as shipped before (bench/audit_verify_before.py: keyset batches, one process); and
+the reference walk (SQLAlchemy rows in batches of 500, ``hashed_fields`` + ``record_hash`` per record). The
+load average is printed before and after, and the CPU time this process and its workers spent per record
+(not the database server's).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
+import resource
 import secrets
 import statistics
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -34,10 +41,12 @@ from pathlib import Path
 from sqlalchemy import insert, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from bench import audit_verify_before as verify_before
 from service.audit import AuditLog
+from service.audit import verify as verify_module
 from service.audit.chain import GENESIS_HASH, hashed_fields, record_hash
 from service.audit.log import resource_type_of
-from service.audit.verify import verify_chain
+from service.audit.verify import VerifyResult, verify_chain
 from service.crypto import Keyring
 from service.crypto.envelope import aad_for
 from service.crypto.keyring import new_key_material
@@ -65,7 +74,14 @@ class Result:
     plain_ms: float
     verify_records: int
     verify_rate: float  # records/s, median of three
+    one_process_rate: float  # the same walk with MAX_WORKERS = 1
+    workers_rate: float  # the same walk with a worker per further CPU, however busy the machine is
+    before_rate: float  # the walk as shipped before (bench/audit_verify_before.py)
     reference_rate: float
+
+
+def _load() -> str:
+    return " ".join(f"{value:.2f}" for value in os.getloadavg())
 
 
 def record_fields(n: int) -> dict[str, str | None]:
@@ -207,24 +223,113 @@ async def reference_verify(session: AsyncSession) -> int:
             expected += 1
 
 
-async def measure_verify(engine: AsyncEngine, records: int) -> tuple[float, float]:
-    reader = make_read_sessionmaker(engine)
-    fast: list[float] = []
-    reference: list[float] = []
-    for _ in range(3):
-        async with reader() as session:
-            began = time.perf_counter()
-            result = await verify_chain(session, [], None)
-            fast.append(records / (time.perf_counter() - began))
+async def _one_process(session: AsyncSession) -> VerifyResult:
+    with _workers(1):
+        return await verify_chain(session, [], None)
+
+
+@contextlib.contextmanager
+def _workers(count: int) -> Iterator[None]:
+    saved = verify_module.MAX_WORKERS
+    verify_module.MAX_WORKERS = count
+    try:
+        yield
+    finally:
+        verify_module.MAX_WORKERS = saved
+
+
+@contextlib.contextmanager
+def _forced_workers() -> Iterator[None]:
+    """One worker per further CPU, however busy the machine is."""
+    saved = verify_module._idle_cpus
+    verify_module._idle_cpus = lambda: verify_module._cpu_count() - 1
+    try:
+        yield
+    finally:
+        verify_module._idle_cpus = saved
+
+
+async def measure_verify(engine: AsyncEngine, records: int) -> dict[str, float]:
+    """Records/s (median of three, interleaved) of each verify walk over the same ``records`` records."""
+
+    async def shipped(session: AsyncSession) -> int:
+        result = await verify_chain(session, [], None)
         if not (result.ok and result.count == records):
             raise AssertionError(f"verify: {result}")
-        async with reader() as session:
-            began = time.perf_counter()
-            count = await reference_verify(session)
-            reference.append(records / (time.perf_counter() - began))
-        if count != records:
-            raise AssertionError(f"reference verify counted {count}")
-    return statistics.median(fast), statistics.median(reference)
+        return result.count
+
+    async def one_process(session: AsyncSession) -> int:
+        result = await _one_process(session)
+        if not (result.ok and result.count == records):
+            raise AssertionError(f"verify (one process): {result}")
+        return result.count
+
+    async def workers(session: AsyncSession) -> int:
+        with _forced_workers():
+            result = await verify_chain(session, [], None)
+        if not (result.ok and result.count == records):
+            raise AssertionError(f"verify (workers): {result}")
+        return result.count
+
+    async def before(session: AsyncSession) -> int:
+        walk = await verify_before.walk_chain(session, set())
+        if walk.first_bad_seq is not None:
+            raise AssertionError(f"verify (before): {walk.reason}")
+        return walk.count
+
+    walks: dict[str, Callable[[AsyncSession], Awaitable[int]]] = {
+        "verify": shipped,
+        "one process": one_process,
+        "workers": workers,
+        "before": before,
+        "reference": reference_verify,
+    }
+    reader = make_read_sessionmaker(engine)
+    rates: dict[str, list[float]] = {name: [] for name in walks}
+    cpu: dict[str, list[float]] = {name: [] for name in walks}  # µs of this process + its children per record
+    server: dict[str, list[float]] = {name: [] for name in walks}  # µs of this session's server process
+    for _ in range(3):
+        for name, walk in walks.items():
+            async with reader() as session:
+                backend = await _backend_pid(session)
+                server_began = _process_cpu_seconds(backend)
+                began, cpu_began = time.perf_counter(), _cpu_seconds()
+                count = await walk(session)
+                rates[name].append(records / (time.perf_counter() - began))
+                cpu[name].append((_cpu_seconds() - cpu_began) / records * 1e6)
+                server[name].append((_process_cpu_seconds(backend) - server_began) / records * 1e6)
+            if count != records:
+                raise AssertionError(f"{name} counted {count}")
+    for name, values in rates.items():
+        line = f"  {name}: {_join(values, ',.0f')} records/s; CPU here {_join(cpu[name], '.1f')} µs/record"
+        if any(server[name]):
+            line += f"; this session's server process {_join(server[name], '.1f')} µs/record"
+        print(line, flush=True)
+    return {name: statistics.median(values) for name, values in rates.items()}
+
+
+def _join(values: list[float], spec: str) -> str:
+    return ", ".join(format(value, spec) for value in values)
+
+
+async def _backend_pid(session: AsyncSession) -> int | None:
+    """The PostgreSQL server process of this session (on this machine), None on SQLite."""
+    if session.get_bind().dialect.name != "postgresql":
+        return None
+    return int((await session.execute(text("SELECT pg_backend_pid()"))).scalar_one())
+
+
+def _process_cpu_seconds(pid: int | None) -> float:
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process (all threads) and of its children that ended (verify workers)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
 
 
 async def measure(backend: str, url: str, *, appends: int, verify_records: int) -> Result:
@@ -245,8 +350,21 @@ async def measure(backend: str, url: str, *, appends: int, verify_records: int) 
         async with sessionmaker() as session:
             already = (await audit.head(session))[0]
         await fill_chain(sessionmaker, audit, keyring, verify_records - already)
-        verify_rate, reference_rate = await measure_verify(engine, verify_records)
-        return Result(backend, appends, chained_ms, plain_ms, verify_records, verify_rate, reference_rate)
+        print(f"{backend}: verify, load average {_load()} before", flush=True)
+        rates = await measure_verify(engine, verify_records)
+        print(f"{backend}: load average {_load()} after", flush=True)
+        return Result(
+            backend,
+            appends,
+            chained_ms,
+            plain_ms,
+            verify_records,
+            rates["verify"],
+            rates["one process"],
+            rates["workers"],
+            rates["before"],
+            rates["reference"],
+        )
     finally:
         await engine.dispose()
 
@@ -279,16 +397,21 @@ async def main() -> None:
                 await connection.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
             await admin.dispose()
     print(
-        "| backend | appends | chained append ms (p50) | plain INSERT ms (p50) | ratio | "
-        "verify records | verify/s | reference walk/s | speed-up |"
+        "| backend | appends | chained append ms (p50) | plain INSERT ms (p50) | ratio | verify records | "
+        "verify/s | one process/s | workers/s | before/s | verify ÷ before | reference walk/s |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         print(
             f"| {r.backend} | {r.appends} | {r.chained_ms:.2f} | {r.plain_ms:.2f} | "
             f"{r.chained_ms / r.plain_ms:.2f}× | {r.verify_records:,} | {r.verify_rate:,.0f} | "
-            f"{r.reference_rate:,.0f} | {r.verify_rate / r.reference_rate:.1f}× |"
+            f"{r.one_process_rate:,.0f} | {r.workers_rate:,.0f} | {r.before_rate:,.0f} | "
+            f"{r.verify_rate / r.before_rate:.2f}× | "
+            f"{r.reference_rate:,.0f} |"
         )
+    print(
+        f"CPUs available: {verify_module._cpu_count()}; verify workers: {verify_module.MAX_WORKERS} at most"
+    )
 
 
 if __name__ == "__main__":
