@@ -227,3 +227,25 @@ def test_the_worker_module_matches_the_envelope_and_imports_only_the_standard_li
         timeout=60,
     )
     assert out.stdout.strip() == "[]"
+
+
+async def test_the_range_query_stays_on_the_primary_key_without_table_statistics(audit, sessionmaker, engine):
+    """PostgreSQL planned the old ``seq >= x ORDER BY seq LIMIT n`` on a table never analysed as a scan and
+    sort of the whole table, for every batch; a seq range is an index scan with or without statistics."""
+    await fill(audit, sessionmaker, 3)  # a fresh table: no ANALYZE has run
+    async with engine.connect() as connection:
+        driver = (await connection.get_raw_connection()).driver_connection
+        assert driver is not None
+        if engine.dialect.name == "postgresql":
+            async with driver.cursor() as cursor:
+                await cursor.execute("EXPLAIN (FORMAT JSON) " + chain_scan.POSTGRES_RANGE, (1, 10_001))
+                plan = str((await cursor.fetchone())[0])
+            assert "pk_audit_records" in plan
+            assert "Seq Scan" not in plan
+            assert "'Sort'" not in plan
+        else:
+            cursor = await driver.execute("EXPLAIN QUERY PLAN " + chain_scan.SQLITE_RANGE, (1, 10_001))
+            plan = str(await cursor.fetchall())
+            await cursor.close()
+            assert "PRIMARY KEY" in plan
+            assert "TEMP B-TREE" not in plan
