@@ -1,5 +1,5 @@
-"""The serving benchmark's own arithmetic and its reference batcher (the full `--quick` run starts real
-servers and is run by hand: `python -m bench.bench_serving --quick`)."""
+"""The serving benchmark's own arithmetic and its reference batcher (the full `--quick` run, real servers:
+test_bench_serving_quick.py)."""
 
 from __future__ import annotations
 
