@@ -94,6 +94,9 @@ async def _draft_handout(ctx: WorkflowContext, job: JobProgress) -> tuple[bytes,
         test_model_notice=TEST_MODEL_NOTICE if model.is_test_model else None,
         sections=ctx.services.prompts.sections(content.topic_id, content.language),
         clinic=clinic_details_of(ctx.ehr),
+        # As approval prints them (approve.py): the patient's name, and the clinician who approves.
+        patient_name=ctx.patient_display,
+        approved_by=ctx.actor_display,
     )
     return pdf, content
 

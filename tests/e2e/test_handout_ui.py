@@ -113,6 +113,25 @@ def assert_one_line(target: Locator) -> None:
     assert box["height"] < 1.6 * line_height, f"wraps: {box}"
 
 
+def screenshot_whole_frame(page: Page, frame: Frame, path: Path) -> None:
+    """The whole page in the EHR's frame at the frame's width (banner to the last button; the README shows
+    it): the frame is made as tall as its page for the screenshot, then put back as it was."""
+    height = frame.evaluate("() => document.documentElement.scrollHeight")
+    viewport = page.viewport_size
+    assert viewport is not None
+    page.set_viewport_size({"width": viewport["width"], "height": max(viewport["height"], height + 300)})
+    page.evaluate(
+        """h => { const f = document.querySelector('iframe.app-frame');
+                  f.dataset.was = f.style.height; f.style.height = h + 'px'; }""",
+        height,
+    )
+    page.locator("iframe.app-frame").screenshot(path=str(path))
+    page.evaluate(
+        "() => { const f = document.querySelector('iframe.app-frame'); f.style.height = f.dataset.was; }"
+    )
+    page.set_viewport_size(viewport)
+
+
 def test_clinician_handout_journey_inside_the_ehr_iframe(sandbox: SandboxEHR, carecanvas: RunningApp) -> None:
     assert AXE.exists(), "axe-core is missing: run scripts/bootstrap"
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
@@ -168,8 +187,7 @@ def test_clinician_handout_journey_inside_the_ehr_iframe(sandbox: SandboxEHR, ca
             expect(reason).to_be_visible()
             expect(review.get_by_test_id("language-status")).to_contain_text("English")
             assert_accessible(review)
-            reason.scroll_into_view_if_needed()
-            page.locator("iframe.app-frame").screenshot(path=str(SCREENSHOTS / "review.png"))
+            screenshot_whole_frame(page, review, SCREENSHOTS / "review.png")
             choose_with_keyboard(page, review, reason, "terms-explained")
             approve = review.get_by_role("button", name="Approve and save to chart")
             press_tab_until(page, review, approve)

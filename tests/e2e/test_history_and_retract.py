@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import io
 import json
 import re
 from collections.abc import Iterator
@@ -12,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 from harness import CONDITION, RunningApp, csrf_from, free_port, launch_session, running_app, wait_for_job
+from pypdf import PdfReader
 
 from sandbox.run import SandboxEHR
 from service.audit import AuditAction
@@ -572,3 +575,34 @@ def test_pending_drafts_are_listed_and_can_be_discarded(ehr: SandboxEHR, apps: d
     assert local_status(app, job_id) is None
     [record] = [e for e in audit_entries(app, AuditAction.REJECT) if e.detail.get("job_id") == job_id]
     assert record.detail["discarded"] is True
+
+
+def test_the_review_preview_is_the_handout_approval_writes_byte_for_byte(
+    ehr: SandboxEHR, apps: dict[str, RunningApp]
+) -> None:
+    """The handout the clinician sees before approving is the one written to the chart: same patient name,
+    same "given by" (the first version's preview left both off), same bytes."""
+    app = apps["full"]
+    with launch_session(app.url, ehr) as client:
+        workspace = client.get("/app")
+        csrf = csrf_from(workspace.text)
+        job_id = generate(client, csrf, CONDITION.findall(workspace.text)[0])
+        preview = client.get(f"/api/v1/jobs/{job_id}/handout")
+        assert (preview.status_code, preview.headers["content-type"]) == (200, "application/pdf")
+        draft = client.get(f"/api/v1/jobs/{job_id}/draft").json()
+        approved = client.post(
+            f"/review/{job_id}/approve",
+            data={"caption": draft["caption"], "alt_text": draft["alt_text"], "csrf_token": csrf},
+        )
+        assert approved.status_code == 200, approved.text
+    bundle = fhir_get(
+        ehr, "DocumentReference", {"identifier": f"{IDENTIFIER_SYSTEM}|{artifact_identifier(job_id)}"}
+    )
+    [document] = [entry["resource"] for entry in bundle["entry"]]
+    [written] = [
+        c["attachment"] for c in document["content"] if c["attachment"]["contentType"] == "application/pdf"
+    ]
+    text = " ".join(page.extract_text() for page in PdfReader(io.BytesIO(preview.content)).pages)
+    assert "Maria Rivera" in text
+    assert document["author"][0]["display"] in text  # the approving clinician, "given by"
+    assert base64.b64decode(written["data"]) == preview.content
