@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 from harness import CONDITION, RunningApp, csrf_from, free_port, launch_session, running_app, wait_for_job
+from PIL import Image
 from pypdf import PdfReader
 
 from sandbox.run import SandboxEHR
@@ -36,6 +37,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
             for scope in DEFAULT_SCOPES
         )
     },
+    # The clinic's name, phone and logo in the EHR registration (the logo file is written per run).
+    "clinic": {"clinic_name": "Lakeside Family Clinic", "clinic_phone": "+1 (555) 010-0100"},
 }
 
 
@@ -67,6 +70,10 @@ def apps(
                 port=ports[name],
             )
             base = settings.ehrs[0].model_dump(exclude_unset=True)
+            if "clinic_name" in overrides:
+                logo = settings.data_dir / "clinic-logo.png"
+                Image.new("RGB", (90, 30), (200, 40, 40)).save(logo, "PNG")
+                overrides = {**overrides, "clinic_logo_file": logo}
             settings.ehrs = [EhrSettings(**{**base, **overrides})]
             started[name] = stack.enter_context(running_app(settings, port=ports[name]))
         yield started
@@ -606,3 +613,29 @@ def test_the_review_preview_is_the_handout_approval_writes_byte_for_byte(
     assert "Maria Rivera" in text
     assert document["author"][0]["display"] in text  # the approving clinician, "given by"
     assert base64.b64decode(written["data"]) == preview.content
+
+
+def test_the_clinics_name_phone_and_logo_from_the_registration_are_on_the_handout(
+    ehr: SandboxEHR, apps: dict[str, RunningApp]
+) -> None:
+    """From the EHR registration to the written handout: the clinic's name and phone as text, its logo as a
+    second image beside the picture (the registration without them prints neither)."""
+    for name, clinic in (("clinic", True), ("full", False)):
+        with launch_session(apps[name].url, ehr) as client:
+            workspace = client.get("/app")
+            csrf = csrf_from(workspace.text)
+            job_id = generate(client, csrf, CONDITION.findall(workspace.text)[0])
+            assert approve(client, job_id, csrf).status_code == 200
+        bundle = fhir_get(
+            ehr, "DocumentReference", {"identifier": f"{IDENTIFIER_SYSTEM}|{artifact_identifier(job_id)}"}
+        )
+        [document] = [entry["resource"] for entry in bundle["entry"]]
+        [pdf] = [
+            c["attachment"]
+            for c in document["content"]
+            if c["attachment"]["contentType"] == "application/pdf"
+        ]
+        [page] = PdfReader(io.BytesIO(base64.b64decode(pdf["data"]))).pages
+        text = page.extract_text()
+        assert ("Lakeside Family Clinic" in text, "+1 (555) 010-0100" in text) == (clinic, clinic), text
+        assert len(page.images) == (2 if clinic else 1)
