@@ -4,7 +4,8 @@ fpdf2's ``FPDF.add_font`` parses the whole font file for every document: for the
 (65,535 glyphs each, two faces per Chinese or Korean handout) that is most of the time a handout takes,
 and the subsetting at ``output()`` parses the same tables again. Here each face is parsed once per process
 (a prototype: character map, widths, glyph ids, the HarfBuzz font for shaping), and each document gets a
-light copy holding its own per-document state (which glyphs it used, its font number). At ``output()``
+light copy holding its own per-document state (which glyphs it used, its font number, a HarfBuzz font over
+the shared face), so documents may be built in several threads at once. At ``output()``
 every copy gets a fresh, lazily opened font to subset (fontTools subsets in place, so the shared one is
 never handed over); for a CID-keyed CFF face only the ``CFF `` table is embedded, so the tables the PDF
 never carries (character map, metrics, layout) are left unread instead of being parsed and subset.
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from fontTools import ttLib
 from fpdf import FPDF
-from fpdf.fonts import SubsetMap, TTFFont
+from fpdf.fonts import HarfBuzzFont, SubsetMap, TTFFont
 
 # Attributes that depend only on the font file, shared by every document's copy (read-only after parsing).
 _SHARED = (
@@ -42,7 +43,6 @@ _SHARED = (
     "ttfont",
     "cmap",
     "glyph_ids",
-    "_hbfont",
     "color_font",
     "palette_index",
 )
@@ -96,6 +96,9 @@ class FontCache:
         font.missing_glyphs = []
         font.biggest_size_pt = 0
         font.subset = SubsetMap(font)
+        # A HarfBuzz font of its own over the shared face: shaping sets its point size (ptem), so documents
+        # built in different threads never share one.
+        font._hbfont = HarfBuzzFont(prototype.hbfont.face)
         pdf.fonts[font.fontkey] = font
         if font.is_cff and font.is_cid_keyed:
             pdf._set_min_pdf_version("1.6")  # as FPDF.add_font does for these faces

@@ -607,8 +607,10 @@ class _WriteBack:
     async def _write_once(self) -> str:
         now = datetime.now(UTC)
         content = self.document.content
+        # Laid out in a thread (a Chinese or Korean handout takes most of a second): other requests go on.
+        pdf = await asyncio.to_thread(self._handout, now)
         document_reference, binaries = apply_attachment_policy(
-            build_document_reference(self._document_input(now)),
+            build_document_reference(self._document_input(now, pdf)),
             policy=self.policy,
             patient_id=content.patient_id or "",
         )
@@ -634,7 +636,7 @@ class _WriteBack:
         )
         return written.document_id
 
-    def _document_input(self, now: datetime) -> DocumentReferenceInput:
+    def _document_input(self, now: datetime, pdf: bytes) -> DocumentReferenceInput:
         content = self.document.content
         png_size(self.png, cap=self.ctx.services.settings.max_image_pixels)
         return DocumentReferenceInput(
@@ -647,7 +649,7 @@ class _WriteBack:
             source_ref=None if content.condition_id else content.source_reference,
             description=_description(content),
             language=content.language,
-            pdf=self._handout(now),
+            pdf=pdf,
             png=self.attachment_png,
             alt_text=content.alt_text,
             created=now,

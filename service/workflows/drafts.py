@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -83,7 +84,9 @@ async def _draft_handout(ctx: WorkflowContext, job: JobProgress) -> tuple[bytes,
     document = await _owned_document(ctx, job.job_id)
     content = document.content
     model = ctx.services.models.get(content.model)
-    pdf = render_handout_pdf(
+    # Laid out in a thread (a Chinese or Korean handout takes most of a second): other requests go on.
+    pdf = await asyncio.to_thread(
+        render_handout_pdf,
         png=png,
         title=content.title,
         caption=content.caption,
@@ -118,14 +121,14 @@ class HandoutPages:
 async def handout_pages(ctx: WorkflowContext, job: JobProgress) -> HandoutPages:
     """The draft's handout page count as it stands now (nothing shown yet, so nothing audited)."""
     pdf, content = await _draft_handout(ctx, job)
-    return HandoutPages(count=page_count(pdf), revision=handout_revision(content))
+    return HandoutPages(count=await asyncio.to_thread(page_count, pdf), revision=handout_revision(content))
 
 
 async def handout_page_image(ctx: WorkflowContext, job: JobProgress, page: int) -> bytes:
     """One page of the draft's handout as a PNG, exactly as approval would print it (audited)."""
     pdf = await handout_preview(ctx, job)
     try:
-        return page_png(pdf, page)
+        return await asyncio.to_thread(page_png, pdf, page)
     except PdfPageError as error:
         raise ArtifactNotReadyError(f"The handout has no page {page}.") from error
 

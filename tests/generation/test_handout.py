@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import io
+from concurrent.futures import ThreadPoolExecutor
 from datetime import date
 from pathlib import Path
 
@@ -539,3 +540,26 @@ def test_every_topics_sections_read_back_from_the_pdf_at_grade_6(language: str) 
             graded = text.replace("•", " ") if key == "do" else text
             grade = caption_grade(graded, language)
             assert grade <= 6.0, f"{topic.id}/{language}/{key}: grade {grade} in the PDF: {text!r}"
+
+
+def test_handouts_built_in_several_threads_at_once_are_each_right() -> None:
+    """The web process lays handouts out in worker threads: documents sharing the parsed faces (and their
+    HarfBuzz faces) at the same time come out as they do one at a time."""
+    fonts = FontCache()
+    jobs = [
+        (language, topic) for language in ("zh-Hans", "ko", "ar", "en") for topic in ("asthma", "anaemia")
+    ]
+
+    def build(job: tuple[str, str]) -> bytes:
+        language, topic = job
+        words = library().topic(topic).text[language]
+        return handout._build(
+            png_bytes(64, 48), (64, 48), words.title, words.caption, words.alt_text, language,
+            date(2025, 3, 4), "letter", False, words.sections, "Layla Haddad", "Dr. Ana López",
+            ClinicDetails(), fonts=fonts,
+        )  # fmt: skip
+
+    alone = [build(job) for job in jobs]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        together = list(pool.map(build, jobs * 2))
+    assert together == alone * 2
