@@ -48,12 +48,12 @@ BATCH = 10_000
 
 _SQLITE_TIME = re.compile(r"([1-9]\d{3}-\d\d-\d\d) (?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d\.\d{6}")
 _POSTGRES_EPOCH = date(2000, 1, 1).toordinal()
-# The previous hash, "\n", then chain.canonical_json of chain.HASHED_FIELDS (keys sorted); the two values put
-# in unescaped (time, base64) are validated first.
-_TEMPLATE = (
-    '%s\n{"action":%s,"actor_digest":%s,"ehr":%s,"outcome":%s,"patient_digest":%s,"recorded_at":"%s",'
-    '"request_id":%s,"resource_type":%s,"sealed_body":"%s","seq":%d}'
-)
+# The previous hash, "\n", then chain.canonical_json of chain.HASHED_FIELDS (keys sorted; the first five as
+# _HEAD, kept per distinct five values, at most _HEADS_KEPT of them); the two values put in unescaped (time,
+# base64) are validated first.
+_HEAD = '"action":%s,"actor_digest":%s,"ehr":%s,"outcome":%s,"patient_digest":%s'
+_TEMPLATE = '%s\n{%s,"recorded_at":"%s","request_id":%s,"resource_type":%s,"sealed_body":"%s","seq":%d}'
+_HEADS_KEPT = 4096
 _MAGIC_LEN = len(MAGIC)
 _MIN_BODY = NONCE_BYTES + TAG_BYTES
 
@@ -71,6 +71,7 @@ class ChainWalk:
     good_dates: set[str] = field(default_factory=set)
     good_kids: set[bytes] = field(default_factory=set)
     day_names: dict[int, str] = field(default_factory=dict)  # PostgreSQL: day number -> YYYY-MM-DD
+    heads: dict[tuple[Any, ...], str] = field(default_factory=dict)  # see scan
 
     @property
     def last_seq(self) -> int:
@@ -91,7 +92,7 @@ def scan(rows: Sequence[tuple[Any, ...]], start: int, walk: ChainWalk, *, sqlite
     time_pattern = _SQLITE_TIME
     encode, sha256 = encode_basestring, hashlib.sha256
     good_dates, good_kids, day_names = walk.good_dates, walk.good_kids, walk.day_names
-    wanted, hashes_at = walk.wanted, walk.hashes_at
+    wanted, hashes_at, heads = walk.wanted, walk.hashes_at, walk.heads
     expected, prev_hash = walk.count + 1, walk.prev_hash
     index = start
     try:
@@ -140,13 +141,23 @@ def scan(rows: Sequence[tuple[Any, ...]], start: int, walk: ChainWalk, *, sqlite
                 if kid not in good_kids:
                     kid.decode()
                     good_kids.add(kid)
+                # The first five keys, spelled once per distinct (action, actor, ehr, outcome, patient): one
+                # user's work on one patient repeats them record after record.
+                head = heads.get((action, actor, ehr, outcome, patient))
+                if head is None:
+                    head = _HEAD % (
+                        encode(action),
+                        "null" if actor is None else encode(actor),
+                        "null" if ehr is None else encode(ehr),
+                        encode(outcome),
+                        "null" if patient is None else encode(patient),
+                    )
+                    if len(heads) >= _HEADS_KEPT:
+                        heads.clear()
+                    heads[(action, actor, ehr, outcome, patient)] = head
                 hashed = _TEMPLATE % (
                     prev,
-                    encode(action),
-                    "null" if actor is None else encode(actor),
-                    "null" if ehr is None else encode(ehr),
-                    encode(outcome),
-                    "null" if patient is None else encode(patient),
+                    head,
                     at,
                     "null" if request is None else encode(request),
                     "null" if rtype is None else encode(rtype),
