@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated
 
 from fastapi import APIRouter, Form, Request
@@ -37,7 +38,7 @@ async def print_page(request: Request, job_id: str, ctx: ClinicianContext) -> Re
     async with workflow_errors(ctx.db), ctx.fhir() as fhir:
         saved = await read_saved_handout(ctx.workflow(), fhir, job_id)
     try:
-        pages = page_count(saved.pdf)
+        pages = await asyncio.to_thread(page_count, saved.pdf)
     except PdfPageError:
         pages = 0
     return ctx.services.templates.TemplateResponse(
@@ -71,7 +72,7 @@ async def handout_page(job_id: str, page: int, ctx: ClinicianContext) -> Respons
     async with workflow_errors(ctx.db), ctx.fhir() as fhir:
         saved = await read_saved_handout(ctx.workflow(), fhir, job_id)
     try:
-        png = page_png(saved.pdf, page)
+        png = await asyncio.to_thread(page_png, saved.pdf, page)  # rasterised off the event loop
     except PdfPageError:
         raise AppError(404, "No such page", "The handout has no page with that number.") from None
     return Response(png, media_type="image/png", headers=_NO_STORE)
