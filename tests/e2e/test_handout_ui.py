@@ -294,7 +294,8 @@ def test_keyboard_only_any_topic_named_in_the_handouts_language_and_the_refusal_
 ) -> None:
     """Layla Haddad (prefers Arabic) has a condition with no code and no text. The topic lists name each
     topic in English and in the handout's language, following the Language list as it changes; "Another
-    topic" with none picked gets the 400 page, a topic for a coded condition the 422 page, both accessible."""
+    topic" with none picked gets the 400 page, a topic for a coded condition the 422 page, both accessible;
+    then another topic for real, reviewed in Arabic (right to left, no grade formula, machine-drafted)."""
     assert AXE.exists(), "axe-core is missing: run scripts/bootstrap"
     library = carecanvas.services.prompts
     asthma = library.topic("asthma")
@@ -355,6 +356,30 @@ def test_keyboard_only_any_topic_named_in_the_handouts_language_and_the_refusal_
             matched = app_frame(page, carecanvas.url, "/illustrations")
             expect(matched.get_by_text("This condition has its own topic").first).to_be_visible()
             assert_accessible(matched)
+
+            # Another topic picked for real, in Arabic: the review page writes the words right to left, says
+            # no reading grade exists for Arabic and that the translation is machine-drafted.
+            matched.goto(f"{carecanvas.url}/app")
+            workspace = app_frame(page, carecanvas.url, "/app")
+            fallback = workspace.locator('input[name="condition_id"][value="cond-5-no-code"]')
+            check_radio_with_keyboard(page, workspace, "condition_id", fallback)
+            choose_with_keyboard(
+                page, workspace, workspace.get_by_test_id("topic-choice"), "cond-5-no-code:*"
+            )
+            other = workspace.get_by_test_id("topic-other")
+            choose_with_keyboard(page, workspace, other, "asthma")
+            expect(workspace.get_by_label("Language")).to_have_value("ar")
+            press_tab_until(page, workspace, workspace.get_by_role("button", name="Generate picture"))
+            page.keyboard.press("Enter")
+            review = app_frame(page, carecanvas.url, "/review/")
+            caption = review.get_by_label("Caption (plain language)")
+            expect(caption).to_have_value(asthma.text["ar"].caption)
+            assert caption.evaluate("element => getComputedStyle(element).direction") == "rtl"
+            expect(review.get_by_role("heading", level=1)).to_contain_text(asthma.text["ar"].title)
+            expect(review.get_by_test_id("caption-grade")).to_contain_text("no measure is available")
+            expect(review.get_by_test_id("language-status")).to_contain_text("machine-drafted")
+            expect(review.get_by_test_id("handout-page").first).to_have_js_property("complete", True)
+            assert_accessible(review)
         finally:
             browser.close()
 
