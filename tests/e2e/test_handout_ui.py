@@ -318,6 +318,8 @@ def test_keyboard_only_any_topic_named_in_the_handouts_language_and_the_refusal_
             other = workspace.get_by_label("Another topic, for a condition set to “Another topic”")
             option = other.locator('option[value="asthma"]')
             expect(option).to_have_text(f"{asthma.text['en'].title} — {asthma.text['ar'].title}")
+            # With the topic lists the main action still shows without scrolling inside the ~600 px frame.
+            assert_in_frame_view(page, workspace.get_by_role("button", name="Generate picture"))
             assert_accessible(workspace)
             # The names follow the Language list (keyboard only): English alone, then Chinese.
             choose_with_keyboard(page, workspace, language, "en")
