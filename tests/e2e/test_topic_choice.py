@@ -225,3 +225,20 @@ def test_another_topic_from_the_list_of_every_topic_named_in_the_handouts_langua
         assert refused.status_code == 400, refused.text
         assert "Unknown handout topic" in refused.text
         assert (jobs(carecanvas), len(generate_records(carecanvas))) == before
+
+
+def test_the_fallback_note_says_how_to_choose_a_topic_with_or_without_closest_ones(
+    sandbox: SandboxEHR, carecanvas: RunningApp
+) -> None:
+    notes = {}
+    for patient, condition in (("pat-6", FALLBACK_CONDITION), ("pat-5", "cond-5-no-code")):
+        encounter = patient.replace("pat", "enc")
+        with launch_session(carecanvas.url, sandbox, patient=patient, encounter=encounter) as client:
+            page = client.get("/app").text
+        found = re.search(rf'value="{condition}".*?data-testid="topic-fallback">(.*?)</p>', page, re.S)
+        assert found is not None
+        notes[condition] = " ".join(html.unescape(found.group(1)).split())
+    assert "Closest topics:" in notes[FALLBACK_CONDITION]
+    assert "“Another topic”" in notes[FALLBACK_CONDITION]
+    assert "Closest topics:" not in notes["cond-5-no-code"]
+    assert "If you know which topic fits, choose “Another topic” below" in notes["cond-5-no-code"]
