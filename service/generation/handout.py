@@ -288,42 +288,6 @@ def render_handout_pdf(
     )
 
 
-# The same handout is often asked for several times in a row (the review page's page count, then each
-# page image): identical inputs give identical bytes, so a few recent ones are kept in memory.
-@functools.lru_cache(maxsize=8)
-def _render(
-    png: bytes,
-    pixels: tuple[int, int],
-    title: str,
-    caption: str,
-    alt_text: str,
-    language: str,
-    created: date,
-    page_size: PageSize,
-    test_model: bool,
-    sections: TopicSections | None,
-    patient: str | None,
-    approver: str | None,
-    clinic: ClinicDetails,
-) -> bytes:
-    return _build(
-        png,
-        pixels,
-        title,
-        caption,
-        alt_text,
-        language,
-        created,
-        page_size,
-        test_model,
-        sections,
-        patient,
-        approver,
-        clinic,
-        fonts=FONTS,
-    )
-
-
 def _build(
     png: bytes,
     pixels: tuple[int, int],
@@ -424,6 +388,12 @@ _IMAGE = "\x00image"  # marks where the picture goes in the block list; never dr
 
 
 _LRI, _PDI = "\u2066", "\u2069"
+
+
+# The same handout is often asked for several times in a row (the review page's page count, then each
+# page image): identical inputs give identical bytes, so a few recent ones are kept in memory. It is
+# ``_build`` with the shared font cache; the bench and tests call ``_build`` itself for ``fonts=None``.
+_render = functools.lru_cache(maxsize=8)(functools.partial(_build, fonts=FONTS))
 
 
 def _isolated(value: str, pack: LanguagePack) -> str:

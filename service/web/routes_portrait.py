@@ -18,10 +18,9 @@ from service.web.choices import (
     checked_portrait_language,
     checked_portrait_style,
 )
-from service.web.chrome import clinician_chrome
 from service.web.context import ClinicianContext
 from service.web.errors import AppError, ErrorCode
-from service.web.routes_review import checked_above_target
+from service.web.routes_review import checked_above_target, written_page
 from service.web.workflow_errors import workflow_errors
 from service.workflows.approve import ABOVE_TARGET_LABELS, write_back_reviewed_portrait
 from service.workflows.intake import LIST_FIELDS, IntakeError, StoryIntake, write_story
@@ -51,6 +50,12 @@ DEFAULT_VARIANTS = 4
 MORE_VARIATIONS = 3
 # "" (the field left out): as the patient's story says.
 SHOW_PEOPLE: dict[str, bool | None] = {"yes": True, "no": False, "": None}
+
+
+def _check_job_id(job_id: str) -> None:
+    """A job id from the URL that is not one of ours is a 404 (nothing is looked up for it)."""
+    if not JOB_ID.fullmatch(job_id):
+        raise AppError(404, "No such portrait", "Start again from the portrait page.")
 
 
 def _banner(ctx: ClinicianContext) -> Any:
@@ -92,8 +97,7 @@ async def portrait_page(request: Request, ctx: ClinicianContext) -> Response:
 @router.get("/portraits/drafts/{job_id}", response_class=HTMLResponse)
 async def reviewed_draft_page(request: Request, job_id: str, ctx: ClinicianContext) -> Response:
     """One of this patient's portrait drafts with the reviewers' notes, in any session of this EHR."""
-    if not JOB_ID.fullmatch(job_id):
-        raise AppError(404, "No such portrait", "Start again from the portrait page.")
+    _check_job_id(job_id)
     ctx.patient_id()
     async with workflow_errors(ctx.db):
         detail = await patient_draft(ctx.workflow(), job_id)
@@ -132,8 +136,7 @@ async def write_back_reviewed_draft(
     (waiting, sent back, never sent), is a 404 as before. The write is the approve path's own
     (`approve_and_write_back`): exactly once, audited, the Provenance naming this clinician and the reviewer.
     """
-    if not JOB_ID.fullmatch(job_id):
-        raise AppError(404, "No such portrait", "Start again from the portrait page.")
+    _check_job_id(job_id)
     ctx.patient_id()
     if not ctx.allows("DocumentReference", "create"):
         raise AppError(
@@ -145,27 +148,12 @@ async def write_back_reviewed_draft(
     above_target = checked_above_target(above_target_reason)
     async with workflow_errors(ctx.db), ctx.fhir() as fhir:
         result = await write_back_reviewed_portrait(ctx.workflow(), fhir, job_id, above_target=above_target)
-    return ctx.services.templates.TemplateResponse(
-        request,
-        "approved.html",
-        {
-            **clinician_chrome(ctx),
-            "job_id": job_id,
-            "fhir_document_id": result.fhir_document_id,
-            "already_written": result.already_written,
-            "included_image": result.included_image,
-            "notes": result.notes,
-            "replaced_document_id": result.replaced_document_id,
-            "superseded": result.superseded,
-            "can_give": ctx.allows("Communication", "create"),
-        },
-    )
+    return written_page(request, ctx, job_id, result)
 
 
 @router.get("/portraits/drafts/{job_id}/image")
 async def reviewed_draft_image(job_id: str, ctx: ClinicianContext) -> Response:
-    if not JOB_ID.fullmatch(job_id):
-        raise AppError(404, "No such portrait", "Start again from the portrait page.")
+    _check_job_id(job_id)
     ctx.patient_id()
     async with workflow_errors(ctx.db):
         png = await patient_draft_image(ctx.workflow(), job_id)
@@ -300,8 +288,7 @@ async def more_variations(
     job_id: str, ctx: ClinicianContext, csrf_token: Annotated[str, Form(max_length=100)]
 ) -> Response:
     """More like this one: variations from this variant's seed family."""
-    if not JOB_ID.fullmatch(job_id):
-        raise AppError(404, "No such portrait", "Start again from the portrait page.")
+    _check_job_id(job_id)
     async with workflow_errors(ctx.db):
         job_ids = await more_like_this(ctx.workflow(), job_id=job_id, count=MORE_VARIATIONS)
     await ctx.db.commit()

@@ -14,7 +14,13 @@ from service.web.context import ClinicianContext
 from service.web.errors import AppError, ErrorCode
 from service.web.routes_jobs import OwnedJob
 from service.web.workflow_errors import workflow_errors
-from service.workflows.approve import ABOVE_TARGET_LABELS, AboveTargetReason, Approval, approve_and_write_back
+from service.workflows.approve import (
+    ABOVE_TARGET_LABELS,
+    AboveTargetReason,
+    Approval,
+    WriteBackResult,
+    approve_and_write_back,
+)
 from service.workflows.drafts import DraftChange, handout_page_image, handout_pages, revise_draft
 from service.workflows.review import ArtifactKind, GradedCaption, read_owned_artifact, review_draft
 from service.workflows.reviewer import review_hold, words_locked
@@ -158,12 +164,17 @@ async def approve(
     )
     async with workflow_errors(ctx.db), ctx.fhir() as fhir:
         result = await approve_and_write_back(ctx.workflow(), fhir, approval)
+    return written_page(request, ctx, job.job_id, result)
+
+
+def written_page(request: Request, ctx: ClinicianContext, job_id: str, result: WriteBackResult) -> Response:
+    """The page after a write-back: this review's approval, or a reviewer-approved portrait."""
     return ctx.services.templates.TemplateResponse(
         request,
         "approved.html",
         {
             **clinician_chrome(ctx),
-            "job_id": job.job_id,
+            "job_id": job_id,
             "fhir_document_id": result.fhir_document_id,
             "already_written": result.already_written,
             "included_image": result.included_image,

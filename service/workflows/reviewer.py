@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from enum import StrEnum
 
@@ -272,18 +273,37 @@ async def send_for_review(ctx: WorkflowContext, *, job_id: str, patient_name: st
     )
 
 
+async def _ehr_rows(ctx: WorkflowContext, *, limit: int) -> Sequence[PortraitReview]:
+    """The portrait drafts sent for review at this launch's EHR, newest change first."""
+    rows = await ctx.db.execute(
+        select(PortraitReview)
+        .where(PortraitReview.ehr_name == ctx.ehr.name)
+        .order_by(PortraitReview.updated_at.desc())
+        .limit(limit)
+    )
+    return rows.scalars().all()
+
+
+async def _draft_detail(
+    ctx: WorkflowContext, item: QueueItem, document: DocumentView, job_id: str
+) -> ReviewDetail:
+    """A draft's words and notes as the reviewer reads them (the clinician's page adds the chart status)."""
+    content = document.content
+    return ReviewDetail(
+        item=item,
+        title=content.title,
+        caption=content.caption,
+        alt_text=content.alt_text,
+        style=content.style or "",
+        seed=content.seed,
+        notes=await notes_for(ctx.db, keyring=ctx.services.keyring, job_id=job_id),
+    )
+
+
 async def review_queue(ctx: WorkflowContext, reviewer: Reviewer) -> list[QueueItem]:
     """Every portrait draft sent for review at this EHR, across patients, newest change first."""
     del reviewer  # every reviewer of this EHR sees one shared queue
-    rows = (
-        await ctx.db.execute(
-            select(PortraitReview)
-            .where(PortraitReview.ehr_name == ctx.ehr.name)
-            .order_by(PortraitReview.updated_at.desc())
-            .limit(200)
-        )
-    ).scalars()
-    items = [_item(row, ctx.services.keyring) for row in rows]
+    items = [_item(row, ctx.services.keyring) for row in await _ehr_rows(ctx, limit=200)]
     await ctx.audit(AuditAction.VIEW, resource="portrait review queue", detail={"count": len(items)})
     return items
 
@@ -296,22 +316,13 @@ async def review_detail(ctx: WorkflowContext, reviewer: Reviewer, job_id: str) -
     if row is None or document is None:
         raise JobNotOwnedError("No such portrait in the queue.")
     item = _item(row, ctx.services.keyring)
-    content = document.content
     await ctx.audit(
         AuditAction.VIEW,
         entities=[AuditEntity(carecanvas_ref(CareCanvasObject.DRAFT, job_id))],
         patient=item.patient_id,
         detail={"queue": True},
     )
-    return ReviewDetail(
-        item=item,
-        title=content.title,
-        caption=content.caption,
-        alt_text=content.alt_text,
-        style=content.style or "",
-        seed=content.seed,
-        notes=await notes_for(ctx.db, keyring=ctx.services.keyring, job_id=job_id),
-    )
+    return await _draft_detail(ctx, item, document, job_id)
 
 
 async def decide(
@@ -474,14 +485,7 @@ class PatientReview:
 
 
 async def _patient_rows(ctx: WorkflowContext) -> list[PortraitReview]:
-    rows = (
-        await ctx.db.execute(
-            select(PortraitReview)
-            .where(PortraitReview.ehr_name == ctx.ehr.name)
-            .order_by(PortraitReview.updated_at.desc())
-            .limit(500)
-        )
-    ).scalars()
+    rows = await _ehr_rows(ctx, limit=500)
     # The patient is in the encrypted details (never a plaintext column): read and keep this patient's.
     keyring = ctx.services.keyring
     return [row for row in rows if _item(row, keyring).patient_id == ctx.patient_id]
@@ -523,23 +527,17 @@ async def patient_draft(ctx: WorkflowContext, job_id: str) -> ReviewDetail:
     document = await load_document(ctx.db, keyring=ctx.services.keyring, job_id=job_id)
     if document is None:
         raise JobNotOwnedError("No such portrait for this patient.")
-    content = document.content
     await ctx.audit(
         AuditAction.VIEW,
         entities=[AuditEntity(carecanvas_ref(CareCanvasObject.DRAFT, job_id))],
         detail={"job_id": job_id, "reviews": True},
     )
-    return ReviewDetail(
-        item=_item(row, ctx.services.keyring),
-        title=content.title,
-        caption=content.caption,
-        alt_text=content.alt_text,
-        style=content.style or "",
-        seed=content.seed,
-        notes=await notes_for(ctx.db, keyring=ctx.services.keyring, job_id=job_id),
+    detail = await _draft_detail(ctx, _item(row, ctx.services.keyring), document, job_id)
+    return replace(
+        detail,
         document_status=document.status,
         fhir_document_id=document.fhir_document_id,
-        language=content.language,
+        language=document.content.language,
     )
 
 

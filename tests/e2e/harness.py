@@ -1,20 +1,26 @@
-"""Runs CareCanvas for a test: a real uvicorn server on a free loopback port, in a thread, stopped on exit."""
+"""Runs CareCanvas for a test: a real uvicorn server on a free loopback port, in a thread, stopped on exit.
+
+And the steps the Chromium tests share: the browser, the EHR launch form, the app's frame, axe-core."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import socket
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
 import uvicorn
+from playwright.sync_api import Browser, Frame, Page, Playwright
 
+from sandbox.run import SandboxEHR
 from service.app import create_app
 from service.services import Services
 from service.settings import Settings
@@ -151,3 +157,87 @@ def approve_picture(
     )
     assert saved.status_code == 200, saved.text
     return saved
+
+
+AXE = Path(__file__).resolve().parent / "node" / "node_modules" / "axe-core" / "axe.min.js"
+CHROMIUM_ARGS = [
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-quic",
+    "--no-first-run",
+    *(["--no-sandbox"] if os.geteuid() == 0 else []),
+]
+
+
+def launch_chromium(playwright: Playwright) -> Browser:
+    """The system's headless Chromium with the flags every browser test uses."""
+    return playwright.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_ARGS)
+
+
+def new_page(browser: Browser, *, width: int = 1280, height: int = 900) -> Page:
+    """A page in a new context; bypass_csp only so axe-core can be injected as a script tag (the app's
+    CSP, script-src 'self', would block it)."""
+    return browser.new_context(bypass_csp=True, viewport={"width": width, "height": height}).new_page()
+
+
+def launch_in_ehr(page: Page, sandbox: SandboxEHR, patient: str, practitioner: str) -> None:
+    """The sandbox EHR's launch form, clicked: CareCanvas opens in the EHR's iframe for this patient."""
+    page.goto(sandbox.ehr_url)
+    page.get_by_label(patient).check()
+    page.get_by_label(re.compile(practitioner)).check()
+    page.get_by_role("button", name="Launch CareCanvas").click()
+
+
+def app_frame(page: Page, app_url: str, path: str) -> Frame:
+    """The frame showing the app at `path` (a prefix), waited for up to 30 s."""
+    for _ in range(300):
+        for frame in page.frames:
+            if frame.url.startswith(f"{app_url}{path}"):
+                return frame
+        page.wait_for_timeout(100)
+    raise AssertionError(f"no frame at {path}; frames: {[f.url for f in page.frames]}")
+
+
+def serious_violations(target: Page | Frame, *, iframes: bool = True) -> list[dict[str, Any]]:
+    """axe-core's WCAG 2.1 A/AA (and best-practice) violations of impact serious or critical; with
+    `iframes` False in this document alone (a framed app is checked in its own frame)."""
+    target.add_script_tag(path=str(AXE))
+    result: dict[str, Any] = target.evaluate(
+        """async (iframes) => await axe.run(document, {
+            runOnly: {type: 'tag', values: ['wcag2a', 'wcag2aa', 'wcag21a', 'wcag21aa', 'best-practice']},
+            resultTypes: ['violations'],
+            iframes,
+        })""",
+        iframes,
+    )
+    return [
+        {"id": v["id"], "impact": v["impact"], "nodes": [n["target"] for n in v["nodes"]][:5]}
+        for v in result["violations"]
+        if v["impact"] in ("serious", "critical")
+    ]
+
+
+def assert_accessible(target: Page | Frame) -> None:
+    """No axe-core violation of impact serious or critical."""
+    violations = serious_violations(target)
+    assert violations == [], f"{target.url}: {violations}"
+
+
+def no_sideways_scroll(page: Page) -> bool:
+    """The page fits the viewport's width (no horizontal scrolling on a phone)."""
+    return bool(page.evaluate("document.documentElement.scrollWidth <= window.innerWidth"))
+
+
+def tab_to(page: Page, target: Page | Frame, name: str, *, limit: int = 60) -> None:
+    """Press Tab until the focused element in `target` has text or a label starting with `name` (keyboard)."""
+    for _ in range(limit):
+        page.keyboard.press("Tab")
+        focused = target.evaluate(
+            "() => { const e = document.activeElement; if (!e) return '';"
+            " const label = e.labels && e.labels[0] ? e.labels[0].textContent : '';"
+            " return (e.getAttribute('aria-label') || e.textContent || label || '').trim(); }"
+        )
+        if focused == name or (name and focused.startswith(name)):
+            return
+    raise AssertionError(f"Tab never reached {name!r}")

@@ -2,51 +2,27 @@
 
 from __future__ import annotations
 
-import os
 import re
 
 import httpx
 import pytest
-from harness import RunningApp
-from playwright.sync_api import Frame, Page, expect, sync_playwright
+from harness import RunningApp, app_frame, launch_chromium, launch_in_ehr
+from playwright.sync_api import expect, sync_playwright
 
 from sandbox.run import SandboxEHR
 from service.workflows.approve import IDENTIFIER_SYSTEM
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
-CHROMIUM_ARGS = [
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-quic",
-    "--no-first-run",
-    *(["--no-sandbox"] if os.geteuid() == 0 else []),
-]
-
-
-def app_frame(page: Page, app_url: str, path: str) -> Frame:
-    for _ in range(200):
-        for frame in page.frames:
-            if frame.url.startswith(f"{app_url}{path}"):
-                return frame
-        page.wait_for_timeout(100)
-    raise AssertionError(f"no frame at {path}; frames: {[f.url for f in page.frames]}")
-
 
 def test_clinician_generates_and_approves_inside_the_ehr_iframe(
     sandbox: SandboxEHR, carecanvas: RunningApp
 ) -> None:
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_ARGS
-        )
+        browser = launch_chromium(playwright)
         try:
-            page = browser.new_page()
-            page.goto(sandbox.ehr_url)
-            page.get_by_label("Layla Haddad").check()
-            page.get_by_label(re.compile("Alice Chen")).check()
-            page.get_by_role("button", name="Launch CareCanvas").click()
+            page = browser.new_page()  # the app's real CSP: no axe here
+            launch_in_ehr(page, sandbox, "Layla Haddad", "Alice Chen")
 
             # The app loads inside the EHR's iframe: CSP frame-ancestors lets the registered EHR frame it.
             workspace = app_frame(page, carecanvas.url, "/app")

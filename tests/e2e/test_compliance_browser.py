@@ -2,48 +2,13 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-from typing import Any
-
 import pytest
-from harness import RunningApp, launch_session
-from playwright.sync_api import Page, expect, sync_playwright
+from harness import AXE, RunningApp, assert_accessible, launch_chromium, launch_session, serious_violations
+from playwright.sync_api import expect, sync_playwright
 
 from sandbox.run import SandboxEHR
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
-
-AXE = Path(__file__).resolve().parent / "node" / "node_modules" / "axe-core" / "axe.min.js"
-CHROMIUM_ARGS = [
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-quic",
-    "--no-first-run",
-    *(["--no-sandbox"] if os.geteuid() == 0 else []),
-]
-
-
-def serious_violations(page: Page) -> list[dict[str, Any]]:
-    """axe-core's WCAG 2.1 A/AA violations of impact serious or critical on the current page."""
-    page.add_script_tag(path=str(AXE))
-    result: dict[str, Any] = page.evaluate(
-        """async () => await axe.run(document, {
-            runOnly: {type: 'tag', values: ['wcag2a', 'wcag2aa', 'wcag21a', 'wcag21aa', 'best-practice']},
-            resultTypes: ['violations'],
-        })"""
-    )
-    return [
-        {"id": v["id"], "impact": v["impact"], "nodes": [n["target"] for n in v["nodes"]][:5]}
-        for v in result["violations"]
-        if v["impact"] in ("serious", "critical")
-    ]
-
-
-def assert_accessible(page: Page) -> None:
-    violations = serious_violations(page)
-    assert violations == [], f"{page.url}: {violations}"
 
 
 def test_officer_signs_in_searches_and_drills_down(sandbox: SandboxEHR, carecanvas: RunningApp) -> None:
@@ -54,9 +19,7 @@ def test_officer_signs_in_searches_and_drills_down(sandbox: SandboxEHR, carecanv
     ) as clinician:
         assert clinician.get("/app").status_code == 200
         with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(
-                executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_ARGS
-            )
+            browser = launch_chromium(playwright)
             try:
                 # axe is injected as a script tag, which the console's CSP (script-src 'self') would block.
                 page = browser.new_context(bypass_csp=True).new_page()

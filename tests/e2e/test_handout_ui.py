@@ -6,59 +6,22 @@ on every page, screenshots for the README."""
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
-from typing import Any
 
 import pytest
-from harness import RunningApp
+from harness import AXE, RunningApp, app_frame, assert_accessible, launch_chromium, launch_in_ehr, new_page
 from playwright.sync_api import Frame, Locator, Page, expect, sync_playwright
 
 from sandbox.run import SandboxEHR
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
-AXE = Path(__file__).resolve().parent / "node" / "node_modules" / "axe-core" / "axe.min.js"
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
-CHROMIUM_ARGS = [
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-quic",
-    "--no-first-run",
-    *(["--no-sandbox"] if os.geteuid() == 0 else []),
-]
 JARGON = (
     "Persistent hyperglycaemia necessitates comprehensive pharmacological intervention, "
     "multidisciplinary glycaemic surveillance and individualised nutritional modification."
 )
-
-
-def app_frame(page: Page, app_url: str, path: str) -> Frame:
-    for _ in range(300):
-        for frame in page.frames:
-            if frame.url.startswith(f"{app_url}{path}"):
-                return frame
-        page.wait_for_timeout(100)
-    raise AssertionError(f"no frame at {path}; frames: {[f.url for f in page.frames]}")
-
-
-def assert_accessible(frame: Frame) -> None:
-    """No axe-core WCAG 2.1 A/AA (and best-practice) violation of impact serious or critical."""
-    frame.add_script_tag(path=str(AXE))
-    result: dict[str, Any] = frame.evaluate(
-        """async () => await axe.run(document, {
-            runOnly: {type: 'tag', values: ['wcag2a', 'wcag2aa', 'wcag21a', 'wcag21aa', 'best-practice']},
-            resultTypes: ['violations'],
-        })"""
-    )
-    serious = [
-        {"id": v["id"], "impact": v["impact"], "nodes": [n["target"] for n in v["nodes"]][:5]}
-        for v in result["violations"]
-        if v["impact"] in ("serious", "critical")
-    ]
-    assert serious == [], f"{frame.url}: {serious}"
 
 
 def press_tab_until(page: Page, frame: Frame, target: Locator, *, limit: int = 40) -> None:
@@ -136,17 +99,11 @@ def test_clinician_handout_journey_inside_the_ehr_iframe(sandbox: SandboxEHR, ca
     assert AXE.exists(), "axe-core is missing: run scripts/bootstrap"
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_ARGS
-        )
+        browser = launch_chromium(playwright)
         try:
-            # axe is injected as a script tag, which our CSP (script-src 'self') would block.
-            context = browser.new_context(viewport={"width": 1280, "height": 800}, bypass_csp=True)
-            page = context.new_page()
-            page.goto(sandbox.ehr_url)
-            page.get_by_label("Maria Rivera").check()  # 12 active conditions; prefers Spanish
-            page.get_by_label(re.compile("Alice Chen")).check()
-            page.get_by_role("button", name="Launch CareCanvas").click()
+            page = new_page(browser, height=800)
+            # Maria Rivera: 12 active conditions; prefers Spanish.
+            launch_in_ehr(page, sandbox, "Maria Rivera", "Alice Chen")
 
             workspace = app_frame(page, carecanvas.url, "/app")
             expect(workspace.get_by_test_id("patient-name")).to_contain_text("Rivera")
@@ -249,16 +206,10 @@ def test_keyboard_only_clinician_picks_a_closest_topic_for_a_condition_without_o
     assert AXE.exists(), "axe-core is missing: run scripts/bootstrap"
     asthma = carecanvas.services.prompts.topic("asthma")
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_ARGS
-        )
+        browser = launch_chromium(playwright)
         try:
-            context = browser.new_context(viewport={"width": 1280, "height": 800}, bypass_csp=True)
-            page = context.new_page()
-            page.goto(sandbox.ehr_url)
-            page.get_by_label("Daniel Begay").check()
-            page.get_by_label(re.compile("Alice Chen")).check()
-            page.get_by_role("button", name="Launch CareCanvas").click()
+            page = new_page(browser, height=800)
+            launch_in_ehr(page, sandbox, "Daniel Begay", "Alice Chen")
 
             workspace = app_frame(page, carecanvas.url, "/app")
             expect(workspace.get_by_test_id("patient-name")).to_contain_text("Begay")
@@ -300,16 +251,10 @@ def test_keyboard_only_any_topic_named_in_the_handouts_language_and_the_refusal_
     library = carecanvas.services.prompts
     asthma = library.topic("asthma")
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_ARGS
-        )
+        browser = launch_chromium(playwright)
         try:
-            context = browser.new_context(viewport={"width": 1280, "height": 800}, bypass_csp=True)
-            page = context.new_page()
-            page.goto(sandbox.ehr_url)
-            page.get_by_label("Layla Haddad").check()
-            page.get_by_label(re.compile("Alice Chen")).check()
-            page.get_by_role("button", name="Launch CareCanvas").click()
+            page = new_page(browser, height=800)
+            launch_in_ehr(page, sandbox, "Layla Haddad", "Alice Chen")
 
             workspace = app_frame(page, carecanvas.url, "/app")
             expect(workspace.get_by_test_id("patient-name")).to_contain_text("Haddad")
@@ -395,16 +340,10 @@ def test_keyboard_only_new_version_drafts_and_withdraw_with_restore_pass_axe(
     and withdrawing the newest version with the earlier one made current again."""
     assert AXE.exists(), "axe-core is missing: run scripts/bootstrap"
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_ARGS
-        )
+        browser = launch_chromium(playwright)
         try:
-            context = browser.new_context(viewport={"width": 1280, "height": 800}, bypass_csp=True)
-            page = context.new_page()
-            page.goto(sandbox.ehr_url)
-            page.get_by_label("Otto Schmidt").check()
-            page.get_by_label(re.compile("Alice Chen")).check()
-            page.get_by_role("button", name="Launch CareCanvas").click()
+            page = new_page(browser, height=800)
+            launch_in_ehr(page, sandbox, "Otto Schmidt", "Alice Chen")
 
             workspace = app_frame(page, carecanvas.url, "/app")
             expect(workspace.get_by_test_id("patient-name")).to_contain_text("Schmidt")

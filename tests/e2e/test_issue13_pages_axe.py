@@ -9,9 +9,17 @@ import uuid
 from typing import Any
 
 import pytest
-from harness import RunningApp
+from harness import (
+    AXE,
+    RunningApp,
+    app_frame,
+    launch_chromium,
+    launch_in_ehr,
+    new_page,
+    no_sideways_scroll,
+    serious_violations,
+)
 from playwright.sync_api import Frame, Page, expect, sync_playwright
-from test_portrait_browser import AXE, CHROMIUM_ARGS, app_frame, launch
 
 from sandbox.run import SandboxEHR
 
@@ -19,21 +27,8 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 
 def serious(target: Page | Frame) -> list[dict[str, Any]]:
-    """Serious or critical WCAG 2.1 A/AA (and best-practice) violations in this document alone (a framed
-    app is checked in its own frame)."""
-    target.add_script_tag(path=str(AXE))
-    result: dict[str, Any] = target.evaluate(
-        """async () => await axe.run(document, {
-            runOnly: {type: 'tag', values: ['wcag2a', 'wcag2aa', 'wcag21a', 'wcag21aa', 'best-practice']},
-            resultTypes: ['violations'],
-            iframes: false,
-        })"""
-    )
-    return [
-        {"id": v["id"], "nodes": [n["target"] for n in v["nodes"]][:5]}
-        for v in result["violations"]
-        if v["impact"] in ("serious", "critical")
-    ]
+    """Serious or critical violations in this document alone (a framed app is checked in its own frame)."""
+    return serious_violations(target, iframes=False)
 
 
 def test_the_ehr_page_a_storyless_portrait_page_and_a_clinician_error_page_pass_axe(
@@ -41,16 +36,14 @@ def test_the_ehr_page_a_storyless_portrait_page_and_a_clinician_error_page_pass_
 ) -> None:
     assert AXE.exists(), "axe-core is missing: run scripts/bootstrap"
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_ARGS
-        )
+        browser = launch_chromium(playwright)
         try:
-            page = browser.new_context(bypass_csp=True, viewport={"width": 1280, "height": 900}).new_page()
+            page = new_page(browser)
             page.goto(sandbox.ehr_url)
             expect(page.get_by_role("button", name="Launch CareCanvas")).to_be_visible()
             assert serious(page) == [], page.url
             # Daniel Begay has no story in this sandbox: the portrait page offers to gather one.
-            launch(page, sandbox, "Daniel Begay", "Alice Chen")
+            launch_in_ehr(page, sandbox, "Daniel Begay", "Alice Chen")
             expect(page.get_by_test_id("chart-link")).to_be_visible()
             assert serious(page) == [], page.url  # the EHR page with CareCanvas in its frame
             app_frame(page, carecanvas.url, "/app").get_by_test_id("portrait-link").first.click()
@@ -74,24 +67,20 @@ def test_the_portals_session_ended_and_error_pages_pass_axe(
 ) -> None:
     assert AXE.exists(), "axe-core is missing: run scripts/bootstrap"
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_ARGS
-        )
+        browser = launch_chromium(playwright)
         try:
-            page = browser.new_context(
-                bypass_csp=True, viewport={"width": width, "height": height}
-            ).new_page()
+            page = new_page(browser, width=width, height=height)
             ended = page.goto(f"{carecanvas.url}/portal")  # no session (or an expired one)
             assert ended is not None
             assert ended.status == 401
             expect(page.get_by_text("open them from your patient portal")).to_be_visible()
-            assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+            assert no_sideways_scroll(page)
             assert serious(page) == [], page.url
             unknown = page.goto(f"{carecanvas.url}/portal/launch?ehr=not-registered")
             assert unknown is not None
             assert unknown.status == 404
             expect(page.get_by_text("ask your care team")).to_be_visible()
-            assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+            assert no_sideways_scroll(page)
             assert serious(page) == [], page.url
         finally:
             browser.close()

@@ -9,7 +9,18 @@ from pathlib import Path
 
 import httpx
 import pytest
-from harness import CONDITION, RunningApp, csrf_from, launch_session, wait_for_job
+from harness import (
+    AXE,
+    CONDITION,
+    RunningApp,
+    csrf_from,
+    launch_chromium,
+    launch_session,
+    new_page,
+    no_sideways_scroll,
+    serious_violations,
+    wait_for_job,
+)
 from playwright.sync_api import expect, sync_playwright
 from sqlalchemy import func, select
 
@@ -182,18 +193,12 @@ def test_portal_files_need_a_valid_document_id_and_kind(sandbox: SandboxEHR, car
 def test_a_patient_reads_the_portal_on_a_phone_and_a_desktop(
     sandbox: SandboxEHR, carecanvas: RunningApp, approved_document: str, width: int, height: int
 ) -> None:
-    from test_compliance_browser import AXE, CHROMIUM_ARGS, serious_violations
-
     assert AXE.exists(), "axe-core is missing: run scripts/bootstrap"
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_ARGS
-        )
+        browser = launch_chromium(playwright)
         try:
             # bypass_csp only so axe-core can be injected; the pages themselves run under the real CSP.
-            page = browser.new_context(
-                bypass_csp=True, viewport={"width": width, "height": height}
-            ).new_page()
+            page = new_page(browser, width=width, height=height)
             page.goto(f"{carecanvas.url}/portal/launch")  # no ?ehr=: the one portal there is
             page.get_by_role("button", name=re.compile("Maria")).click()  # the sandbox's sign-in picker
             page.wait_for_url(f"{carecanvas.url}/portal")
@@ -205,9 +210,7 @@ def test_a_patient_reads_the_portal_on_a_phone_and_a_desktop(
             assert card_box is not None
             assert image_box["x"] >= card_box["x"] - 0.5  # the picture fits its card
             assert image_box["x"] + image_box["width"] <= card_box["x"] + card_box["width"] + 0.5
-            assert page.evaluate(
-                "document.documentElement.scrollWidth <= window.innerWidth"
-            )  # no sideways scroll
+            assert no_sideways_scroll(page)
             # No stray bullet and no list indent: the card starts where its list does.
             assert card.evaluate("e => getComputedStyle(e).listStyleType") == "none"
             list_box = page.locator("ul.portal-documents").bounding_box()

@@ -2,76 +2,27 @@
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
-from typing import Any
 
 import pytest
-from harness import RunningApp
-from playwright.sync_api import Frame, Page, expect, sync_playwright
+from harness import (
+    AXE,
+    RunningApp,
+    app_frame,
+    assert_accessible,
+    launch_chromium,
+    launch_in_ehr,
+    new_page,
+    tab_to,
+)
+from playwright.sync_api import expect, sync_playwright
 
 from sandbox.run import SandboxEHR
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
-AXE = Path(__file__).resolve().parent / "node" / "node_modules" / "axe-core" / "axe.min.js"
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
-CHROMIUM_ARGS = [
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-quic",
-    "--no-first-run",
-    *(["--no-sandbox"] if os.geteuid() == 0 else []),
-]
-
-
-def app_frame(page: Page, app_url: str, path: str) -> Frame:
-    for _ in range(300):
-        for frame in page.frames:
-            if frame.url.startswith(f"{app_url}{path}"):
-                return frame
-        page.wait_for_timeout(100)
-    raise AssertionError(f"no frame at {path}; frames: {[f.url for f in page.frames]}")
-
-
-def assert_accessible(frame: Frame) -> None:
-    """No WCAG 2.1 A/AA (or best-practice) violation of impact serious or critical in the app's frame."""
-    frame.add_script_tag(path=str(AXE))
-    result: dict[str, Any] = frame.evaluate(
-        """async () => await axe.run(document, {
-            runOnly: {type: 'tag', values: ['wcag2a', 'wcag2aa', 'wcag21a', 'wcag21aa', 'best-practice']},
-            resultTypes: ['violations'],
-        })"""
-    )
-    serious = [
-        {"id": v["id"], "nodes": [n["target"] for n in v["nodes"]][:5]}
-        for v in result["violations"]
-        if v["impact"] in ("serious", "critical")
-    ]
-    assert serious == [], f"{frame.url}: {serious}"
-
-
-def launch(page: Page, sandbox: SandboxEHR, patient: str, practitioner: str) -> None:
-    page.goto(sandbox.ehr_url)
-    page.get_by_label(patient).check()
-    page.get_by_label(re.compile(practitioner)).check()
-    page.get_by_role("button", name="Launch CareCanvas").click()
-
-
-def tab_to(page: Page, frame: Frame, name: str, *, limit: int = 60) -> None:
-    """Press Tab until the focused element's text or label starts with `name` (keyboard only)."""
-    for _ in range(limit):
-        page.keyboard.press("Tab")
-        focused = frame.evaluate(
-            "() => { const e = document.activeElement; if (!e) return '';"
-            " const label = e.labels && e.labels[0] ? e.labels[0].textContent : '';"
-            " return (e.getAttribute('aria-label') || e.textContent || label || '').trim(); }"
-        )
-        if focused == name or (name and focused.startswith(name)):
-            return
-    raise AssertionError(f"Tab never reached {name!r}")
 
 
 def test_story_intake_variants_and_the_reviewer_by_keyboard(
@@ -80,15 +31,11 @@ def test_story_intake_variants_and_the_reviewer_by_keyboard(
     assert AXE.exists(), "axe-core is missing: run scripts/bootstrap"
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_ARGS
-        )
+        browser = launch_chromium(playwright)
         try:
-            # axe is injected as a script tag, which the app's CSP (script-src 'self') would block.
-            context = browser.new_context(bypass_csp=True, viewport={"width": 1280, "height": 900})
-            page = context.new_page()
+            page = new_page(browser)
             # A clinician with Layla Haddad, who has no story yet: the portrait link leads to the intake.
-            launch(page, sandbox, "Layla Haddad", "Alice Chen")
+            launch_in_ehr(page, sandbox, "Layla Haddad", "Alice Chen")
             workspace = app_frame(page, carecanvas.url, "/app")
             workspace.get_by_test_id("portrait-link").first.click()
             portraits = app_frame(page, carecanvas.url, "/portraits")
@@ -133,10 +80,8 @@ def test_story_intake_variants_and_the_reviewer_by_keyboard(
 
             # The reviewer (Sofia Lopez, an artist on the list) opens the queue from any chart, by keyboard.
             # A context of their own: one context would share (and replace) the clinician's session cookie.
-            reviewer_page = browser.new_context(
-                bypass_csp=True, viewport={"width": 1280, "height": 900}
-            ).new_page()
-            launch(reviewer_page, sandbox, "James Okafor", "Sofia Lopez")
+            reviewer_page = new_page(browser)
+            launch_in_ehr(reviewer_page, sandbox, "James Okafor", "Sofia Lopez")
             frame = app_frame(reviewer_page, carecanvas.url, "/app")
             frame.goto(f"{carecanvas.url}/reviewer")
             queue = app_frame(reviewer_page, carecanvas.url, "/reviewer")

@@ -12,10 +12,20 @@ from typing import Any
 
 import httpx
 import pytest
-from harness import RunningApp, csrf_from, launch_session, wait_for_job
+from harness import (
+    AXE,
+    CHROMIUM_ARGS,
+    RunningApp,
+    app_frame,
+    assert_accessible,
+    csrf_from,
+    launch_session,
+    tab_to,
+    wait_for_job,
+)
+from harness import launch_in_ehr as launch
 from playwright.sync_api import Frame, Page, expect, sync_playwright
 from test_portal import portal_session
-from test_portrait_browser import AXE, CHROMIUM_ARGS, app_frame, assert_accessible, launch, tab_to
 
 from fhir_adapters import GrantedScopes
 from sandbox.run import SandboxEHR

@@ -4,15 +4,26 @@ on every page (issue 13)."""
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 import pytest
-from harness import RunningApp, csrf_from, free_port, launch_session, running_app, wait_for_job
-from playwright.sync_api import Frame, Page, expect, sync_playwright
+from harness import (
+    AXE,
+    RunningApp,
+    app_frame,
+    assert_accessible,
+    csrf_from,
+    free_port,
+    launch_chromium,
+    launch_in_ehr,
+    launch_session,
+    new_page,
+    running_app,
+    tab_to,
+    wait_for_job,
+)
+from playwright.sync_api import expect, sync_playwright
 
 from sandbox.run import SandboxEHR
 from sandbox.staff_oidc import PORTRAIT_ARTIST_GROUP
@@ -21,15 +32,6 @@ from service.ehrs import origin_of
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
-AXE = Path(__file__).resolve().parent / "node" / "node_modules" / "axe-core" / "axe.min.js"
-CHROMIUM_ARGS = [
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-quic",
-    "--no-first-run",
-    *(["--no-sandbox"] if os.geteuid() == 0 else []),
-]
 ARTIST_NAME = "Rosa Alvarez-Test"
 
 
@@ -62,46 +64,6 @@ def staff_browser_app(
         yield app
 
 
-def assert_accessible(target: Page | Frame) -> None:
-    """No WCAG 2.1 A/AA (or best-practice) violation of impact serious or critical."""
-    target.add_script_tag(path=str(AXE))
-    result: dict[str, Any] = target.evaluate(
-        """async () => await axe.run(document, {
-            runOnly: {type: 'tag', values: ['wcag2a', 'wcag2aa', 'wcag21a', 'wcag21aa', 'best-practice']},
-            resultTypes: ['violations'],
-        })"""
-    )
-    serious = [
-        {"id": v["id"], "nodes": [n["target"] for n in v["nodes"]][:5]}
-        for v in result["violations"]
-        if v["impact"] in ("serious", "critical")
-    ]
-    assert serious == [], f"{target.url}: {serious}"
-
-
-def tab_to(page: Page, name: str, *, limit: int = 60) -> None:
-    """Press Tab until the focused element's text or label starts with `name` (keyboard only)."""
-    for _ in range(limit):
-        page.keyboard.press("Tab")
-        focused = page.evaluate(
-            "() => { const e = document.activeElement; if (!e) return '';"
-            " const label = e.labels && e.labels[0] ? e.labels[0].textContent : '';"
-            " return (e.getAttribute('aria-label') || e.textContent || label || '').trim(); }"
-        )
-        if focused == name or (name and focused.startswith(name)):
-            return
-    raise AssertionError(f"Tab never reached {name!r}")
-
-
-def app_frame(page: Page, app_url: str, path: str) -> Frame:
-    for _ in range(300):
-        for frame in page.frames:
-            if frame.url.startswith(f"{app_url}{path}"):
-                return frame
-        page.wait_for_timeout(100)
-    raise AssertionError(f"no frame at {path}; frames: {[f.url for f in page.frames]}")
-
-
 def sent_portrait(app: RunningApp, sandbox: SandboxEHR) -> str:
     """A clinician (pat-1, Maria Rivera) makes one portrait and sends it to the reviewer, over HTTP."""
     with launch_session(app.url, sandbox, patient="pat-1", encounter="enc-1") as client:
@@ -126,17 +88,14 @@ def test_a_staff_artist_reviews_by_keyboard_and_the_clinician_sees_the_note_late
     app, sandbox = staff_browser_app, staff_browser_sandbox
     job_id = sent_portrait(app, sandbox)
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_ARGS
-        )
+        browser = launch_chromium(playwright)
         try:
-            # axe is injected as a script tag, which the app's CSP (script-src 'self') would block.
-            page = browser.new_context(bypass_csp=True, viewport={"width": 1280, "height": 900}).new_page()
+            page = new_page(browser)
             # No EHR launch: the queue sends the artist to the staff sign-in, and back.
             page.goto(f"{app.url}/reviewer")
             expect(page.get_by_role("button", name=ARTIST_NAME)).to_be_visible()
             page.locator("body").focus()
-            tab_to(page, ARTIST_NAME)
+            tab_to(page, page, ARTIST_NAME)
             page.keyboard.press("Enter")
             page.wait_for_url(f"{app.url}/reviewer")
             expect(page.get_by_test_id("reviewer-who")).to_contain_text(ARTIST_NAME)
@@ -144,20 +103,20 @@ def test_a_staff_artist_reviews_by_keyboard_and_the_clinician_sees_the_note_late
             assert_accessible(page)
 
             page.locator("body").focus()
-            tab_to(page, "Open the draft for Maria Rivera")
+            tab_to(page, page, "Open the draft for Maria Rivera")
             page.keyboard.press("Enter")
             page.wait_for_url(re.compile(rf".*/reviewer/{job_id}$"))
             expect(page.get_by_test_id("patient-name")).to_have_text("Maria Rivera")
             expect(page.get_by_test_id("notes")).to_contain_text("She loves the sea.")
             assert_accessible(page)
-            tab_to(page, "Your note")
+            tab_to(page, page, "Your note")
             page.keyboard.type("Please add the lighthouse.")
-            tab_to(page, "Send back with this note")
+            tab_to(page, page, "Send back with this note")
             page.keyboard.press("Enter")
             expect(page.get_by_test_id("decided")).to_contain_text("Sent back")
             expect(page.get_by_test_id("draft-status")).to_contain_text(f"{ARTIST_NAME} (artist)")
             assert_accessible(page)
-            tab_to(page, "Sign out")
+            tab_to(page, page, "Sign out")
             page.keyboard.press("Enter")
             expect(page.get_by_test_id("signed-out")).to_be_visible()
             assert_accessible(page)
@@ -176,13 +135,8 @@ def test_a_staff_artist_reviews_by_keyboard_and_the_clinician_sees_the_note_late
             assert_accessible(page)
 
             # A new clinician session (inside the EHR's iframe) finds the note on the portrait page.
-            clinician = browser.new_context(
-                bypass_csp=True, viewport={"width": 1280, "height": 900}
-            ).new_page()
-            clinician.goto(sandbox.ehr_url)
-            clinician.get_by_label("Maria Rivera").check()
-            clinician.get_by_label(re.compile("Alice Chen")).check()
-            clinician.get_by_role("button", name="Launch CareCanvas").click()
+            clinician = new_page(browser)
+            launch_in_ehr(clinician, sandbox, "Maria Rivera", "Alice Chen")
             workspace = app_frame(clinician, app.url, "/app")
             workspace.get_by_test_id("portrait-link").first.click()
             portraits = app_frame(clinician, app.url, "/portraits")

@@ -75,7 +75,7 @@ def test_the_ehr_chart_view_opens_from_the_ehr_page_in_chromium_and_passes_axe(
 ) -> None:
     """What a clinician checks after saving: the EHR page's link opens the chart view of the patient's
     documents (the README's screenshot is written here)."""
-    from test_compliance_browser import AXE, CHROMIUM_ARGS, serious_violations
+    from harness import AXE, CHROMIUM_ARGS, serious_violations
 
     assert AXE.exists(), "axe-core is missing: run scripts/bootstrap"
     with launch_session(carecanvas.url, sandbox, patient="pat-2", practitioner="prac-1") as client:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from harness import RunningApp
+from harness import AXE, RunningApp, launch_chromium, new_page, no_sideways_scroll, serious_violations
 from playwright.sync_api import expect, sync_playwright
 
 from sandbox.run import SandboxEHR
@@ -37,25 +37,17 @@ def test_root_leads_to_a_landing_page_not_a_bare_404(carecanvas: RunningApp) -> 
 def test_the_landing_page_passes_axe_on_a_phone_and_a_desktop(
     carecanvas: RunningApp, sandbox: SandboxEHR, monkeypatch: pytest.MonkeyPatch, width: int, height: int
 ) -> None:
-    from test_compliance_browser import AXE, CHROMIUM_ARGS, serious_violations
-
     assert AXE.exists(), "axe-core is missing: run scripts/bootstrap"
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_ARGS
-        )
+        browser = launch_chromium(playwright)
         try:
             # bypass_csp only so axe-core can be injected; the page itself runs under the real CSP.
-            page = browser.new_context(
-                bypass_csp=True, viewport={"width": width, "height": height}
-            ).new_page()
+            page = new_page(browser, width=width, height=height)
             page.goto(carecanvas.url)  # the printed address: / leads here
             page.wait_for_url(f"{carecanvas.url}/welcome")
             expect(page.get_by_test_id("welcome")).to_be_visible()
             expect(page.get_by_role("link", name="sign in to the compliance console")).to_be_visible()
-            assert page.evaluate(
-                "document.documentElement.scrollWidth <= window.innerWidth"
-            )  # no sideways scroll
+            assert no_sideways_scroll(page)
             assert serious_violations(page) == []
             expect(page.get_by_test_id("reviewer-link")).to_have_count(0)  # no staff reviewer roles here
             # As `carecanvas demo` shows it: with the link to its sandbox EHR inside the notice, and its
@@ -70,7 +62,7 @@ def test_the_landing_page_passes_axe_on_a_phone_and_a_desktop(
             demo = page.get_by_test_id("demo-ehr")
             expect(demo.get_by_role("link", name="sandbox EHR")).to_have_attribute("href", sandbox.ehr_url)
             expect(page.get_by_test_id("reviewer-link")).to_have_attribute("href", "/reviewer")
-            assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+            assert no_sideways_scroll(page)
             assert serious_violations(page) == []
             if width == 1280:
                 SCREENSHOTS.mkdir(parents=True, exist_ok=True)
