@@ -20,6 +20,7 @@ from service.web import (
     routes_reviewer,
     routes_workspace,
 )
+from service.web.context import error_page_extras
 from service.web.errors import install_error_pages
 from service.web.security import SecurityHeadersMiddleware, log_cookie_mode
 
@@ -42,7 +43,7 @@ ROUTERS = (
 def install_routes(app: FastAPI, settings: Settings, registry: EhrRegistry) -> None:
     frame_origins = registry.frame_origins()
     app.add_middleware(SecurityHeadersMiddleware, frame_origins=lambda: frame_origins)
-    install_error_pages(app)
+    install_error_pages(app, page_extras=error_page_extras)
     for module in ROUTERS:
         app.include_router(module.router)
     log_cookie_mode(settings)

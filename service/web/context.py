@@ -165,6 +165,17 @@ async def _load_session(request: Request, services: Services) -> WebSession | No
         return await services.sessions.load(db, request.cookies.get(cookie_name(services.settings)))
 
 
+async def error_page_extras(request: Request, services: Services) -> dict[str, Any]:
+    """On an error page of a signed-in clinician: the patient banner and the way back to the workspace."""
+    try:
+        session = await _load_session(request, services)
+    except Exception:  # an error page must render even when the database is what failed
+        return {}
+    if session is None or not session.authenticated or session.data.kind is not SessionKind.EHR:
+        return {}
+    return {"banner": session.data.banner, "encounter": session.data.visit, "back_url": "/app"}
+
+
 async def _csrf_candidate(request: Request) -> str | None:
     header = request.headers.get(CSRF_HEADER)
     if header is not None:

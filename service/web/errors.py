@@ -10,7 +10,9 @@ SessionExpiredError (service.fhir_access)   the EHR session ended → 401 `sessi
 from __future__ import annotations
 
 import html
+from collections.abc import Awaitable, Callable
 from enum import StrEnum
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -18,6 +20,10 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from fhir_adapters import FhirError, ForbiddenError, TemporaryFhirError
 from service.fhir_access import SessionExpiredError
+
+# (request, services) -> extra template values for an error page; services is typed Any: this module
+# sits below service.services in the import graph.
+PageExtras = Callable[[Request, Any], Awaitable[dict[str, Any]]]
 
 API_PREFIX = "/api/"
 
@@ -141,8 +147,12 @@ def _problem(item: dict[str, object]) -> str:
     return f"{field or 'body'}: {item.get('msg', 'invalid')}"
 
 
-def install_error_pages(app: FastAPI) -> None:
-    """AppError, an ended EHR session and any EHR error a route did not handle become pages or JSON."""
+def install_error_pages(app: FastAPI, *, page_extras: PageExtras | None = None) -> None:
+    """AppError, an ended EHR session and any EHR error a route did not handle become pages or JSON.
+
+    ``page_extras`` adds to an error page what the signed-in user's other pages show (service.web.context
+    gives a clinician's patient banner and the way back); passed in, as that module imports this one.
+    """
 
     @app.exception_handler(SessionExpiredError)
     async def _session_expired(request: Request, error: SessionExpiredError) -> Response:
@@ -168,10 +178,19 @@ def install_error_pages(app: FastAPI) -> None:
         if services is None:
             page = f"<h1>{html.escape(error.title)}</h1><p>{html.escape(error.message)}</p>"
             return HTMLResponse(page, status_code=error.status)
+        extras = (
+            await page_extras(request, services) if page_extras is not None and error.status != 401 else {}
+        )
         page_response: Response = services.templates.TemplateResponse(
             request,
             "error.html",
-            {"title": error.title, "message": error.message, "status": error.status, "code": error.code},
+            {
+                "title": error.title,
+                "message": error.message,
+                "status": error.status,
+                "code": error.code,
+                **extras,
+            },
             status_code=error.status,
         )
         return page_response
