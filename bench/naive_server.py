@@ -22,8 +22,13 @@ def make_app(pipeline: Any) -> Starlette:
     async def generate_one(request: Request) -> Response:
         prompt, seed = await parsed(request)
         loop = asyncio.get_running_loop()
-        # As the example server does it: the shared pipeline, called once per request on the default pool.
-        images = await loop.run_in_executor(None, generate, pipeline, [prompt], [seed])
+        # As diffusers' example server does it: the shared components, a scheduler of the request's own (a
+        # shared scheduler's step state is not safe across threads: it failed one request now and then), one
+        # pipeline call per request on the default pool.
+        scheduler = pipeline.scheduler.from_config(pipeline.scheduler.config)
+        mine = type(pipeline).from_pipe(pipeline, scheduler=scheduler)
+        mine.set_progress_bar_config(disable=True)
+        images = await loop.run_in_executor(None, generate, mine, [prompt], [seed])
         return Response(png_bytes(images[0]), media_type="image/png")
 
     return Starlette(routes=[Route("/generate", generate_one, methods=["POST"])])

@@ -267,7 +267,7 @@ def history_from_search(
     resources: list[dict[str, Any]], *, identifier_system: str, local: dict[str, DocumentView]
 ) -> list[HistoryEntry]:
     """Our documents among the search results (checked again: a server may ignore the identifier filter)."""
-    entries = []
+    dated: list[tuple[datetime, HistoryEntry]] = []
     for resource in resources:
         identifier = next(
             (
@@ -297,19 +297,29 @@ def history_from_search(
             ),
             None,
         )
-        entries.append(
-            HistoryEntry(
-                fhir_document_id=resource["id"],
-                identifier=identifier,
-                status=str(resource.get("status") or "unknown"),
-                date=written[:10],
-                description=clean_text(resource.get("description")) or "Education picture",
-                replaces=replaces or None,
-                job_id=known.job_id if known else None,
-                local_status=known.status if known else None,
-                time=written[11:16] if len(written) >= 16 and written[10] == "T" else "",
-                approver=approver,
-            )
+        entry = HistoryEntry(
+            fhir_document_id=resource["id"],
+            identifier=identifier,
+            status=str(resource.get("status") or "unknown"),
+            date=written[:10],
+            description=clean_text(resource.get("description")) or "Education picture",
+            replaces=replaces or None,
+            job_id=known.job_id if known else None,
+            local_status=known.status if known else None,
+            time=written[11:16] if len(written) >= 16 and written[10] == "T" else "",
+            approver=approver,
         )
-    entries.sort(key=lambda entry: (entry.date, entry.time), reverse=True)
-    return entries
+        dated.append((_written_instant(resource.get("date")), entry))
+    # Newest first by the full instant the EHR wrote: two documents saved in the same minute (the shown
+    # HH:MM) kept the search's order, oldest first, and the clinician's newest one was not on top.
+    dated.sort(key=lambda pair: pair[0], reverse=True)
+    return [entry for _, entry in dated]
+
+
+def _written_instant(value: object) -> datetime:
+    """A DocumentReference.date as an aware instant; anything unreadable sorts last."""
+    try:
+        instant = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return datetime.min.replace(tzinfo=UTC)
+    return instant if instant.tzinfo else instant.replace(tzinfo=UTC)
