@@ -544,17 +544,19 @@ class JobQueue:
     async def get(self, job_id: str) -> JobView | None:
         async with self._reads() as session, session.begin():
             job = await session.get(Job, job_id)
-            view = None if job is None else _view(job)
-        live = self.board.get(job_id)
-        if view is not None and live is not None and view.status == JobStatus.RUNNING:
-            # The row is written once per reporting interval; this process's worker knows the current step.
-            return dataclasses.replace(view, progress_step=live.step, progress_total=live.total)
-        return view
+        return None if job is None else self._with_live_step(_view(job))
 
     async def _views_of(self, job_ids: Sequence[str]) -> dict[str, JobView]:
         async with self._reads() as session, session.begin():
             jobs = (await session.execute(select(Job).where(Job.id.in_(job_ids)))).scalars().all()
-            return {job.id: _view(job) for job in jobs}
+        return {job.id: self._with_live_step(_view(job)) for job in jobs}
+
+    def _with_live_step(self, view: JobView) -> JobView:
+        live = self.board.get(view.id)
+        if live is not None and view.status == JobStatus.RUNNING:
+            # The row is written once per reporting interval; this process's worker knows the current step.
+            return dataclasses.replace(view, progress_step=live.step, progress_total=live.total)
+        return view
 
     def live(self, job_id: str) -> LiveProgress | None:
         """Step k of n from this process's own worker (embedded mode), without a database read."""

@@ -71,8 +71,6 @@ class JobWatch(Generic[ViewT]):
         while self._followers:
             await asyncio.sleep(self._interval)
             ids = list(self._followers)
-            if not ids:
-                break
             try:
                 views: dict[str, ViewT] = {}
                 for start in range(0, len(ids), _CHUNK):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -90,18 +89,10 @@ async def follow_many(
             for job_id, before in list(last.items()):
                 if before.final:
                     continue
-                now = _current(queue, views.get(job_id), session_id_hash)
+                view = views.get(job_id)
+                if view is None or view.session_id_hash != session_id_hash:
+                    raise JobNotOwnedError(_NOT_OWNED)  # deleted (expired) since the stream began
+                now = progress_of(view)  # a running job's step from this process's worker (JobQueue)
                 if now != before:
                     last[job_id] = now
                     yield now
-
-
-def _current(queue: JobQueue, view: JobView | None, session_id_hash: str) -> JobProgress:
-    if view is None or view.session_id_hash != session_id_hash:
-        raise JobNotOwnedError(_NOT_OWNED)  # deleted (expired) since the stream began
-    progress = progress_of(view)
-    live = queue.live(view.id)
-    if live is not None and progress.status is JobStatus.RUNNING:
-        # The row is written once per reporting interval; this process's worker knows the current step.
-        progress = dataclasses.replace(progress, step=live.step, total=live.total)
-    return progress

@@ -43,3 +43,18 @@ def test_no_banner_without_a_clinician_session(carecanvas: RunningApp) -> None:
         forged = client.get("/jobs/00000000-0000-0000-0000-000000000000")
     assert forged.status_code == 401
     assert banner_of(forged.text) is None
+
+
+async def test_an_error_page_renders_without_extras_when_the_session_cannot_be_read() -> None:
+    from types import SimpleNamespace
+
+    from starlette.requests import Request
+
+    from service.web.context import error_page_extras
+
+    def broken_reads():
+        raise RuntimeError("database is down")
+
+    services = SimpleNamespace(read_sessions=broken_reads, settings=SimpleNamespace(cookies_secure=False))
+    request = Request({"type": "http", "method": "GET", "path": "/jobs/x", "headers": [(b"cookie", b"a=b")]})
+    assert await error_page_extras(request, services) == {}  # type: ignore[arg-type]
