@@ -23,8 +23,11 @@ from service.workflows.approve import IDENTIFIER_SYSTEM, artifact_identifier
 
 pytestmark = pytest.mark.slow
 
-# 256x256 noise: a ~200 kB PNG and a ~210 kB handout, so one transaction is ~550 kB of JSON.
-IMAGE_SIZE = 256
+# 224x224 noise: a ~150 kB PNG and a ~160 kB handout, so one transaction is ~380-430 kB of JSON. That band
+# holds none of the common proxy limits the service guesses from (256 KiB below it, 500 kB above), so the
+# first refusal always teaches 256 KiB. (At 256x256 the transaction straddled 500 kB and 512 KiB: a first
+# picture refused at 530 kB taught 512 KiB, and a second one of 480 kB was refused once more.)
+IMAGE_SIZE = 224
 # The registration allows more than the proxy does, so only the proxy's refusals can teach the limit. (A
 # registration that knows the limit sends Binaries first with no refusal: tests/fhir_adapters.)
 VARIANTS: dict[str, dict[str, Any]] = {"roomy": {"max_request_bytes": 5_000_000}}
@@ -141,7 +144,7 @@ def check_written_once(ehr: SandboxEHR, job_id: str) -> dict[str, Any]:
 def test_a_proxys_413_moves_the_attachments_into_binaries_first_and_is_remembered(
     ehr: SandboxEHR, apps: dict[str, RunningApp]
 ) -> None:
-    ehr.fhir.set_profile("body-limit", max_body_bytes=400_000)
+    ehr.fhir.set_profile("body-limit", max_body_bytes=350_000)
     with launch_session(apps["roomy"].url, ehr) as client:
         job_id, csrf = make_picture(client)
         with capture_logs() as logs:
@@ -175,7 +178,7 @@ def test_too_large_even_apart_is_reported_as_too_large_not_try_again(
 ) -> None:
     """A proxy's bare 500 "request entity too large" is not a timeout; once the handout alone is too big
     the clinician hears that, and nothing is written."""
-    ehr.fhir.set_profile("body-limit-500", max_body_bytes=250_000)
+    ehr.fhir.set_profile("body-limit-500", max_body_bytes=150_000)
     with launch_session(apps["roomy"].url, ehr) as client:
         job_id, csrf = make_picture(client)
         refused = approve(client, job_id, csrf)
