@@ -20,6 +20,7 @@ from service import images
 from service.audit import AuditLog
 from service.crypto import Keyring
 from service.db.engine import make_read_sessionmaker
+from service.db.group_commit import GroupCommit
 from service.ehr_profile import EhrProfiles
 from service.ehrs import EhrRegistry
 from service.generation.models import ModelRegistry
@@ -118,12 +119,23 @@ class Services:
     extras: dict[str, Any] = field(default_factory=dict)
     # Sessions that only read (on SQLite a query_only pool that never waits for the writer lock).
     read_sessionmaker: async_sessionmaker[AsyncSession] | None = None
+    # Short write units of concurrent requests in shared transactions (service.db.group_commit).
+    _group_commit: GroupCommit | None = field(default=None, repr=False)
+
+    @property
+    def group_commit(self) -> GroupCommit:
+        """The app's one group commit on the writing sessionmaker (made on first use)."""
+        if self._group_commit is None:
+            self._group_commit = GroupCommit(self.sessionmaker)
+        return self._group_commit
 
     def read_sessions(self) -> async_sessionmaker[AsyncSession]:
         """For read-only work; the writing sessionmaker where none was given (services built by hand)."""
         return self.read_sessionmaker or self.sessionmaker
 
     async def aclose(self) -> None:
+        if self._group_commit is not None:
+            await self._group_commit.aclose()
         await self.queue.watch.aclose()
         await self.connections.aclose()
         await self.http.aclose()

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import dataclasses
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -14,6 +15,8 @@ from service.ehr_profile import EhrProfile
 from service.services import Services
 from service.settings import EhrSettings
 from service.workflows.job_caps import JobOwner
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -51,6 +54,15 @@ class WorkflowContext:
             per_session=settings.max_queued_jobs_per_session,
             per_user=settings.max_queued_jobs_per_user,
         )
+
+    async def write_grouped(self, unit: Callable[[WorkflowContext], Awaitable[T]]) -> T:
+        """Run a short database-only unit in the app's group commit (one transaction for a burst of them).
+
+        The unit gets this context on the shared transaction's session. What this request's own session
+        holds is committed first: on SQLite it may hold the one writer connection the group needs.
+        """
+        await self.db.commit()
+        return await self.services.group_commit.run(lambda db: unit(dataclasses.replace(self, db=db)))
 
     async def profile(self, fhir: FhirClient) -> EhrProfile:
         """This EHR's quirks (attachments, transactions, updates), from the app's one capabilities fetch."""

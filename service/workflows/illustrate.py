@@ -9,6 +9,7 @@ from typing import Any
 from fhir_adapters import ConditionSummary, FhirClient, NotFoundError, summarize_condition
 from service.audit import AuditAction, AuditEntity, CareCanvasObject, EntityRole, carecanvas_ref
 from service.documents import DraftContent, create_draft
+from service.generation.models import ModelSpec
 from service.generation.prompts import Depiction, EducationPrompt, build_education_prompt
 from service.jobs import JobKind
 from service.workflows.context import WorkflowContext
@@ -31,8 +32,52 @@ def subject_patient_id(resource: dict[str, Any]) -> str | None:
     return reference.removeprefix("Patient/") if reference.startswith("Patient/") else None
 
 
+@dataclass(frozen=True)
+class PreparedIllustration:
+    """What a new illustration job needs, read and built before any database write."""
+
+    choice: IllustrationChoice
+    summary: ConditionSummary
+    prompt: EducationPrompt
+    model: ModelSpec
+    seed: int
+
+    async def write(self, ctx: WorkflowContext) -> str:
+        """The job, its draft and the audit record, in `ctx.db`'s transaction; returns the job id."""
+        job_id = await enqueue_image_job(
+            ctx.db,
+            queue=ctx.services.queue,
+            model=self.model,
+            kind=JobKind.ILLUSTRATION,
+            prompt=self.prompt.positive,
+            negative_prompt=self.prompt.negative,
+            seed=self.seed,
+            owner=ctx.job_owner(),
+        )
+        content = _draft_content(
+            ctx, self.choice, self.summary, self.prompt, model_name=self.model.name, seed=self.seed
+        )
+        await create_draft(
+            ctx.db, keyring=ctx.services.keyring, job_id=job_id, ehr_name=ctx.ehr.name, content=content
+        )
+        await _audit_request(ctx, job_id, content)
+        return job_id
+
+
 async def start_illustration(ctx: WorkflowContext, fhir: FhirClient, choice: IllustrationChoice) -> str:
-    """Read the condition, build the prompt from its concept only, enqueue; returns the job id."""
+    """Read the condition, build the prompt from its concept only, enqueue; returns the committed job's id.
+
+    The writes go through the app's group commit: a burst of clinicians' requests shares transactions
+    instead of queueing one by one for the writer (docs/decisions/0005).
+    """
+    prepared = await prepare_illustration(ctx, fhir, choice)
+    return await ctx.write_grouped(prepared.write)
+
+
+async def prepare_illustration(
+    ctx: WorkflowContext, fhir: FhirClient, choice: IllustrationChoice
+) -> PreparedIllustration:
+    """The EHR read and the prompt, nothing written (ConditionNotFoundError, TopicAlreadyMatchedError...)."""
     summary = await _patients_condition(ctx, fhir, choice.condition_id)
     codes = [(coding.system, coding.code) for coding in summary.codes if coding.system and coding.code]
     if choice.topic_override is not None:
@@ -52,24 +97,13 @@ async def start_illustration(ctx: WorkflowContext, fhir: FhirClient, choice: Ill
         tokenizer=None,  # the worker fits the prompt to its own pipeline's tokenizer before the call
         topic_override=choice.topic_override,
     )
-    model = ctx.services.models.get(ctx.services.settings.default_model)
-    seed = secrets.randbelow(2**31)
-    job_id = await enqueue_image_job(
-        ctx.db,
-        queue=ctx.services.queue,
-        model=model,
-        kind=JobKind.ILLUSTRATION,
-        prompt=prompt.positive,
-        negative_prompt=prompt.negative,
-        seed=seed,
-        owner=ctx.job_owner(),
+    return PreparedIllustration(
+        choice=choice,
+        summary=summary,
+        prompt=prompt,
+        model=ctx.services.models.get(ctx.services.settings.default_model),
+        seed=secrets.randbelow(2**31),
     )
-    content = _draft_content(ctx, choice, summary, prompt, model_name=model.name, seed=seed)
-    await create_draft(
-        ctx.db, keyring=ctx.services.keyring, job_id=job_id, ehr_name=ctx.ehr.name, content=content
-    )
-    await _audit_request(ctx, job_id, content)
-    return job_id
 
 
 def _draft_content(

@@ -15,7 +15,7 @@ from service.documents import DocumentView, Replaces, load_document, save_conten
 from service.generation.prompts import Depiction
 from service.workflows.context import WorkflowContext
 from service.workflows.errors import NotReplaceableError, TopicAlreadyMatchedError
-from service.workflows.illustrate import IllustrationChoice, start_illustration
+from service.workflows.illustrate import IllustrationChoice, prepare_illustration
 
 log = structlog.get_logger("carecanvas.regenerate")
 
@@ -89,10 +89,13 @@ async def start_regeneration(ctx: WorkflowContext, fhir: FhirClient, choice: Reg
         topic_override=previous.content.topic_id if previous.content.topic_chosen_by_clinician else None,
     )
     try:
-        job_id = await start_illustration(ctx, fhir, again)
+        prepared = await prepare_illustration(ctx, fhir, again)
     except TopicAlreadyMatchedError:
         # The condition was coded since: its own topic now wins (refused before anything was written).
-        job_id = await start_illustration(ctx, fhir, dataclasses.replace(again, topic_override=None))
+        prepared = await prepare_illustration(ctx, fhir, dataclasses.replace(again, topic_override=None))
+    # In this request's own transaction (not the group commit): the job and the draft's `replaces` commit
+    # together or not at all.
+    job_id = await prepared.write(ctx)
     draft = await load_document(db, keyring=keyring, job_id=job_id)
     if draft is None:  # start_illustration always creates one; a missing draft is a bug
         raise RuntimeError("the new draft was not created")
