@@ -121,6 +121,15 @@ def _aad(document_id: str) -> bytes:
 async def create_draft(
     db: AsyncSession, *, keyring: Keyring, job_id: str, ehr_name: str, content: DraftContent
 ) -> str:
+    document_id = add_draft(db, keyring=keyring, job_id=job_id, ehr_name=ehr_name, content=content)
+    await db.flush()
+    return document_id
+
+
+def add_draft(
+    db: AsyncSession, *, keyring: Keyring, job_id: str, ehr_name: str, content: DraftContent
+) -> str:
+    """`create_draft` without the flush (many drafts go out in one INSERT at the caller's next flush)."""
     document_id = str(uuid.uuid4())
     db.add(
         Document(
@@ -132,7 +141,6 @@ async def create_draft(
             version=1,
         )
     )
-    await db.flush()
     return document_id
 
 

@@ -11,6 +11,7 @@ from service.audit.checkpoints import (
 )
 from service.audit.log import (
     AuditAction,
+    AuditAppend,
     AuditEntity,
     AuditEntry,
     AuditError,
@@ -27,6 +28,7 @@ from service.audit.verify import VerifyResult, verify_chain
 __all__ = [
     "GENESIS_HASH",
     "AuditAction",
+    "AuditAppend",
     "AuditEntity",
     "AuditEntry",
     "AuditError",

@@ -17,7 +17,7 @@ from enum import StrEnum
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from sqlalchemy import select, text
+from sqlalchemy import insert, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.audit.chain import GENESIS_HASH, hashed_fields, record_hash
@@ -199,6 +199,32 @@ class AuditRecordRef:
 
 
 @dataclass(frozen=True)
+class AuditAppend:
+    """One record to append: what `AuditLog.append` takes, as a value (for `append_many`)."""
+
+    action: AuditAction
+    outcome: AuditOutcome
+    actor: str | None
+    patient: str | None
+    ehr: str | None
+    resource: str | None
+    request_id: str | None
+    detail: Mapping[str, Any] | None = None
+    entities: tuple[AuditEntity, ...] = ()
+    description: str | None = None
+    actor_display: str | None = None
+    role: str | None = None
+
+
+@dataclass(frozen=True)
+class _PreparedAppend:
+    entry: AuditAppend
+    actor: str | None
+    resource: str | None
+    sealed_plain: bytes
+
+
+@dataclass(frozen=True)
 class AuditEntry:
     """A decrypted audit record, for compliance officers."""
 
@@ -298,57 +324,113 @@ class AuditLog:
 
         The actor is stored in its canonical form; entities, description, display and role are sealed.
         """
-        actor = canonical_actor(actor)
-        if resource is None and entities:
-            resource = entities[0].reference
-        for name, value in (("ehr", ehr), ("request_id", request_id)):
-            if value is not None and not 0 < len(value) <= 128:
-                raise AuditError(f"audit {name} must be 1..128 characters")
-        if not _ACTION_PATTERN.match(action):
-            raise AuditError("audit action must be a lower-case name like 'fhir.read' (see AuditAction)")
-        if outcome not in AuditOutcome.__members__.values():
-            raise AuditError(f"audit outcome must be one of {[o.value for o in AuditOutcome]}")
-        sealed_plain = _sealed_body(
-            {
-                "actor": actor,
-                "patient": patient,
-                "resource": resource,
-                "detail": dict(detail or {}),
-                "entities": [{"reference": e.reference, "role": e.role.value} for e in entities],
-                "description": description
-                or describe(action, actor=actor, outcome=outcome, entities=entities, resource=resource),
-                "actor_display": actor_display,
-                "role": role,
-            }
+        entry = AuditAppend(
+            action=action,
+            outcome=outcome,
+            actor=actor,
+            patient=patient,
+            ehr=ehr,
+            resource=resource,
+            request_id=request_id,
+            detail=detail,
+            entities=tuple(entities),
+            description=description,
+            actor_display=actor_display,
+            role=role,
         )
+        return await self.append_entry(session, entry)
+
+    async def append_entry(self, session: AsyncSession, entry: AuditAppend) -> AuditRecordRef:
+        """`append` for an entry built as a value."""
+        prepared = self._prepare(entry)
         await self._lock_chain(session)
         recorded_at = self._clock().astimezone(UTC)
         for fresh in (False, True):
             if fresh or self._head is None:
                 self._head = await self.head(session)
             prev_seq, prev_hash = self._head
-            seq = prev_seq + 1
-            sealed = self._keyring.encrypt(sealed_plain, aad=aad_for("audit_records", seq, "sealed"))
-            row = AuditRecord(
-                seq=seq,
-                recorded_at=recorded_at,
-                action=action,
-                outcome=outcome,
-                actor_digest=None if actor is None else self.actor_digest(actor),
-                patient_digest=None if patient is None else self.patient_digest(patient),
-                ehr=ehr,
-                resource_type=resource_type_of(resource),
-                request_id=request_id,
-                sealed=sealed,
-                prev_hash=prev_hash,
-            )
-            row.hash = record_hash(prev_hash, hashed_fields(row))
+            row = self._row(prepared, seq=prev_seq + 1, prev_hash=prev_hash, recorded_at=recorded_at)
             # One statement, linked only onto the head we expect (service.audit.linking).
             if await insert_if_head(session, _column_values(row), prev_seq=prev_seq, prev_hash=prev_hash):
-                self._head = (seq, row.hash)
-                return AuditRecordRef(seq=seq, hash=row.hash, recorded_at=recorded_at)
+                self._head = (row.seq, row.hash)
+                return AuditRecordRef(seq=row.seq, hash=row.hash, recorded_at=recorded_at)
             self._head = None
         raise AuditError("the audit chain head changed during the append although the chain was locked")
+
+    async def append_many(
+        self, session: AsyncSession, entries: Sequence[AuditAppend]
+    ) -> list[AuditRecordRef]:
+        """Append several records in the caller's transaction with one read of the head and one INSERT.
+
+        Under the chain lock (SQLite: the writer lock of BEGIN IMMEDIATE; PostgreSQL: the advisory lock taken
+        here) the head read here cannot move before the insert, so the records link onto it and each other.
+        """
+        if not entries:
+            return []
+        prepared = [self._prepare(entry) for entry in entries]  # every check before anything is written
+        await self._lock_chain(session)
+        recorded_at = self._clock().astimezone(UTC)
+        prev_seq, prev_hash = await self.head(session)
+        rows: list[AuditRecord] = []
+        for item in prepared:
+            row = self._row(item, seq=prev_seq + 1, prev_hash=prev_hash, recorded_at=recorded_at)
+            rows.append(row)
+            prev_seq, prev_hash = row.seq, row.hash
+        self._head = None  # rechecked by the next append (this transaction may still roll back)
+        await session.execute(insert(AuditRecord), [_column_values(row) for row in rows])
+        self._head = (prev_seq, prev_hash)
+        return [AuditRecordRef(seq=row.seq, hash=row.hash, recorded_at=recorded_at) for row in rows]
+
+    def _prepare(self, entry: AuditAppend) -> _PreparedAppend:
+        """Validate, canonicalise and seal one entry (nothing that depends on the chain's head)."""
+        actor = canonical_actor(entry.actor)
+        resource = entry.resource
+        if resource is None and entry.entities:
+            resource = entry.entities[0].reference
+        for name, value in (("ehr", entry.ehr), ("request_id", entry.request_id)):
+            if value is not None and not 0 < len(value) <= 128:
+                raise AuditError(f"audit {name} must be 1..128 characters")
+        if not _ACTION_PATTERN.match(entry.action):
+            raise AuditError("audit action must be a lower-case name like 'fhir.read' (see AuditAction)")
+        if entry.outcome not in AuditOutcome.__members__.values():
+            raise AuditError(f"audit outcome must be one of {[o.value for o in AuditOutcome]}")
+        entities = entry.entities
+        sealed_plain = _sealed_body(
+            {
+                "actor": actor,
+                "patient": entry.patient,
+                "resource": resource,
+                "detail": dict(entry.detail or {}),
+                "entities": [{"reference": e.reference, "role": e.role.value} for e in entities],
+                "description": entry.description
+                or describe(
+                    entry.action, actor=actor, outcome=entry.outcome, entities=entities, resource=resource
+                ),
+                "actor_display": entry.actor_display,
+                "role": entry.role,
+            }
+        )
+        return _PreparedAppend(entry=entry, actor=actor, resource=resource, sealed_plain=sealed_plain)
+
+    def _row(
+        self, prepared: _PreparedAppend, *, seq: int, prev_hash: str, recorded_at: datetime
+    ) -> AuditRecord:
+        entry, actor = prepared.entry, prepared.actor
+        row = AuditRecord(
+            seq=seq,
+            recorded_at=recorded_at,
+            action=entry.action,
+            outcome=entry.outcome,
+            actor_digest=None if actor is None else self.actor_digest(actor),
+            patient_digest=None if entry.patient is None else self.patient_digest(entry.patient),
+            ehr=entry.ehr,
+            resource_type=resource_type_of(prepared.resource),
+            request_id=entry.request_id,
+            sealed=self._keyring.encrypt(prepared.sealed_plain, aad=aad_for("audit_records", seq, "sealed")),
+            prev_hash=prev_hash,
+        )
+        row.hash = record_hash(prev_hash, hashed_fields(row))
+        return row
 
     async def _lock_chain(self, session: AsyncSession) -> None:
         if session.get_bind().dialect.name == "postgresql":

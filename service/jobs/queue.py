@@ -170,6 +170,32 @@ class JobQueue:
         owner_key: str | None = None,
     ) -> str:
         """Add a queued job in the caller's transaction (so the caller audits in the same transaction)."""
+        job_id = self.add_job(
+            session,
+            kind=kind,
+            bucket=bucket,
+            spec=spec,
+            session_id_hash=session_id_hash,
+            job_id=job_id,
+            priority=priority,
+            owner_key=owner_key,
+        )
+        await session.flush()
+        return job_id
+
+    def add_job(
+        self,
+        session: AsyncSession,
+        *,
+        kind: str,
+        bucket: str,
+        spec: Mapping[str, Any],
+        session_id_hash: str | None,
+        job_id: str | None = None,
+        priority: int = JobPriority.INTERACTIVE,
+        owner_key: str | None = None,
+    ) -> str:
+        """`enqueue` without the flush: many jobs go out in one INSERT at the caller's next flush."""
         if not kind or not bucket:
             raise ValueError("a job needs a kind and a bucket")
         job_id = job_id or str(uuid.uuid4())
@@ -194,7 +220,6 @@ class JobQueue:
                 updated_at=now,
             )
         )
-        await session.flush()
         return job_id
 
     async def claim_batch(

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from fhir_adapters import FhirClient, GrantedScopes
-from service.audit import AuditAction, AuditEntity, AuditOutcome, canonical_actor
+from service.audit import AuditAction, AuditAppend, AuditEntity, AuditOutcome, canonical_actor
+from service.db.group_commit import BatchWriter
 from service.ehr_profile import EhrProfile
 from service.services import Services
 from service.settings import EhrSettings
 from service.workflows.job_caps import JobOwner
-
-T = TypeVar("T")
 
 
 @dataclass
@@ -55,14 +53,14 @@ class WorkflowContext:
             per_user=settings.max_queued_jobs_per_user,
         )
 
-    async def write_grouped(self, unit: Callable[[WorkflowContext], Awaitable[T]]) -> T:
-        """Run a short database-only unit in the app's group commit (one transaction for a burst of them).
+    async def grouped(self, item: Any, writer: BatchWriter) -> Any:
+        """Hand `item` to the app's group commit, written by `writer` with the others of its transaction.
 
-        The unit gets this context on the shared transaction's session. What this request's own session
-        holds is committed first: on SQLite it may hold the one writer connection the group needs.
+        What this request's own session holds is committed first: on SQLite it may hold the one writer
+        connection the group needs.
         """
         await self.db.commit()
-        return await self.services.group_commit.run(lambda db: unit(dataclasses.replace(self, db=db)))
+        return await self.services.group_commit.submit(item, writer)
 
     async def profile(self, fhir: FhirClient) -> EhrProfile:
         """This EHR's quirks (attachments, transactions, updates), from the app's one capabilities fetch."""
@@ -84,8 +82,32 @@ class WorkflowContext:
 
         `about_patient=False`: the touch is not of the patient's record (the clinician's own Practitioner).
         """
-        await self.services.audit.append(
-            self.db,
+        entry = self.audit_entry(
+            action,
+            outcome,
+            resource=resource,
+            detail=detail,
+            patient=patient,
+            entities=entities,
+            description=description,
+            about_patient=about_patient,
+        )
+        await self.services.audit.append_entry(self.db, entry)
+
+    def audit_entry(
+        self,
+        action: AuditAction,
+        outcome: AuditOutcome = AuditOutcome.SUCCESS,
+        *,
+        resource: str | None = None,
+        detail: Mapping[str, Any] | None = None,
+        patient: str | None = None,
+        entities: Sequence[AuditEntity] = (),
+        description: str | None = None,
+        about_patient: bool = True,
+    ) -> AuditAppend:
+        """The record `audit` would append, as a value (for `AuditLog.append_many`)."""
+        return AuditAppend(
             action=action,
             outcome=outcome,
             actor=self.actor,
@@ -94,7 +116,7 @@ class WorkflowContext:
             resource=resource,
             request_id=self.request_id,
             detail=detail,
-            entities=entities,
+            entities=tuple(entities),
             description=description,
             actor_display=self.actor_display,
             role=self.role,

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy.ext.asyncio import AsyncSession
+
 from fhir_adapters import ConditionSummary, FhirClient, NotFoundError, summarize_condition
-from service.audit import AuditAction, AuditEntity, CareCanvasObject, EntityRole, carecanvas_ref
-from service.documents import DraftContent, create_draft
+from service.audit import AuditAction, AuditAppend, AuditEntity, CareCanvasObject, EntityRole, carecanvas_ref
+from service.documents import DraftContent, add_draft, create_draft
 from service.generation.models import ModelSpec
 from service.generation.prompts import Depiction, EducationPrompt, build_education_prompt
 from service.jobs import JobKind
 from service.workflows.context import WorkflowContext
 from service.workflows.errors import ConditionNotFoundError, TopicAlreadyMatchedError, WrongPatientError
-from service.workflows.image_jobs import enqueue_image_job
+from service.workflows.image_jobs import enqueue_image_job, image_job_spec
+from service.workflows.job_caps import TooManyJobsError, count_rooms
 
 
 @dataclass(frozen=True)
@@ -54,24 +58,80 @@ class PreparedIllustration:
             seed=self.seed,
             owner=ctx.job_owner(),
         )
-        content = _draft_content(
-            ctx, self.choice, self.summary, self.prompt, model_name=self.model.name, seed=self.seed
-        )
+        content = self.content(ctx)
         await create_draft(
             ctx.db, keyring=ctx.services.keyring, job_id=job_id, ehr_name=ctx.ehr.name, content=content
         )
-        await _audit_request(ctx, job_id, content)
+        await ctx.services.audit.append_entry(ctx.db, _request_audit(ctx, job_id, content))
         return job_id
+
+    def content(self, ctx: WorkflowContext) -> DraftContent:
+        """The draft the reviewer will see."""
+        return _draft_content(
+            ctx, self.choice, self.summary, self.prompt, model_name=self.model.name, seed=self.seed
+        )
+
+
+@dataclass(frozen=True)
+class _Intake:
+    """One request's prepared illustration, handed to the group commit with the context it came from."""
+
+    ctx: WorkflowContext
+    prepared: PreparedIllustration
 
 
 async def start_illustration(ctx: WorkflowContext, fhir: FhirClient, choice: IllustrationChoice) -> str:
     """Read the condition, build the prompt from its concept only, enqueue; returns the committed job's id.
 
-    The writes go through the app's group commit: a burst of clinicians' requests shares transactions
-    instead of queueing one by one for the writer (docs/decisions/0005).
+    The writes go through the app's group commit: the illustrations of a burst of requests are written
+    together, a few statements for all of them (docs/decisions/0005).
     """
     prepared = await prepare_illustration(ctx, fhir, choice)
-    return await ctx.write_grouped(prepared.write)
+    job_id: str = await ctx.grouped(_Intake(ctx, prepared), write_illustrations)
+    return job_id
+
+
+async def write_illustrations(db: AsyncSession, intakes: Sequence[_Intake]) -> list[str | TooManyJobsError]:
+    """Jobs, drafts and audit records of many requests: one cap count, one flush, one audit INSERT.
+
+    A request over its job cap gets its TooManyJobsError and nothing of it is written; the caps count
+    the jobs admitted before it in this group, as they would count committed ones.
+    """
+    if not intakes:
+        return []
+    services = intakes[0].ctx.services
+    rooms = await count_rooms(db, [intake.ctx.job_owner() for intake in intakes])
+    outcomes: list[str | TooManyJobsError] = []
+    admitted: list[tuple[_Intake, str]] = []
+    for intake in intakes:
+        owner = intake.ctx.job_owner()
+        refused = rooms.admit(owner)
+        if refused is not None:
+            outcomes.append(refused)
+            continue
+        prompt, prepared = intake.prepared.prompt, intake.prepared
+        spec = image_job_spec(
+            prepared.model, prompt=prompt.positive, negative_prompt=prompt.negative, seed=prepared.seed
+        )
+        job_id = services.queue.add_job(
+            db,
+            kind=JobKind.ILLUSTRATION,
+            bucket=spec.bucket,
+            spec=spec.to_dict(),
+            session_id_hash=owner.session_id_hash,
+            owner_key=owner.owner_key,
+        )
+        admitted.append((intake, job_id))
+        outcomes.append(job_id)
+    await db.flush()  # the jobs first: the drafts refer to them (no ORM relationship orders the two)
+    audits: list[AuditAppend] = []
+    for intake, job_id in admitted:
+        content = intake.prepared.content(intake.ctx)
+        add_draft(db, keyring=services.keyring, job_id=job_id, ehr_name=intake.ctx.ehr.name, content=content)
+        audits.append(_request_audit(intake.ctx, job_id, content))
+    await db.flush()
+    await services.audit.append_many(db, audits)
+    return outcomes
 
 
 async def prepare_illustration(
@@ -146,9 +206,9 @@ async def _patients_condition(ctx: WorkflowContext, fhir: FhirClient, condition_
     return summarize_condition(condition)
 
 
-async def _audit_request(ctx: WorkflowContext, job_id: str, content: DraftContent) -> None:
+def _request_audit(ctx: WorkflowContext, job_id: str, content: DraftContent) -> AuditAppend:
     """A request for OUR job, made from the Condition (which is read, never created or changed)."""
-    await ctx.audit(
+    return ctx.audit_entry(
         AuditAction.GENERATE,
         entities=[
             AuditEntity(carecanvas_ref(CareCanvasObject.JOB, job_id)),

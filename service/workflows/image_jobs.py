@@ -32,16 +32,7 @@ async def enqueue_image_job(
     Returns the new job's id.
     """
     await check_room(db, owner)
-    spec = ImageJobSpec(
-        model=model.name,
-        prompt=prompt,
-        negative_prompt=negative_prompt,
-        seed=seed,
-        width=model.default_width,
-        height=model.default_height,
-        steps=model.default_steps,
-        guidance=model.default_guidance,
-    )
+    spec = image_job_spec(model, prompt=prompt, negative_prompt=negative_prompt, seed=seed)
     job_id = str(uuid.uuid4())
     await queue.enqueue(
         db,
@@ -54,3 +45,17 @@ async def enqueue_image_job(
         owner_key=owner.owner_key,
     )
     return job_id
+
+
+def image_job_spec(model: ModelSpec, *, prompt: str, negative_prompt: str | None, seed: int) -> ImageJobSpec:
+    """The spec of one image at the model's defaults (its bucket is what the worker batches by)."""
+    return ImageJobSpec(
+        model=model.name,
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+        seed=seed,
+        width=model.default_width,
+        height=model.default_height,
+        steps=model.default_steps,
+        guidance=model.default_guidance,
+    )

@@ -7,7 +7,9 @@ Two requests of one session racing each other may both pass: the cap is exact up
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from sqlalchemy import false, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -67,6 +69,45 @@ async def check_room(db: AsyncSession, owner: JobOwner) -> None:
         raise TooManyJobsError(_message(owner.per_session, everywhere=False))
     if owner.owner_key is not None and for_user >= owner.per_user:
         raise TooManyJobsError(_message(owner.per_user, everywhere=True))
+
+
+@dataclass
+class Rooms:
+    """Unfinished jobs per session and per user for a group of owners, counted once, then admitted in turn."""
+
+    per_session: Counter[str] = field(default_factory=Counter)
+    per_user: Counter[str] = field(default_factory=Counter)
+
+    def admit(self, owner: JobOwner) -> TooManyJobsError | None:
+        """Count one more job for `owner`, or the refusal `check_room` would raise (nothing counted)."""
+        if self.per_session[owner.session_id_hash] >= owner.per_session:
+            return TooManyJobsError(_message(owner.per_session, everywhere=False))
+        if owner.owner_key is not None and self.per_user[owner.owner_key] >= owner.per_user:
+            return TooManyJobsError(_message(owner.per_user, everywhere=True))
+        self.per_session[owner.session_id_hash] += 1
+        if owner.owner_key is not None:
+            self.per_user[owner.owner_key] += 1
+        return None
+
+
+async def count_rooms(db: AsyncSession, owners: Sequence[JobOwner]) -> Rooms:
+    """One statement for every owner's unfinished jobs (by session and by user), for `Rooms.admit`."""
+    sessions = sorted({owner.session_id_hash for owner in owners})
+    users = sorted({owner.owner_key for owner in owners if owner.owner_key is not None})
+    mine = Job.session_id_hash.in_(sessions)
+    theirs = Job.owner_key.in_(users) if users else false()
+    query = (
+        select(Job.session_id_hash, Job.owner_key, func.count())
+        .where(Job.status.in_(UNFINISHED), or_(mine, theirs))
+        .group_by(Job.session_id_hash, Job.owner_key)
+    )
+    rooms = Rooms()
+    for session_id_hash, owner_key, count in (await db.execute(query)).all():
+        if session_id_hash is not None:
+            rooms.per_session[session_id_hash] += count
+        if owner_key is not None:
+            rooms.per_user[owner_key] += count
+    return rooms
 
 
 def _message(cap: int, *, everywhere: bool) -> str:
