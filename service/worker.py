@@ -187,8 +187,7 @@ class Worker:
                 self._recovered()
                 if batch is None or not batch.jobs:
                     if batch is None:
-                        with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(stop.wait(), timeout=self._poll)
+                        await self._idle(stop)
                     continue
                 with contextlib.suppress(Exception):  # a failed top-up only means a smaller batch
                     await self._top_up(batch)
@@ -208,6 +207,15 @@ class Worker:
                 await heartbeat
             self._shutdown_pool()
             log.info("worker stopped", worker_id=self.worker_id)
+
+    async def _idle(self, stop: asyncio.Event) -> None:
+        """Until the next poll, a stop, or this process queueing a job (the queue's doorbell)."""
+        waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._queue.doorbell.wait())]
+        try:
+            await asyncio.wait(waits, timeout=self._poll, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in waits:
+                waiting.cancel()
 
     async def run_once(self) -> int:
         """Claim one batch, run it, store it, one stage after the other. Returns how many jobs it claimed."""
@@ -267,6 +275,8 @@ class Worker:
         if now - self._last_sweep >= _SWEEP_EVERY_SECONDS:
             await self._queue.sweep_expired()
             self._last_sweep = now
+        # Cleared before the claim: a job committed after this point rings again and ends the idle wait.
+        self._queue.doorbell.clear()
         jobs = await self._claim(max_jobs=self._batch_size)
         if not jobs:
             return None

@@ -18,9 +18,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
-from sqlalchemy import case, delete, func, insert, literal_column, select, update
+from sqlalchemy import case, delete, event, func, insert, literal_column, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnClause
 
 from service.crypto.envelope import aad_for
@@ -33,6 +34,21 @@ from service.jobs.watch import JobWatch
 log = structlog.get_logger("carecanvas.jobs")
 
 _MAX_REASON = 300
+_DOORBELL = "carecanvas_doorbell"
+
+
+@event.listens_for(Session, "after_commit")
+def _ring_doorbell(session: Session) -> None:
+    doorbell = session.info.pop(_DOORBELL, None)
+    if doorbell is not None:
+        doorbell.set()
+
+
+@event.listens_for(Session, "after_rollback")
+def _forget_doorbell(session: Session) -> None:
+    session.info.pop(_DOORBELL, None)
+
+
 # A job whose worker died under it this many times is claimed alone from then on: if it is the poison, only it
 # is charged for the next crash; if it is not, it runs without the poison and succeeds.
 SOLO_AFTER_CRASHES = 2
@@ -153,6 +169,9 @@ class JobQueue:
         self.board = ProgressBoard()
         # The rows of every job this process's progress streams follow, read together once per interval.
         self.watch: JobWatch[JobView] = JobWatch(self._views_of, interval=watch_interval)
+        # Rung when a transaction that queued jobs commits in this process: an embedded worker waiting
+        # for work claims at once instead of at its next poll. (A separate worker process polls.)
+        self.doorbell = asyncio.Event()
 
     def _now(self) -> datetime:
         return self._clock().astimezone(UTC)
@@ -198,6 +217,7 @@ class JobQueue:
         """`enqueue` without the flush: many jobs go out in one INSERT at the caller's next flush."""
         if not kind or not bucket:
             raise ValueError("a job needs a kind and a bucket")
+        self._ring_after_commit(session)
         job_id = job_id or str(uuid.uuid4())
         now = self._now()
         spec_bytes = json.dumps(dict(spec), sort_keys=True).encode()
@@ -221,6 +241,10 @@ class JobQueue:
             )
         )
         return job_id
+
+    def _ring_after_commit(self, session: AsyncSession) -> None:
+        """Ring the doorbell once this session's transaction commits (not before: a claim would miss it)."""
+        session.sync_session.info[_DOORBELL] = self.doorbell
 
     async def claim_batch(
         self, *, worker_id: str, max_jobs: int, bucket: str | None = None

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 from PIL import Image
-from sqlalchemy import event
+from sqlalchemy import event, text
 
 import service.worker as worker_module
 from service.db.engine import make_engine, make_sessionmaker
@@ -241,3 +241,41 @@ async def test_storage_errors_back_off_with_one_line_per_state_change(
     assert "worker iteration failed" not in messages
     # Backing off (0.05, 0.1, 0.2, 0.4, 0.8 s ...): a handful of tries in 2 s, not one per 50 ms poll.
     assert 2 <= failing_sweeps <= 8, failing_sweeps
+
+
+async def test_a_job_queued_in_this_process_wakes_the_idle_worker_at_once(
+    queue, sessionmaker, worker_engine
+) -> None:
+    """The embedded worker waits on the queue's doorbell: the commit that queued a job rings it, so the job
+    starts without waiting for the next poll (30 s here; the old idle wait slept the whole poll)."""
+    worker = make_worker(queue, worker_engine, poll_seconds=30)
+    stop = asyncio.Event()
+    running = asyncio.create_task(worker.run(stop))
+    try:
+        await asyncio.sleep(0.5)  # the worker found nothing and waits
+        (job_id,) = await enqueue(queue, sessionmaker, [job_spec(1)])
+
+        async def done() -> bool:
+            return (await queue.get(job_id)).status == "succeeded"
+
+        await wait_until(done, within=10)
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, timeout=30)  # a stop still ends the idle wait at once
+
+
+async def test_the_doorbell_rings_on_commit_only(queue, sessionmaker) -> None:
+    spec = job_spec(2)
+    queue.doorbell.clear()
+    async with sessionmaker() as session:
+        await queue.enqueue(session, kind="illustration", bucket="b", spec=spec, session_id_hash=None)
+        assert not queue.doorbell.is_set()  # flushed, not committed: a claim would not see it yet
+        await session.rollback()
+    assert not queue.doorbell.is_set()
+    async with sessionmaker() as session, session.begin():
+        await queue.enqueue(session, kind="illustration", bucket="b", spec=spec, session_id_hash=None)
+    assert queue.doorbell.is_set()
+    queue.doorbell.clear()
+    async with sessionmaker() as session, session.begin():  # a later transaction that queues nothing
+        await session.execute(text("SELECT 1"))
+    assert not queue.doorbell.is_set()
