@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import threading
 import time
@@ -193,6 +194,7 @@ class DiffusionEngine:
         self._pipeline: DiffusionPipeline | None = None
         self._accepts: frozenset[str] = frozenset()
         self._lock = threading.Lock()
+        self._fitting_tokenizer: Any = None
 
     # -- loading -------------------------------------------------------------------------------------------
 
@@ -272,11 +274,19 @@ class DiffusionEngine:
 
     @property
     def tokenizer(self) -> Any:
-        """The pipeline's own (first) tokenizer, so prompts can be capped to the text encoder's budget."""
-        tokenizer = getattr(self.pipeline, "tokenizer", None)
-        if tokenizer is None:
-            raise RuntimeError(f"model {self.spec.name!r} has no tokenizer component")
-        return tokenizer
+        """A copy of the pipeline's own (first) tokenizer, to cap prompts to the text encoder's budget.
+
+        A copy, not the pipeline's: the worker fits the next batch's prompts while the pipeline tokenizes the
+        current batch in its thread, and a tokenizer is not thread-safe (shared, the pipeline's call now and
+        then built prompt embeddings of the wrong length: "Sizes of tensors must match", the batch failed).
+        """
+        if self._fitting_tokenizer is None:
+            tokenizer = getattr(self.pipeline, "tokenizer", None)
+            if tokenizer is None:
+                raise RuntimeError(f"model {self.spec.name!r} has no tokenizer component")
+            with self._lock:  # the pipeline is not running a batch while its tokenizer is copied
+                self._fitting_tokenizer = copy.deepcopy(tokenizer)
+        return self._fitting_tokenizer
 
     # -- generation ----------------------------------------------------------------------------------------
 

@@ -527,3 +527,33 @@ def test_batch_cap_follows_the_smallest_bucket_that_fits() -> None:
     assert spec.batch_cap_for(768, 768) == 2
     assert spec.batch_cap_for(1024, 1024) == 2
     assert spec.batch_cap_for(2048, 2048) == 1
+
+
+def test_prompts_fitted_while_a_batch_runs_never_break_the_batch(tiny_engine: DiffusionEngine) -> None:
+    """The worker fits the next batch's prompts (engine.tokenizer) while the pipeline tokenizes the current
+    one in its thread. With the pipeline's own tokenizer shared, batches failed now and then ("Sizes of
+    tensors must match ... got size 77": 6 of 30 in a run) and were retried one job at a time."""
+    from service.generation.text import fit_to_token_budget
+
+    assert tiny_engine.tokenizer is not tiny_engine.pipeline.tokenizer
+    long_text = "a friendly picture about the heart, the lungs and the kidneys " * 12
+    stop = threading.Event()
+    fitted: list[str] = []
+
+    def fit_continuously() -> None:
+        while not stop.is_set():
+            fitted.append(fit_to_token_budget(long_text, tokenizer=tiny_engine.tokenizer))
+
+    fitter = threading.Thread(target=fit_continuously)
+    fitter.start()
+    try:
+        for round_ in range(15):
+            requests = [
+                ImageRequest(f"r{round_}-{k}", long_text[:200], None, k, 64, 64, 2, 5.0) for k in range(8)
+            ]
+            assert len(tiny_engine.generate(requests)) == 8
+    finally:
+        stop.set()
+        fitter.join(timeout=30)
+    assert fitted
+    assert len(set(fitted)) == 1  # the copy fits the same way every time
