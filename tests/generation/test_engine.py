@@ -329,9 +329,14 @@ def test_generate_one_by_one_stops_on_cancellation(tiny_engine: DiffusionEngine)
         tiny_engine.generate_one_by_one([request(1), request(2)], should_cancel=lambda: True)
 
 
-def test_tokenizer_is_the_pipelines_own(tiny_engine: DiffusionEngine) -> None:
-    assert tiny_engine.tokenizer is tiny_engine.pipeline.tokenizer
-    assert tiny_engine.tokenizer.model_max_length == 77
+def test_tokenizer_is_a_copy_of_the_pipelines_own(tiny_engine: DiffusionEngine) -> None:
+    fitting, own = tiny_engine.tokenizer, tiny_engine.pipeline.tokenizer
+    assert fitting is not own
+    assert type(fitting) is type(own)
+    assert fitting.model_max_length == own.model_max_length == 77
+    text = "a picture about asthma and the lungs"
+    assert fitting(text).input_ids == own(text).input_ids
+    assert tiny_engine.tokenizer is fitting  # one copy per engine
 
 
 def test_unloaded_engine_refuses_to_generate(
