@@ -10,6 +10,7 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.documents import SafetyCheck, load_document, save_content
+from service.generation.cpu_threads import configure_cpu_inference
 from service.generation.engine import DiffusionEngine, select_device_and_dtype
 from service.generation.models import ModelSpec
 from service.generation.safety import SafetyClassifier, load_safety_classifier
@@ -36,6 +37,7 @@ class EngineCache:
     def __init__(self, services: Services, *, device_preference: str) -> None:
         self._services = services
         self._device, self._dtype = select_device_and_dtype(device_preference)
+        configure_cpu_inference(self._device, services.settings.worker_torch_threads)
         self._engines: dict[str, DiffusionEngine] = {}
 
     def __call__(self, model_name: str) -> DiffusionEngine:

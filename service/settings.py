@@ -174,6 +174,9 @@ class Settings(BaseSettings):
     worker_preview_every_steps: int = Field(default=4, ge=1)
     # Threads that PNG-encode, check and encrypt finished images; 0 = one per core, less one.
     worker_encode_threads: int = Field(default=0, ge=0)
+    # torch's intra-op threads when generating on CPU; 0 = one fewer than this process's CPUs (at least 1),
+    # so the pipeline never waits for a core the web or storage is using (service.generation.cpu_threads).
+    worker_torch_threads: int = Field(default=0, ge=0)
     job_lease_seconds: int = 60
     job_max_attempts: int = 3
     # Tiny CPU defaults; a registry entry overrides these per model.
