@@ -173,6 +173,9 @@ class Worker:
         """Until ``stop``: claim N+1 and store N-1 while N runs. Stopping releases the unstarted jobs."""
         log.info("worker started", worker_id=self.worker_id, encode_workers=self._encode_workers)
         heartbeat = asyncio.create_task(self._heartbeat())
+        # PostgreSQL: jobs queued by other processes ring this worker's doorbell too (LISTEN/NOTIFY).
+        listening = self._queue.listener(stop)
+        listener = asyncio.create_task(listening) if listening is not None else None
         prefetch: asyncio.Task[PreparedBatch | None] | None = None
         storing: asyncio.Task[None] | None = None
         try:
@@ -202,9 +205,11 @@ class Worker:
                 await self._give_back(prefetch)
             if storing is not None:
                 await storing
-            heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await heartbeat
+            for task in (heartbeat, listener):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
             self._shutdown_pool()
             log.info("worker stopped", worker_id=self.worker_id)
 

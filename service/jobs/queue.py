@@ -12,7 +12,7 @@ import dataclasses
 import hashlib
 import json
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -20,13 +20,14 @@ from typing import Any
 import structlog
 from sqlalchemy import case, delete, event, func, insert, literal_column, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnClause
 
 from service.crypto.envelope import aad_for
 from service.crypto.keyring import Keyring
 from service.db.models import ARTIFACT_KINDS, Artifact, Job
+from service.jobs.notify import announce_jobs, libpq_url, listen_for_jobs
 from service.jobs.progress import LiveProgress, ProgressBoard
 from service.jobs.types import TERMINAL_STATUSES, JobPriority, JobStatus
 from service.jobs.watch import JobWatch
@@ -200,6 +201,7 @@ class JobQueue:
             owner_key=owner_key,
         )
         await session.flush()
+        await announce_jobs(session)
         return job_id
 
     def add_job(
@@ -241,6 +243,13 @@ class JobQueue:
             )
         )
         return job_id
+
+    def listener(self, stop: asyncio.Event) -> Coroutine[Any, Any, None] | None:
+        """On PostgreSQL, what keeps this process's doorbell rung for jobs queued by other processes."""
+        engine = self._sessionmaker.kw.get("bind")
+        if not isinstance(engine, AsyncEngine) or engine.dialect.name != "postgresql":
+            return None
+        return listen_for_jobs(libpq_url(engine.url), self.doorbell, stop)
 
     def _ring_after_commit(self, session: AsyncSession) -> None:
         """Ring the doorbell once this session's transaction commits (not before: a claim would miss it)."""

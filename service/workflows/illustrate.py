@@ -15,6 +15,7 @@ from service.documents import DraftContent, add_draft, create_draft
 from service.generation.models import ModelSpec
 from service.generation.prompts import Depiction, EducationPrompt, build_education_prompt
 from service.jobs import JobKind
+from service.jobs.notify import announce_jobs
 from service.workflows.context import WorkflowContext
 from service.workflows.errors import ConditionNotFoundError, TopicAlreadyMatchedError, WrongPatientError
 from service.workflows.image_jobs import enqueue_image_job, image_job_spec
@@ -131,6 +132,8 @@ async def write_illustrations(db: AsyncSession, intakes: Sequence[_Intake]) -> l
         audits.append(_request_audit(intake.ctx, job_id, content))
     await db.flush()
     await services.audit.append_many(db, audits)
+    if admitted:
+        await announce_jobs(db)
     return outcomes
 
 

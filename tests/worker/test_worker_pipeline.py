@@ -279,3 +279,30 @@ async def test_the_doorbell_rings_on_commit_only(queue, sessionmaker) -> None:
     async with sessionmaker() as session, session.begin():  # a later transaction that queues nothing
         await session.execute(text("SELECT 1"))
     assert not queue.doorbell.is_set()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)  # LISTEN/NOTIFY is PostgreSQL's
+async def test_on_postgresql_a_job_queued_by_another_process_wakes_the_idle_worker(
+    queue, keyring, db_url, worker_engine
+) -> None:
+    """A separate `carecanvas worker` hears of jobs other processes queue (LISTEN/NOTIFY), so it does not
+    wait for its next poll (30 s here)."""
+    api_engine = make_engine(db_url)  # another process: its own engine and queue, its own doorbell
+    api_sessions = make_sessionmaker(api_engine)
+    api_queue = JobQueue(api_sessions, keyring, lease_seconds=30, max_attempts=2)
+    worker = make_worker(queue, worker_engine, poll_seconds=30)
+    stop = asyncio.Event()
+    running = asyncio.create_task(worker.run(stop))
+    try:
+        await asyncio.sleep(1.0)  # listening, and idle
+        (job_id,) = await enqueue(api_queue, api_sessions, [job_spec(3)])
+
+        async def done() -> bool:
+            return (await queue.get(job_id)).status == "succeeded"
+
+        await wait_until(done, within=10)
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, timeout=30)
+        await api_engine.dispose()
