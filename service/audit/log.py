@@ -376,9 +376,8 @@ class AuditLog:
             row = self._row(item, seq=prev_seq + 1, prev_hash=prev_hash, recorded_at=recorded_at)
             rows.append(row)
             prev_seq, prev_hash = row.seq, row.hash
-        self._head = None  # rechecked by the next append (this transaction may still roll back)
         await session.execute(insert(AuditRecord), [_column_values(row) for row in rows])
-        self._head = (prev_seq, prev_hash)
+        self._head = (prev_seq, prev_hash)  # a hint: the next append checks it (this may still roll back)
         return [AuditRecordRef(seq=row.seq, hash=row.hash, recorded_at=recorded_at) for row in rows]
 
     def _prepare(self, entry: AuditAppend) -> _PreparedAppend:

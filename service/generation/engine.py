@@ -212,6 +212,8 @@ class DiffusionEngine:
         with self._lock:
             if self._pipeline is None:
                 self._pipeline = self._load_pipeline()
+                own = getattr(self._pipeline, "tokenizer", None)
+                self._fitting_tokenizer = None if own is None else copy.deepcopy(own)
         for width, height, steps, guidance in warm_up_buckets:
             self.warm_up(width=width, height=height, steps=steps, guidance=guidance)
 
@@ -281,11 +283,9 @@ class DiffusionEngine:
         then built prompt embeddings of the wrong length: "Sizes of tensors must match", the batch failed).
         """
         if self._fitting_tokenizer is None:
-            tokenizer = getattr(self.pipeline, "tokenizer", None)
-            if tokenizer is None:
-                raise RuntimeError(f"model {self.spec.name!r} has no tokenizer component")
-            with self._lock:  # the pipeline is not running a batch while its tokenizer is copied
-                self._fitting_tokenizer = copy.deepcopy(tokenizer)
+            if not self.loaded:
+                raise RuntimeError("the diffusion engine is not loaded; call load() first")
+            raise RuntimeError(f"model {self.spec.name!r} has no tokenizer component")
         return self._fitting_tokenizer
 
     # -- generation ----------------------------------------------------------------------------------------

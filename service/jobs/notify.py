@@ -16,7 +16,7 @@ import psycopg
 import structlog
 from sqlalchemy import text
 from sqlalchemy.engine import URL
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 log = structlog.get_logger(__name__)
 
@@ -26,10 +26,11 @@ _RETRY_MAX_SECONDS = 30.0
 _STOP_CHECK_SECONDS = 1.0
 
 
-async def announce_jobs(session: AsyncSession) -> None:
-    """In the transaction that queues jobs: tell every listening worker at its COMMIT (PostgreSQL only)."""
+def announce_jobs(session: Session) -> None:
+    """In the transaction that queues jobs (JobQueue calls it just before COMMIT): tell every listening worker
+    at that COMMIT (PostgreSQL only)."""
     if session.get_bind().dialect.name == "postgresql":
-        await session.execute(text(f"NOTIFY {JOBS_CHANNEL}"))
+        session.execute(text(f"NOTIFY {JOBS_CHANNEL}"))
 
 
 def libpq_url(url: URL) -> str:

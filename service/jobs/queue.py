@@ -38,6 +38,13 @@ _MAX_REASON = 300
 _DOORBELL = "carecanvas_doorbell"
 
 
+@event.listens_for(Session, "before_commit")
+def _announce_jobs(session: Session) -> None:
+    # Other processes (a separate worker on PostgreSQL) hear of the jobs at this COMMIT (service.jobs.notify).
+    if _DOORBELL in session.info:
+        announce_jobs(session)
+
+
 @event.listens_for(Session, "after_commit")
 def _ring_doorbell(session: Session) -> None:
     doorbell = session.info.pop(_DOORBELL, None)
@@ -201,7 +208,6 @@ class JobQueue:
             owner_key=owner_key,
         )
         await session.flush()
-        await announce_jobs(session)
         return job_id
 
     def add_job(
@@ -252,7 +258,8 @@ class JobQueue:
         return listen_for_jobs(libpq_url(engine.url), self.doorbell, stop)
 
     def _ring_after_commit(self, session: AsyncSession) -> None:
-        """Ring the doorbell once this session's transaction commits (not before: a claim would miss it)."""
+        """At this session's COMMIT, tell other processes (NOTIFY) and this one (the doorbell, after it: a
+        claim before the commit would miss the job)."""
         session.sync_session.info[_DOORBELL] = self.doorbell
 
     async def claim_batch(

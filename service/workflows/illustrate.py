@@ -15,7 +15,6 @@ from service.documents import DraftContent, add_draft, create_draft
 from service.generation.models import ModelSpec
 from service.generation.prompts import Depiction, EducationPrompt, build_education_prompt
 from service.jobs import JobKind
-from service.jobs.notify import announce_jobs
 from service.workflows.context import WorkflowContext
 from service.workflows.errors import ConditionNotFoundError, TopicAlreadyMatchedError, WrongPatientError
 from service.workflows.image_jobs import enqueue_image_job, image_job_spec
@@ -101,11 +100,11 @@ async def write_illustrations(db: AsyncSession, intakes: Sequence[_Intake]) -> l
     if not intakes:
         return []
     services = intakes[0].ctx.services
-    rooms = await count_rooms(db, [intake.ctx.job_owner() for intake in intakes])
+    owners = [intake.ctx.job_owner() for intake in intakes]
+    rooms = await count_rooms(db, owners)
     outcomes: list[str | TooManyJobsError] = []
     admitted: list[tuple[_Intake, str]] = []
-    for intake in intakes:
-        owner = intake.ctx.job_owner()
+    for intake, owner in zip(intakes, owners, strict=True):
         refused = rooms.admit(owner)
         if refused is not None:
             outcomes.append(refused)
@@ -132,8 +131,6 @@ async def write_illustrations(db: AsyncSession, intakes: Sequence[_Intake]) -> l
         audits.append(_request_audit(intake.ctx, job_id, content))
     await db.flush()
     await services.audit.append_many(db, audits)
-    if admitted:
-        await announce_jobs(db)
     return outcomes
 
 
